@@ -1,0 +1,13 @@
+-- Undoes db/schema.sql: drops the consumer's functions, triggers and tables, with their data.
+-- Take a backup first (`python -m webhook db migrate --backup-dir DIR` keeps the schema; pg_dump
+-- the data). Idempotent: safe to run on a database that never had the schema.
+-- auth.* and the API roles are left alone: they belong to Supabase (or db/supabase_shim.sql).
+
+DROP FUNCTION IF EXISTS public.stripe_apply_event(jsonb, jsonb, text);
+DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);
+-- Dropping the tables drops their triggers, indexes and policies with them.
+DROP TABLE IF EXISTS public.stripe_customers_audit;
+DROP TABLE IF EXISTS public.stripe_webhook_events;
+DROP TABLE IF EXISTS public.stripe_customers;
+DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
+DROP FUNCTION IF EXISTS public.stripe_customers_touch();

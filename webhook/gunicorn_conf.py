@@ -1,0 +1,24 @@
+"""gunicorn settings for `serve` and the Procfile (`gunicorn -c python:webhook.gunicorn_conf`)."""
+
+import os
+import tempfile
+
+# Workers write their metrics to files that /metrics adds up; it must be set before any worker
+# imports prometheus_client.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="stripe-webhook-metrics-"))
+
+from prometheus_client import multiprocess  # noqa: E402
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Threaded workers keep connections alive: Stripe and load balancers reuse them, and a sync
+# worker's Connection: close costs a TCP handshake per event.
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+keepalive = 30
+timeout = 30
+graceful_timeout = 20
+
+
+def child_exit(server: object, worker: object) -> None:
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined,no-untyped-call]

@@ -1,0 +1,108 @@
+"""The one door to the database for events: the endpoint and `replay` both come through here,
+so the ordering, duplicate and failure rules cannot drift apart."""
+
+from __future__ import annotations
+
+import logging
+import time
+from enum import StrEnum
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from webhook import metrics, store
+from webhook.config import Settings
+from webhook.handlers import HANDLERS, CustomerChange
+from webhook.logs import log
+from webhook.verify import Event
+
+
+class Outcome(StrEnum):
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+    STALE = "stale"
+
+
+class DatabaseUnavailable(Exception):
+    """Nothing was written; the delivery should be retried later."""
+
+
+class ProcessingFailed(Exception):
+    """The event is logged as failed with its error, for a retry or `replay`."""
+
+    def __init__(self, event_id: str, error: str) -> None:
+        super().__init__(error)
+        self.event_id = event_id
+        self.error = error
+
+
+def change_for(event: Event, settings: Settings) -> CustomerChange | None:
+    """The change the event asks for; None means log it as ignored."""
+    if settings.expect_livemode is not None and event.livemode != settings.expect_livemode:
+        return None
+    handler = HANDLERS.get(event.type)
+    return None if handler is None else handler(event.object, settings.user_id_metadata_key)
+
+
+def describe(error: BaseException) -> str:
+    """An error as last_error and log text: the primary message only. Postgres' DETAIL would
+    repeat the failing row, customer email included."""
+    if isinstance(error, DBAPIError) and error.orig is not None:
+        diag = getattr(error.orig, "diag", None)
+        primary = getattr(diag, "message_primary", None) or type(error.orig).__name__
+        return f"{type(error.orig).__name__}: {primary}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _unavailable(error: BaseException) -> bool:
+    return isinstance(error, PoolTimeout) or (isinstance(error, DBAPIError) and error.connection_invalidated)
+
+
+def process_event(engine: Engine, event: Event, settings: Settings, source: str = "webhook") -> Outcome:
+    started = time.perf_counter()
+    try:
+        connection = engine.connect()
+    except SQLAlchemyError as error:
+        metrics.DB_ERRORS.labels(kind="connect").inc()
+        raise DatabaseUnavailable(describe(error)) from error
+    with connection:
+        try:
+            change = change_for(event, settings)
+            outcome = Outcome(
+                store.apply_event(connection, event.payload, None if change is None else change.as_json(), source)
+            )
+        except Exception as error:
+            if _unavailable(error):
+                metrics.DB_ERRORS.labels(kind="disconnect").inc()
+                raise DatabaseUnavailable(describe(error)) from error
+            _record_failure(connection, event, error)
+            raise ProcessingFailed(event.id, describe(error)) from error
+    metrics.EVENTS.labels(type=event.type, outcome=outcome.value).inc()
+    if outcome is Outcome.PROCESSED:
+        metrics.LAST_PROCESSED.set(event.created)
+    log(
+        logging.INFO,
+        "event handled",
+        event_id=event.id,
+        type=event.type,
+        outcome=outcome.value,
+        stripe_customer_id=None if change is None else change.id,
+        source=source,
+        latency_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    return outcome
+
+
+def _record_failure(connection: Connection, event: Event, error: Exception) -> None:
+    metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
+    if isinstance(error, DBAPIError):
+        metrics.DB_ERRORS.labels(kind="statement").inc()
+    log(logging.ERROR, "event failed", event_id=event.id, type=event.type, error=describe(error))
+    try:
+        store.record_failure(connection, event.payload, describe(error))
+    except SQLAlchemyError as record_error:
+        # Nothing is written either way, so Stripe's retry is the remedy: answer as an outage.
+        metrics.DB_ERRORS.labels(kind="record_failure").inc()
+        raise DatabaseUnavailable(describe(record_error)) from record_error
