@@ -29,7 +29,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     handler.setFormatter(JsonFormatter())
     LOGGER.addHandler(handler)
     LOGGER.setLevel(level)
-    LOGGER.propagate = True  # so test capture (caplog) sees the same records
+    LOGGER.propagate = False  # one line per event, whatever the host (gunicorn, tests) did to the root logger
 
 
 def log(level: int, message: str, **fields: Any) -> None:

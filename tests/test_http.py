@@ -1,0 +1,192 @@
+"""Every answer of CONTRACT §2, from the real Flask app, with real signatures on a real Postgres."""
+
+from __future__ import annotations
+
+import json
+
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
+
+from tests.support import SECOND_SECRET, SECRET, count, customer_row, deliver, event_row, now, settings_for, sign
+from webhook import samples
+from webhook.app import create_app
+from webhook.store import make_engine
+
+NOTHING_WRITTEN = "SELECT (SELECT count(*) FROM stripe_webhook_events) + (SELECT count(*) FROM stripe_customers)"
+
+
+def test_customer_created_is_processed_and_logged(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer(email="ada@example.com", name="Ada Lovelace")
+    event = samples.event("customer.created", customer)
+
+    answer = deliver(client, event)
+
+    assert answer.status_code == 200
+    assert answer.get_json() == {"event_id": event["id"], "status": "processed"}
+    row = customer_row(engine, customer["id"])
+    assert row is not None and row["customer_email"] == "ada@example.com" and row["customer_name"] == "Ada Lovelace"
+    logged = event_row(engine, event["id"])
+    assert logged is not None
+    assert (logged["status"], logged["type"], logged["attempts"]) == ("processed", "customer.created", 1)
+    assert logged["payload"] == event and logged["processed_at"] is not None
+    assert logged["api_version"] == samples.API_VERSION and logged["livemode"] is False
+
+
+def test_second_delivery_of_an_event_is_a_duplicate(client: FlaskClient, engine: Engine) -> None:
+    event = samples.event("customer.created", samples.customer())
+    assert deliver(client, event).get_json()["status"] == "processed"
+
+    answer = deliver(client, event)
+
+    assert answer.status_code == 200 and answer.get_json() == {"event_id": event["id"], "status": "duplicate"}
+    assert event_row(engine, event["id"])["attempts"] == 1  # type: ignore[index]
+    assert count(engine, "SELECT count(*) FROM stripe_customers_audit") == 1
+
+
+def test_unhandled_type_is_logged_as_ignored(client: FlaskClient, engine: Engine) -> None:
+    event = samples.event_of_type("invoice.paid")
+
+    answer = deliver(client, event)
+
+    assert answer.get_json() == {"event_id": event["id"], "status": "ignored"}
+    assert event_row(engine, event["id"])["status"] == "ignored"  # type: ignore[index]
+    assert count(engine, "SELECT count(*) FROM stripe_customers") == 0
+    assert deliver(client, event).get_json()["status"] == "duplicate"
+
+
+def test_event_of_the_other_livemode_is_ignored(database_url: str, engine: Engine) -> None:
+    client = create_app(settings_for(database_url, STRIPE_EXPECT_LIVEMODE="true"), engine).test_client()
+    customer = samples.customer()
+    event = samples.event("customer.created", customer, livemode=False)
+
+    assert deliver(client, event).get_json()["status"] == "ignored"
+    assert customer_row(engine, customer["id"]) is None
+    assert event_row(engine, event["id"])["status"] == "ignored"  # type: ignore[index]
+
+
+def test_older_event_is_stale(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer(email="new@example.com")
+    newer = samples.event("customer.updated", customer, created=now())
+    older = samples.event("customer.updated", {**customer, "email": "old@example.com"}, created=now() - 60)
+
+    assert deliver(client, newer).get_json()["status"] == "processed"
+    answer = deliver(client, older)
+
+    assert answer.get_json() == {"event_id": older["id"], "status": "stale"}
+    assert customer_row(engine, customer["id"])["customer_email"] == "new@example.com"  # type: ignore[index]
+    assert event_row(engine, older["id"])["status"] == "stale"  # type: ignore[index]
+    assert deliver(client, older).get_json()["status"] == "duplicate"
+
+
+def test_either_configured_secret_is_accepted(client: FlaskClient, engine: Engine) -> None:
+    first = samples.event("customer.created", samples.customer())
+    second = samples.event("customer.created", samples.customer())
+
+    assert deliver(client, first, secret=SECRET).get_json()["status"] == "processed"
+    assert deliver(client, second, secret=SECOND_SECRET).get_json()["status"] == "processed"
+
+
+def _post(client: FlaskClient, body: bytes | str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+    answer = client.post("/webhooks/stripe", data=body, headers=headers)
+    return answer.status_code, answer.get_json()
+
+
+def test_bad_deliveries_get_400_and_write_nothing(client: FlaskClient, engine: Engine) -> None:
+    event = samples.event("customer.created", samples.customer(email="secret.person@example.com"))
+    body = json.dumps(event)
+    cases = {
+        "no header": {},
+        "wrong secret": {"Stripe-Signature": sign(body, secret="whsec_not_configured")},
+        "other body": {"Stripe-Signature": sign(body.replace("secret.person", "someone.else"))},
+        "too old": {"Stripe-Signature": sign(body, timestamp=now() - 301)},
+        "garbage header": {"Stripe-Signature": "not a signature"},
+    }
+    for name, headers in cases.items():
+        status, answer = _post(client, body, headers)
+        assert status == 400, name
+        assert set(answer) == {"error"}, name
+        rendered = json.dumps(answer)
+        assert "secret.person" not in rendered and "whsec_" not in rendered and "v1=" not in rendered, name
+    assert "tolerance" in _post(client, body, cases["too old"])[1]["error"]  # type: ignore[operator]
+    assert count(engine, NOTHING_WRITTEN) == 0
+
+
+def test_signed_bodies_that_are_not_events_get_400(client: FlaskClient, engine: Engine) -> None:
+    good = samples.event("customer.created", samples.customer())
+    not_events = [
+        "this is not json",
+        "[1, 2, 3]",
+        json.dumps({**good, "id": "ch_123"}),
+        json.dumps({key: value for key, value in good.items() if key != "type"}),
+        json.dumps({**good, "created": "yesterday"}),
+        json.dumps({**good, "data": {"previous_attributes": {}}}),
+        '{"id": "evt_1", "type": "customer.created", "created": NaN, "data": {"object": {}}}',
+    ]
+    for body in not_events:
+        status, answer = _post(client, body, {"Stripe-Signature": sign(body)})
+        assert status == 400, body
+        assert "error" in answer
+    assert count(engine, NOTHING_WRITTEN) == 0
+
+
+def test_other_methods_get_405(client: FlaskClient) -> None:
+    for method in ("get", "put", "delete", "patch"):
+        assert getattr(client, method)("/webhooks/stripe").status_code == 405
+
+
+def test_body_over_the_limit_gets_413(database_url: str, engine: Engine) -> None:
+    client = create_app(settings_for(database_url, MAX_WEBHOOK_BYTES="2048"), engine).test_client()
+    customer = samples.customer(metadata={"padding": "x" * 4096})
+    event = samples.event("customer.created", customer)
+
+    assert deliver(client, event).status_code == 413
+    assert count(engine, NOTHING_WRITTEN) == 0
+
+
+def test_unreachable_database_gets_503(database_url: str) -> None:
+    dead = make_engine("postgresql://postgres@127.0.0.1:1/postgres", pool_size=1)
+    client = create_app(settings_for(database_url), dead).test_client()
+    event = samples.event("customer.created", samples.customer())
+
+    answer = deliver(client, event)
+
+    assert answer.status_code == 503 and set(answer.get_json()) == {"error"}
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
+
+
+def test_unexpected_failure_gets_500_and_a_failed_log_row(client: FlaskClient, engine: Engine) -> None:
+    # A verified event whose customer id breaks the table's CHECK: the database refuses the write.
+    customer = samples.customer("cus_has-a-dash", email="who@example.com")
+    event = samples.event("customer.created", customer)
+
+    answer = deliver(client, event)
+
+    assert answer.status_code == 500
+    body = answer.get_json()
+    assert body["event_id"] == event["id"] and "error" in body and "who@example.com" not in json.dumps(body)
+    logged = event_row(engine, event["id"])
+    assert logged is not None and logged["status"] == "failed" and "valid_stripe_id" in logged["last_error"]
+    assert "who@example.com" not in logged["last_error"]
+    assert customer_row(engine, customer["id"]) is None
+    # Stripe's retry runs it again and fails again: counted, still replayable.
+    assert deliver(client, event).status_code == 500
+    assert event_row(engine, event["id"])["attempts"] == 2  # type: ignore[index]
+
+
+def test_health_readiness_and_metrics(client: FlaskClient, engine: Engine, database_url: str) -> None:
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    assert client.get("/readyz").get_json() == {"status": "ready"}
+    deliver(client, samples.event("customer.created", samples.customer()))
+
+    metrics = client.get("/metrics").get_data(as_text=True)
+
+    assert 'stripe_webhook_events_total{outcome="processed",type="customer.created"}' in metrics
+    assert "stripe_webhook_request_seconds_bucket" in metrics
+    with engine.connect() as connection:
+        connection.execute(text("DROP DATABASE IF EXISTS no_schema"))
+        connection.execute(text("CREATE DATABASE no_schema"))
+    bare_url = make_engine(database_url, 1).url.set(database="no_schema")
+    bare = create_app(settings_for(database_url), make_engine(bare_url.render_as_string(False), 1)).test_client()
+    answer = bare.get("/readyz")
+    assert answer.status_code == 503 and "schema" in answer.get_json()["error"]
