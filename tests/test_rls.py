@@ -1,0 +1,109 @@
+"""Row level security with Supabase's role semantics (from the shim): a user sees exactly their own
+customer row and can change nothing; anon sees nothing; service_role does everything."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from tests.support import add_user
+
+
+@contextmanager
+def acting_as(engine: Engine, role: str, user_id: str | None = None) -> Iterator[Connection]:
+    """A transaction as PostgREST opens it for a request: the JWT's claims, then the role."""
+    claims = {"role": role, **({"sub": user_id} if user_id else {})}
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="READ COMMITTED")
+        transaction = connection.begin()
+        try:
+            connection.execute(text("SELECT set_config('request.jwt.claims', :c, true)"), {"c": json.dumps(claims)})
+            connection.execute(text(f"SET LOCAL ROLE {role}"))
+            yield connection
+        finally:
+            transaction.rollback()
+
+
+@pytest.fixture
+def two_customers(engine: Engine) -> tuple[str, str]:
+    alice, bob = add_user(engine), add_user(engine)
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO stripe_customers (stripe_customer_id, user_id, customer_email) "
+                "VALUES ('cus_Alice', :a, 'alice@example.com'), ('cus_Bob', :b, 'bob@example.com'), "
+                "('cus_Nobody', NULL, 'nobody@example.com')"
+            ),
+            {"a": alice, "b": bob},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO stripe_webhook_events (id, type, created, payload, status) "
+                "VALUES ('evt_1', 'customer.created', now(), '{}', 'processed')"
+            )
+        )
+    return alice, bob
+
+
+def _refused(connection: Connection, statement: str) -> bool:
+    try:
+        with connection.begin_nested():
+            connection.execute(text(statement))
+    except DBAPIError as error:
+        return "permission denied" in str(error) or "row-level security" in str(error)
+    return False
+
+
+def test_a_user_sees_exactly_their_own_row(engine: Engine, two_customers: tuple[str, str]) -> None:
+    alice, _ = two_customers
+    with acting_as(engine, "authenticated", alice) as connection:
+        rows = connection.execute(text("SELECT stripe_customer_id FROM stripe_customers")).scalars().all()
+        assert rows == ["cus_Alice"]
+        assert _refused(connection, "SELECT * FROM stripe_webhook_events")
+        assert _refused(connection, "SELECT * FROM stripe_customers_audit")
+
+
+def test_a_user_can_change_nothing(engine: Engine, two_customers: tuple[str, str]) -> None:
+    alice, _ = two_customers
+    with acting_as(engine, "authenticated", alice) as connection:
+        assert _refused(connection, "INSERT INTO stripe_customers (stripe_customer_id) VALUES ('cus_Mine')")
+        # UPDATE and DELETE see no row they may touch, their own included.
+        for statement in (
+            "UPDATE stripe_customers SET customer_email = 'evil@example.com'",
+            "UPDATE stripe_customers SET user_id = auth.uid() WHERE stripe_customer_id = 'cus_Nobody'",
+            "DELETE FROM stripe_customers",
+        ):
+            assert connection.execute(text(statement)).rowcount == 0, statement
+        assert _refused(connection, "DELETE FROM stripe_webhook_events")
+        assert _refused(connection, "SELECT stripe_apply_event('{\"id\": \"evt_x\"}'::jsonb, NULL, 'webhook')")
+    with engine.connect() as connection:
+        emails = connection.execute(text("SELECT customer_email FROM stripe_customers ORDER BY 1")).scalars().all()
+    assert emails == ["alice@example.com", "bob@example.com", "nobody@example.com"]
+
+
+def test_anon_sees_nothing(engine: Engine, two_customers: tuple[str, str]) -> None:
+    with acting_as(engine, "anon") as connection:
+        assert connection.execute(text("SELECT count(*) FROM stripe_customers")).scalar_one() == 0
+        assert _refused(connection, "SELECT * FROM stripe_webhook_events")
+        assert connection.execute(text("UPDATE stripe_customers SET customer_name = 'x'")).rowcount == 0
+
+
+def test_service_role_does_everything(engine: Engine, two_customers: tuple[str, str]) -> None:
+    with acting_as(engine, "service_role") as connection:
+        assert connection.execute(text("SELECT count(*) FROM stripe_customers")).scalar_one() == 3
+        connection.execute(text("INSERT INTO stripe_customers (stripe_customer_id) VALUES ('cus_New')"))
+        assert connection.execute(text("UPDATE stripe_customers SET customer_name = 'x'")).rowcount == 4
+        assert connection.execute(text("DELETE FROM stripe_customers WHERE user_id IS NULL")).rowcount == 2
+        audit = (
+            connection.execute(
+                text("SELECT DISTINCT changed_by FROM stripe_customers_audit WHERE stripe_customer_id = 'cus_New'")
+            )
+            .scalars()
+            .all()
+        )
+        assert audit == ["service_role"]
