@@ -8,8 +8,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
+DEADLOCK_RETRIES = 3
 
 
 def make_engine(database_url: str, pool_size: int) -> Engine:
@@ -65,3 +67,72 @@ _SCHEMA_READY = text("SELECT to_regprocedure('public.stripe_apply_event(jsonb, j
 
 def schema_ready(connection: Connection) -> bool:
     return bool(connection.execute(_SCHEMA_READY).scalar_one())
+
+
+_APPLY_CUSTOMERS = text(
+    """
+    SELECT public.stripe_apply_customer(change, :source, NULL, :as_of)
+    FROM jsonb_array_elements(CAST(:changes AS jsonb)) AS change
+    """
+)
+
+
+def apply_customers(engine: Engine, changes: list[dict[str, Any]], source: str, as_of: int) -> list[str]:
+    """Apply customer states read from the Stripe API at `as_of` (unix seconds), in one statement
+    and one transaction; a row that a newer event already set is left alone ('stale')."""
+    # Sorted, so concurrent batches take their customer locks in one order. A webhook that holds
+    # a user lock can still deadlock with a batch; Postgres aborts one side and the batch retries.
+    changes_json = json.dumps(sorted(changes, key=lambda change: str(change["id"])))
+    for attempt in range(DEADLOCK_RETRIES):
+        try:
+            with engine.connect() as connection:
+                result = connection.execute(
+                    _APPLY_CUSTOMERS, {"changes": changes_json, "source": source, "as_of": as_of}
+                )
+                return [str(outcome) for outcome in result.scalars()]
+        except OperationalError as error:
+            if getattr(error.orig, "pgcode", None) not in ("40P01", "40001") or attempt == DEADLOCK_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def select_events(
+    connection: Connection, *, event_id: str | None, status: str, since_seconds: int | None
+) -> list[tuple[str, str]]:
+    """(id, payload) of the stored events to replay, oldest first."""
+    if event_id is not None:
+        statement = text("SELECT id, payload::text FROM public.stripe_webhook_events WHERE id = :id")
+        return [(row[0], row[1]) for row in connection.execute(statement, {"id": event_id})]
+    statement = text(
+        """
+        SELECT id, payload::text FROM public.stripe_webhook_events
+        WHERE status = :status
+          AND (CAST(:since AS integer) IS NULL OR received_at >= now() - make_interval(secs => :since))
+        ORDER BY created, id
+        """
+    )
+    return [(row[0], row[1]) for row in connection.execute(statement, {"status": status, "since": since_seconds})]
+
+
+def logged_event_ids(connection: Connection, event_ids: list[str]) -> set[str]:
+    statement = text("SELECT id FROM public.stripe_webhook_events WHERE id = ANY(:ids)")
+    return set(connection.execute(statement, {"ids": event_ids}).scalars())
+
+
+def customer_id_for_user(connection: Connection, user_id: str) -> str | None:
+    statement = text("SELECT stripe_customer_id FROM public.stripe_customers WHERE user_id = :user_id")
+    return connection.execute(statement, {"user_id": user_id}).scalar_one_or_none()
+
+
+def user_email(connection: Connection, user_id: str) -> tuple[bool, str | None]:
+    """(the auth.users row exists, its email)."""
+    row = connection.execute(text("SELECT email FROM auth.users WHERE id = :id"), {"id": user_id}).first()
+    return (row is not None, None if row is None else row[0])
+
+
+def local_customers(connection: Connection) -> list[tuple[str, str | None, str | None]]:
+    statement = text(
+        "SELECT stripe_customer_id, customer_email, customer_name FROM public.stripe_customers "
+        "ORDER BY stripe_customer_id"
+    )
+    return [(row[0], row[1], row[2]) for row in connection.execute(statement)]

@@ -1,0 +1,104 @@
+"""Customer operations for the app's own code (checkout, profile edits) and the CLI:
+`ensure_customer`, `push_profile`, and the drift check behind `verify`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import stripe
+from sqlalchemy import Engine
+
+from webhook import store, stripe_api
+from webhook.handlers import CustomerChange, customer_state
+
+
+class UnknownUser(Exception):
+    """No auth.users row has this id."""
+
+
+class NotLinked(Exception):
+    """The user has no Stripe customer row."""
+
+
+def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, user_id_key: str) -> str:
+    """The user's stripe_customer_id, creating the Stripe customer and the row when there is none.
+
+    The idempotency key is derived from the user id, so two concurrent calls (two tabs opening
+    checkout) get one Stripe customer; the per-customer lock in the database makes it one row.
+    """
+    with engine.connect() as connection:
+        existing = store.customer_id_for_user(connection, user_id)
+        if existing is not None:
+            return existing
+        exists, email = store.user_email(connection, user_id)
+    if not exists:
+        raise UnknownUser(user_id)
+    customer = stripe_api.create_customer(
+        client, email=email, metadata={user_id_key: user_id}, idempotency_key=f"ensure-customer-{user_id}"
+    )
+    change = customer_state(customer, user_id_key).as_json()
+    store.apply_customers(engine, [change], "api", int(customer.get("created") or time.time()))
+    with engine.connect() as connection:
+        linked = store.customer_id_for_user(connection, user_id)
+    # Another customer may have claimed the user meanwhile (a checkout's webhook): that one wins.
+    return linked or str(customer["id"])
+
+
+def push_profile(
+    engine: Engine, client: stripe.StripeClient, user_id: str, *, email: str | None = None, name: str | None = None
+) -> str:
+    """Send a user's changed email or name to their Stripe customer. The row itself changes when
+    the resulting customer.updated webhook arrives, through the normal ordered path."""
+    with engine.connect() as connection:
+        customer_id = store.customer_id_for_user(connection, user_id)
+    if customer_id is None:
+        raise NotLinked(user_id)
+    changes = {key: value for key, value in (("email", email), ("name", name)) if value is not None}
+    if changes:
+        stripe_api.update_customer(client, customer_id, changes)
+    return customer_id
+
+
+@dataclass(frozen=True)
+class Drift:
+    stripe_customer_id: str
+    kind: str  # missing | deleted | changed
+    fields: tuple[str, ...] = ()
+    stripe_state: CustomerChange | None = None
+
+    def line(self) -> str:
+        detail = f" ({', '.join(self.fields)} differ)" if self.fields else ""
+        return f"drift {self.stripe_customer_id}: {self.kind}{detail}"
+
+
+def find_drift(engine: Engine, client: stripe.StripeClient, user_id_key: str) -> tuple[int, list[Drift]]:
+    """Compare every local row with Stripe: (rows checked, drifts). Stripe's list is read once
+    (100 a page) rather than one call per row; only rows it lacks are looked up one by one."""
+    live = {customer["id"]: customer for customer in stripe_api.list_customers(client)}
+    with engine.connect() as connection:
+        rows = store.local_customers(connection)
+    drifts = []
+    for customer_id, email, name in rows:
+        remote = live.get(customer_id) or stripe_api.retrieve_customer(client, customer_id)
+        if remote is None:
+            drifts.append(Drift(customer_id, "missing"))
+        elif remote.get("deleted"):
+            drifts.append(Drift(customer_id, "deleted"))
+        else:
+            differ = tuple(field for field, local in (("email", email), ("name", name)) if remote.get(field) != local)
+            if differ:
+                drifts.append(Drift(customer_id, "changed", differ, customer_state(remote, user_id_key)))
+    return len(rows), drifts
+
+
+def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
+    """Apply Stripe's state (sync.source 'api'): changed rows take Stripe's values, rows Stripe
+    no longer has are deleted; a row an event set after `as_of` is left alone."""
+    changes = [
+        drift.stripe_state.as_json()
+        if drift.stripe_state is not None
+        else CustomerChange(action="delete", id=drift.stripe_customer_id).as_json()
+        for drift in drifts
+    ]
+    return store.apply_customers(engine, changes, "api", as_of) if changes else []

@@ -1,0 +1,65 @@
+"""Running events through process_event again: stored ones (`replay`), and ones Stripe sent while
+nobody received them (`replay --from-stripe`)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import stripe
+from sqlalchemy import Engine
+
+from webhook import store, stripe_api
+from webhook.config import Settings
+from webhook.handlers import HANDLERS
+from webhook.process import ProcessingFailed, process_event
+from webhook.verify import RejectedDelivery, parse_event
+
+
+@dataclass
+class ReplaySummary:
+    outcomes: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0  # already in the log (from Stripe only)
+
+    @property
+    def failed(self) -> int:
+        return self.outcomes["failed"]
+
+    def line(self) -> str:
+        total = sum(self.outcomes.values())
+        parts = ", ".join(f"{count} {name}" for name, count in sorted(self.outcomes.items()))
+        skipped = f"; {self.skipped} already logged" if self.skipped else ""
+        return f"replayed {total}: {parts or 'nothing to do'}{skipped}"
+
+
+def _run(engine: Engine, payloads: Iterable[str], settings: Settings, summary: ReplaySummary) -> None:
+    for payload in payloads:
+        try:
+            outcome = process_event(engine, parse_event(payload), settings, source="replay").value
+        except (ProcessingFailed, RejectedDelivery):
+            outcome = "failed"
+        summary.outcomes[outcome] += 1
+
+
+def replay_stored(
+    engine: Engine, settings: Settings, *, event_id: str | None, status: str, since_seconds: int | None
+) -> ReplaySummary:
+    with engine.connect() as connection:
+        selected = store.select_events(connection, event_id=event_id, status=status, since_seconds=since_seconds)
+    summary = ReplaySummary()
+    _run(engine, (payload for _, payload in selected), settings, summary)
+    return summary
+
+
+def replay_from_stripe(engine: Engine, settings: Settings, client: stripe.StripeClient, *, since: int) -> ReplaySummary:
+    """Process the handled events Stripe has from `since` on that the log lacks: deliveries that
+    never arrived (endpoint down, secret misconfigured). Oldest first, as they happened."""
+    events = list(stripe_api.list_events(client, since, sorted(HANDLERS)))
+    with engine.connect() as connection:
+        logged = store.logged_event_ids(connection, [event["id"] for event in events])
+    missing = sorted((event for event in events if event["id"] not in logged), key=lambda event: event["created"])
+    summary = ReplaySummary(skipped=len(events) - len(missing))
+    _run(engine, (json.dumps(event) for event in missing), settings, summary)
+    return summary

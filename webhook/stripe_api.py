@@ -1,0 +1,83 @@
+"""Stripe API out, through the official client: its pagination, retries and idempotency keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import stripe
+
+from webhook.config import ConfigError, Settings
+
+# Retries on connection errors, 409, 5xx and when Stripe says so (Stripe-Should-Retry), with the
+# library's own backoff; an idempotency key makes a retried create safe.
+NETWORK_RETRIES = 2
+
+
+class StripeUnavailable(Exception):
+    """A Stripe API call failed for good; the message is safe to print (no key, no customer data)."""
+
+
+def make_client(settings: Settings) -> stripe.StripeClient:
+    if not settings.stripe_api_key:
+        raise ConfigError("STRIPE_API_KEY is required for this command")
+    return stripe.StripeClient(
+        settings.stripe_api_key,
+        base_addresses={"api": settings.stripe_api_base},
+        max_network_retries=NETWORK_RETRIES,
+        http_client=stripe.RequestsClient(timeout=30),
+    )
+
+
+def explain(error: stripe.StripeError) -> str:
+    status = f" (HTTP {error.http_status})" if error.http_status else ""
+    reason = {
+        stripe.AuthenticationError: "Stripe rejected the API key",
+        stripe.PermissionError: "the API key may not do this",
+        stripe.RateLimitError: "Stripe rate limit, still limited after retries",
+        stripe.APIConnectionError: "could not reach the Stripe API",
+        stripe.IdempotencyError: "Stripe refused a reused idempotency key",
+    }.get(type(error), "Stripe API error")
+    code = f" [{error.code}]" if error.code else ""
+    return f"{reason}{status}{code}"
+
+
+def _plain(stripe_object: Any) -> dict[str, Any]:
+    return dict(stripe_object.to_dict())
+
+
+def list_events(client: stripe.StripeClient, since: int, types: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Every event of the given types created since `since` (Stripe keeps 30 days), newest first."""
+    page = client.v1.events.list(params={"created": {"gte": since}, "types": list(types), "limit": 100})
+    for event in page.auto_paging_iter():
+        yield _plain(event)
+
+
+def list_customers(client: stripe.StripeClient) -> Iterator[dict[str, Any]]:
+    """Every live customer (Stripe's list leaves deleted ones out)."""
+    for customer in client.v1.customers.list(params={"limit": 100}).auto_paging_iter():
+        yield _plain(customer)
+
+
+def retrieve_customer(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:
+    """The customer, `{"id", "deleted": true}` for a deleted one, or None when Stripe has none."""
+    try:
+        return _plain(client.v1.customers.retrieve(customer_id))
+    except stripe.InvalidRequestError as error:
+        if error.http_status == 404:
+            return None
+        raise
+
+
+def create_customer(
+    client: stripe.StripeClient, *, email: str | None, metadata: dict[str, str], idempotency_key: str
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"metadata": metadata}
+    if email:
+        params["email"] = email
+    customer = client.v1.customers.create(params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
+    return _plain(customer)
+
+
+def update_customer(client: stripe.StripeClient, customer_id: str, changes: dict[str, str]) -> dict[str, Any]:
+    return _plain(client.v1.customers.update(customer_id, params=changes))  # type: ignore[arg-type]
