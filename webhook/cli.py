@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -18,9 +19,14 @@ from pathlib import Path
 
 import stripe
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from webhook import embedded, migrations, samples
+from webhook import embedded, migrations, samples, stripe_api
+from webhook.backfill import backfill
 from webhook.config import ConfigError, Settings, load_settings
+from webhook.customers import UnknownUser, ensure_customer, find_drift, fix_drift
+from webhook.process import DatabaseUnavailable, describe
+from webhook.replay import ReplaySummary, replay_from_stripe, replay_stored
 from webhook.store import make_engine
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
@@ -28,6 +34,18 @@ EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 class UsageError(Exception):
     """Bad usage found after parsing; printed as one line, exit 2."""
+
+
+# Stripe's Events API keeps 30 days.
+STRIPE_EVENT_RETENTION = 30 * 24 * 3600
+
+
+def duration(text: str) -> int:
+    """'90s', '30m', '24h', '7d' as seconds (an argparse type)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 24h or 7d")
+    return int(text[:-1]) * units[text[-1]]
 
 
 def _engine(settings: Settings) -> Engine:
@@ -110,6 +128,85 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if 200 <= status < 300 else EXIT_FAILURES
 
 
+def _finish(summary: ReplaySummary) -> int:
+    print(summary.line())
+    return EXIT_FAILURES if summary.failed else EXIT_OK
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    engine = _engine(settings)
+    if args.from_stripe:
+        if args.event or args.status:
+            raise UsageError("--from-stripe takes only --since")
+        window = min(args.since or 72 * 3600, STRIPE_EVENT_RETENTION)
+        client = stripe_api.make_client(settings)
+        return _finish(replay_from_stripe(engine, settings, client, since=int(time.time()) - window))
+    if args.event and (args.status or args.since):
+        raise UsageError("--event names one event; it takes no --status or --since")
+    summary = replay_stored(
+        engine, settings, event_id=args.event, status=args.status or "failed", since_seconds=args.since
+    )
+    if args.event and not summary.outcomes:
+        print(f"error: no stored event {args.event}", file=sys.stderr)
+        return EXIT_FAILURES
+    return _finish(summary)
+
+
+def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    client = stripe_api.make_client(settings)
+    started = time.monotonic()
+    on_terminal = sys.stderr.isatty()
+
+    def progress(done: int) -> None:
+        if on_terminal:
+            rate = done / max(time.monotonic() - started, 1e-6)
+            print(f"\rbackfill: {done} customers, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+
+    outcomes = backfill(_engine(settings), client, settings.user_id_metadata_key, progress)
+    if on_terminal:
+        print(file=sys.stderr)
+    total = sum(outcomes.values())
+    print(
+        f"backfilled {total} customers in {time.monotonic() - started:.1f}s: "
+        f"{outcomes['processed']} written, {outcomes['stale']} kept (a newer event already set them)"
+    )
+    return EXIT_OK
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    client = stripe_api.make_client(settings)
+    engine = _engine(settings)
+    as_of = int(time.time())
+    checked, drifts = find_drift(engine, client, settings.user_id_metadata_key)
+    for drift in drifts:
+        print(drift.line())
+    print(f"checked {checked} rows: {len(drifts)} drifted")
+    if args.fix and drifts:
+        outcomes = fix_drift(engine, drifts, as_of)
+        print(f"fixed {outcomes.count('processed')} of {len(drifts)} (the rest changed by newer events meanwhile)")
+        return EXIT_OK
+    return EXIT_FAILURES if drifts else EXIT_OK
+
+
+def cmd_ensure_customer(settings: Settings, args: argparse.Namespace) -> int:
+    client = stripe_api.make_client(settings)
+    try:
+        print(ensure_customer(_engine(settings), client, args.user_id, settings.user_id_metadata_key))
+    except UnknownUser:
+        print(f"error: no auth.users row has id {args.user_id}", file=sys.stderr)
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def _user_id(text: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stripe-webhook", description="Stripe customer webhook consumer")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +234,23 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--user-id")
     send.add_argument("--created", type=int, help="unix seconds (default: now)")
     send.set_defaults(run=cmd_send)
+
+    replay = commands.add_parser("replay", help="run events through the consumer again")
+    replay.add_argument("--status", choices=["failed", "received", "stale", "ignored"], help="default: failed")
+    replay.add_argument("--event", help="one stored event, evt_…")
+    replay.add_argument("--since", type=duration, help="received within this window (24h); with --from-stripe, 72h")
+    replay.add_argument("--from-stripe", action="store_true", help="fetch from Stripe the events the log lacks")
+    replay.set_defaults(run=cmd_replay)
+
+    commands.add_parser("backfill", help="upsert every Stripe customer").set_defaults(run=cmd_backfill)
+
+    verify = commands.add_parser("verify", help="compare every row with Stripe; exit 1 on drift")
+    verify.add_argument("--fix", action="store_true", help="apply Stripe's state to drifted rows")
+    verify.set_defaults(run=cmd_verify)
+
+    ensure = commands.add_parser("ensure-customer", help="print (creating if needed) a user's Stripe customer")
+    ensure.add_argument("--user-id", required=True, type=_user_id)
+    ensure.set_defaults(run=cmd_ensure_customer)
     return parser
 
 
@@ -149,3 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except stripe.AuthenticationError as error:
+        print(f"error: {stripe_api.explain(error)}; check STRIPE_API_KEY", file=sys.stderr)
+        return EXIT_USAGE
+    except stripe.StripeError as error:
+        print(f"error: {stripe_api.explain(error)}", file=sys.stderr)
+        return EXIT_FAILURES
+    except (DatabaseUnavailable, SQLAlchemyError) as error:
+        print(f"error: database: {describe(error)}", file=sys.stderr)
+        return EXIT_FAILURES
