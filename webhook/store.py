@@ -34,13 +34,21 @@ def run_sql_file(connection: Connection, path: Path) -> None:
     connection.exec_driver_sql(path.read_text())
 
 
+def _jsonb_text(document: str) -> str:
+    # Postgres' jsonb cannot hold U+0000, which JSON (and so a signed Stripe event) may contain;
+    # stored as U+FFFD instead of refusing the event for ever.
+    return document.replace("\\u0000", "\\ufffd")
+
+
 _APPLY_EVENT = text("SELECT public.stripe_apply_event(CAST(:payload AS jsonb), CAST(:change AS jsonb), :source)")
 
 
 def apply_event(connection: Connection, payload: str, change: dict[str, Any] | None, source: str) -> str:
     """Log, deduplicate and apply one event in one statement; returns the outcome's name."""
-    change_json = None if change is None else json.dumps(change)
-    result = connection.execute(_APPLY_EVENT, {"payload": payload, "change": change_json, "source": source})
+    change_json = None if change is None else _jsonb_text(json.dumps(change))
+    result = connection.execute(
+        _APPLY_EVENT, {"payload": _jsonb_text(payload), "change": change_json, "source": source}
+    )
     return str(result.scalar_one())
 
 
@@ -59,7 +67,7 @@ _RECORD_FAILURE = text(
 
 def record_failure(connection: Connection, payload: str, error: str) -> None:
     """Keep a failed event with its error so Stripe's retry or `replay` can run it again."""
-    connection.execute(_RECORD_FAILURE, {"payload": payload, "error": error})
+    connection.execute(_RECORD_FAILURE, {"payload": _jsonb_text(payload), "error": error})
 
 
 _SCHEMA_READY = text("SELECT to_regprocedure('public.stripe_apply_event(jsonb, jsonb, text)') IS NOT NULL")
@@ -82,7 +90,7 @@ def apply_customers(engine: Engine, changes: list[dict[str, Any]], source: str, 
     and one transaction; a row that a newer event already set is left alone ('stale')."""
     # Sorted, so concurrent batches take their customer locks in one order. A webhook that holds
     # a user lock can still deadlock with a batch; Postgres aborts one side and the batch retries.
-    changes_json = json.dumps(sorted(changes, key=lambda change: str(change["id"])))
+    changes_json = _jsonb_text(json.dumps(sorted(changes, key=lambda change: str(change["id"]))))
     for attempt in range(DEADLOCK_RETRIES):
         try:
             with engine.connect() as connection:

@@ -1,0 +1,80 @@
+"""A real gunicorn server on loopback for tests that need worker processes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from tests.support import SECOND_SECRET, SECRET, sign
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def gunicorn(database_url: str, workers: int = 2, **env: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    environment = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "STRIPE_WEBHOOK_SECRET": f"{SECRET},{SECOND_SECRET}",
+        "PROMETHEUS_MULTIPROC_DIR": "",
+        **env,
+    }
+    environment.pop("PROMETHEUS_MULTIPROC_DIR")  # each server gets a fresh one from gunicorn_conf
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:webhook.gunicorn_conf",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "webhook.app:create_app()",
+        ],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield port, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def post_event(port: int, event: dict[str, Any], timeout: float = 15) -> tuple[int, dict[str, Any]]:
+    body = json.dumps(event)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/webhooks/stripe", body, {"Stripe-Signature": sign(body)})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()

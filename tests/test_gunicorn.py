@@ -1,0 +1,61 @@
+"""Concurrency through a real gunicorn with two worker processes, on a real Postgres."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import Engine, text
+
+from tests.server import gunicorn, post_event
+from tests.support import count, customer_row, now
+from webhook import samples
+
+
+def test_shuffled_duplicated_deliveries_from_16_clients(database_url: str, engine: Engine) -> None:
+    customers = [samples.customer() for _ in range(20)]
+    base = now() - 10_000
+    events = [
+        samples.event("customer.updated", {**customer, "name": f"v{i}"}, created=base + i * 20 + n)
+        for n, customer in enumerate(customers)
+        for i in range(10)
+    ]
+    deliveries = events * 2  # every event delivered twice, as Stripe's retries do
+    random.Random(5).shuffle(deliveries)
+
+    with gunicorn(database_url, workers=2) as (port, _), ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda event: post_event(port, event), deliveries))
+
+    assert {status for status, _ in answers} == {200}
+    statuses = [answer["status"] for _, answer in answers]
+    assert statuses.count("duplicate") == len(events)  # exactly one of each pair was applied
+    for customer in customers:
+        assert customer_row(engine, customer["id"])["customer_name"] == "v9"  # type: ignore[index]
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(events)
+    assert count(engine, "SELECT count(DISTINCT id) FROM stripe_webhook_events") == len(events)
+    with engine.connect() as connection:
+        backwards = connection.execute(
+            text(
+                """
+                SELECT count(*) FROM (
+                  SELECT (new_row #>> '{customer_metadata,sync,event_created}')::bigint AS created,
+                         lag((new_row #>> '{customer_metadata,sync,event_created}')::bigint)
+                           OVER (PARTITION BY stripe_customer_id ORDER BY id) AS previous
+                  FROM stripe_customers_audit) AS steps
+                WHERE created < previous
+                """
+            )
+        ).scalar_one()
+    assert backwards == 0
+
+
+def test_metrics_add_up_across_workers(database_url: str, engine: Engine) -> None:
+    import urllib.request
+
+    with gunicorn(database_url, workers=2) as (port, _):
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda _: post_event(port, samples.event_of_type("invoice.paid")), range(40)))
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    line = next(line for line in metrics.splitlines() if line.startswith("stripe_webhook_events_total{"))
+    assert 'outcome="ignored"' in line and 'type="invoice.paid"' in line and float(line.split()[-1]) == 40

@@ -1,0 +1,145 @@
+"""Hostile and malformed deliveries: each gets its CONTRACT §2 answer, writes nothing it should not,
+and leaks nothing in the answer or the logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine
+
+from tests.support import SECRET, count, deliver, now, sign
+from webhook import samples
+from webhook.logs import LOGGER, JsonFormatter
+
+WRITTEN = "SELECT (SELECT count(*) FROM stripe_webhook_events) + (SELECT count(*) FROM stripe_customers)"
+EMAIL = "private.person@example.com"
+fixture_ok = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _post(client: FlaskClient, body: bytes | str, header: str | None) -> Any:
+    headers = {"Content-Type": "application/json"}
+    if header is not None:
+        headers["Stripe-Signature"] = header
+    return client.post("/webhooks/stripe", data=body, headers=headers)
+
+
+def _event_body() -> str:
+    return json.dumps(samples.event("customer.created", samples.customer(email=EMAIL)))
+
+
+def _leaks(answer: Any) -> bool:
+    text = answer.get_data(as_text=True)
+    return EMAIL in text or "whsec_" in text or "v1=" in text
+
+
+@fixture_ok
+@given(header=st.text(max_size=300))
+def test_any_forged_header_is_refused(client: FlaskClient, engine: Engine, header: str) -> None:
+    body = _event_body()
+    try:
+        answer = _post(client, body, header)
+    except ValueError:  # werkzeug refuses headers with newlines before they are sent
+        return
+    assert answer.status_code == 400 and not _leaks(answer)
+    assert count(engine, WRITTEN) == 0
+
+
+@fixture_ok
+@given(junk=st.lists(st.sampled_from(["v1=deadbeef", "v0=abc", "t=1", "v1=", "x=y", "t=", ",,"]), max_size=6))
+def test_one_valid_v1_among_others_is_enough(client: FlaskClient, junk: list[str]) -> None:
+    body = _event_body()
+    valid = sign(body)
+    timestamp, signature = valid.split(",")
+    header = ",".join([timestamp, *[part for part in junk if not part.startswith("t=")], signature])
+
+    assert _post(client, body, header).status_code == 200
+
+
+def test_v0_only_or_other_schemes_are_refused(client: FlaskClient, engine: Engine) -> None:
+    body = _event_body()
+    timestamp, signature = sign(body).split(",")
+    for header in (f"{timestamp},v0={signature[3:]}", f"{timestamp},v2={signature[3:]}", signature, timestamp):
+        assert _post(client, body, header).status_code == 400, header
+    old_valid = sign(body, timestamp=now() - 3600)  # a captured delivery, replayed an hour later
+    assert _post(client, body, old_valid).status_code == 400
+    assert count(engine, WRITTEN) == 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@fixture_ok
+@given(document=json_values)
+def test_signed_json_that_is_not_an_event_is_a_400(client: FlaskClient, engine: Engine, document: Any) -> None:
+    body = json.dumps(document)
+    answer = _post(client, body, sign(body))
+    assert answer.status_code == 400 and set(answer.get_json()) == {"error"}
+    assert count(engine, WRITTEN) == 0
+
+
+@fixture_ok
+@given(
+    event_type=st.text(min_size=1, max_size=40),
+    data_object=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
+)
+def test_signed_event_shapes_never_crash_the_endpoint(
+    client: FlaskClient, engine: Engine, event_type: str, data_object: dict[str, Any]
+) -> None:
+    event = samples.event(event_type, data_object)
+    answer = deliver(client, event)
+    # Whatever the object holds, the answer is one of the contract's, and a 500 is kept as failed.
+    assert answer.status_code in (200, 500)
+    if answer.status_code == 500:
+        assert answer.get_json()["event_id"] == event["id"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\xff\xfe\xfa not utf-8", b"[" * 100_000 + b"]" * 100_000, b'{"id": "evt_1"', b"null"],
+    ids=["empty", "not-utf8", "deeply-nested", "truncated", "null"],
+)
+def test_malformed_bodies_are_400(client: FlaskClient, engine: Engine, body: bytes) -> None:
+    header = sign(body.decode("utf-8", "replace"))
+    answer = _post(client, body, header)
+    assert answer.status_code == 400 and not _leaks(answer)
+    assert count(engine, WRITTEN) == 0
+
+
+def test_ten_megabytes_is_413(client: FlaskClient, engine: Engine) -> None:
+    body = b'{"id": "evt_big", "pad": "' + b"x" * (10 * 1024 * 1024) + b'"}'
+    assert _post(client, body, sign(body.decode())).status_code == 413
+    assert count(engine, WRITTEN) == 0
+
+
+def test_no_secret_signature_or_email_in_any_log_line(client: FlaskClient, engine: Engine) -> None:
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(JsonFormatter())
+    LOGGER.addHandler(handler)
+    good = samples.event("customer.created", samples.customer(email=EMAIL, name="Private Person"))
+    signed = sign(json.dumps(good))
+    deliver(client, good)
+    deliver(client, good)  # duplicate
+    _post(client, json.dumps(good), sign(json.dumps(good), secret="whsec_wrong_secret_value"))
+    deliver(client, samples.event("customer.created", samples.customer("cus_bad-id", email=EMAIL)))  # 500
+    LOGGER.removeHandler(handler)
+
+    logged = captured.getvalue()
+    lines = [json.loads(line) for line in logged.splitlines() if line.startswith("{")]
+    assert {line["outcome"] for line in lines if "outcome" in line} >= {"processed", "duplicate"}
+    assert any(line.get("msg") == "event failed" for line in lines)
+    handled = next(line for line in lines if line.get("outcome") == "processed")
+    assert set(handled) >= {"event_id", "type", "outcome", "stripe_customer_id", "latency_ms"}
+    for secret_text in (EMAIL, "Private Person", SECRET, "whsec_", signed.split(",")[1][3:]):
+        assert secret_text not in logged

