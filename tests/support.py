@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import stripe
@@ -77,3 +79,42 @@ def count(engine: Engine, sql: str, **params: Any) -> int:
 
 def now() -> int:
     return int(time.time())
+
+
+@contextmanager
+def failing_writes(engine: Engine, table: str, when: str) -> Iterator[None]:
+    """A trigger that raises 'injected failure' on INSERT into `table` while the block runs."""
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                f"""
+                CREATE OR REPLACE FUNCTION public.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION 'injected failure'; END $$;
+                CREATE TRIGGER test_refuse {when} INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION public.test_refuse();
+                """
+            )
+        )
+    try:
+        yield
+    finally:
+        with engine.connect() as connection:
+            connection.execute(text(f"DROP TRIGGER test_refuse ON {table}"))
+
+
+def audit_steps_backwards(engine: Engine) -> int:
+    """How many audited changes, in commit order, moved a customer to an older event."""
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                text(
+                    """
+                    SELECT count(*) FROM (
+                      SELECT (new_row #>> '{customer_metadata,sync,event_created}')::bigint AS created,
+                             lag((new_row #>> '{customer_metadata,sync,event_created}')::bigint)
+                               OVER (PARTITION BY stripe_customer_id ORDER BY id) AS previous
+                      FROM stripe_customers_audit) AS steps
+                    WHERE created < previous
+                    """
+                )
+            ).scalar_one()
+        )

@@ -11,7 +11,17 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
-from tests.support import add_user, count, customer_row, deliver, event_row, now, settings_for
+from tests.support import (
+    add_user,
+    audit_steps_backwards,
+    count,
+    customer_row,
+    deliver,
+    event_row,
+    failing_writes,
+    now,
+    settings_for,
+)
 from webhook import samples
 from webhook.app import create_app
 
@@ -172,20 +182,7 @@ def test_concurrent_duplicated_deliveries_end_in_the_newest_state(client: FlaskC
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(events)
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status NOT IN ('processed', 'stale')") == 0
     # The audit, in commit order, never moves a customer backwards.
-    with engine.connect() as connection:
-        backwards = connection.execute(
-            text(
-                """
-                SELECT count(*) FROM (
-                  SELECT (new_row #>> '{customer_metadata,sync,event_created}')::bigint AS created,
-                         lag((new_row #>> '{customer_metadata,sync,event_created}')::bigint)
-                           OVER (PARTITION BY stripe_customer_id ORDER BY id) AS previous
-                  FROM stripe_customers_audit) AS steps
-                WHERE created < previous
-                """
-            )
-        ).scalar_one()
-    assert backwards == 0
+    assert audit_steps_backwards(engine) == 0
 
 
 def test_checkout_creates_the_row_and_links_the_user(client: FlaskClient, engine: Engine) -> None:
@@ -257,25 +254,11 @@ def test_audit_names_the_event_and_catches_changes_by_hand(client: FlaskClient, 
 
 
 def test_a_failing_write_leaves_no_half_write_and_is_retried(client: FlaskClient, engine: Engine) -> None:
-    # A fault inside the event's transaction, after the log row and the customer row were written.
-    with engine.connect() as connection:
-        connection.execute(
-            text(
-                """
-                CREATE OR REPLACE FUNCTION public.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN RAISE EXCEPTION 'injected failure'; END $$;
-                CREATE TRIGGER test_refuse AFTER INSERT ON public.stripe_customers_audit
-                  FOR EACH ROW EXECUTE FUNCTION public.test_refuse();
-                """
-            )
-        )
     customer = samples.customer()
     event = samples.event("customer.created", customer)
-    try:
+    # A fault inside the event's transaction, after the log row and the customer row were written.
+    with failing_writes(engine, "public.stripe_customers_audit", "AFTER"):
         answer = deliver(client, event)
-    finally:
-        with engine.connect() as connection:
-            connection.execute(text("DROP TRIGGER test_refuse ON public.stripe_customers_audit"))
 
     assert answer.status_code == 500 and answer.get_json()["event_id"] == event["id"]
     logged = event_row(engine, event["id"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from tests.server import gunicorn, post_event
-from tests.support import count, customer_row, now
+from tests.support import audit_steps_backwards, count, customer_row, now
 from webhook import samples
 
 
@@ -33,20 +33,7 @@ def test_shuffled_duplicated_deliveries_from_16_clients(database_url: str, engin
         assert customer_row(engine, customer["id"])["customer_name"] == "v9"  # type: ignore[index]
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(events)
     assert count(engine, "SELECT count(DISTINCT id) FROM stripe_webhook_events") == len(events)
-    with engine.connect() as connection:
-        backwards = connection.execute(
-            text(
-                """
-                SELECT count(*) FROM (
-                  SELECT (new_row #>> '{customer_metadata,sync,event_created}')::bigint AS created,
-                         lag((new_row #>> '{customer_metadata,sync,event_created}')::bigint)
-                           OVER (PARTITION BY stripe_customer_id ORDER BY id) AS previous
-                  FROM stripe_customers_audit) AS steps
-                WHERE created < previous
-                """
-            )
-        ).scalar_one()
-    assert backwards == 0
+    assert audit_steps_backwards(engine) == 0
 
 
 def test_metrics_add_up_across_workers(database_url: str, engine: Engine) -> None:

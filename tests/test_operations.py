@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import stripe
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from tests.fake_stripe import FakeStripe
-from tests.support import SECRET, add_user, count, customer_row, deliver, event_row, now, settings_for
+from tests.support import SECRET, add_user, count, customer_row, deliver, event_row, failing_writes, now, settings_for
 from webhook import samples, stripe_api
 from webhook.backfill import backfill
 from webhook.config import ConfigError
@@ -68,23 +68,9 @@ def test_backfill_pages_through_every_customer(
 
 
 def _failed_event(client: FlaskClient, engine: Engine) -> dict[str, Any]:
-    with engine.connect() as connection:
-        connection.execute(
-            text(
-                """
-                CREATE OR REPLACE FUNCTION public.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN RAISE EXCEPTION 'injected failure'; END $$;
-                CREATE TRIGGER test_refuse BEFORE INSERT ON public.stripe_customers
-                  FOR EACH ROW EXECUTE FUNCTION public.test_refuse();
-                """
-            )
-        )
     event = samples.event("customer.created", samples.customer())
-    try:
+    with failing_writes(engine, "public.stripe_customers", "BEFORE"):
         assert deliver(client, event).status_code == 500
-    finally:
-        with engine.connect() as connection:
-            connection.execute(text("DROP TRIGGER test_refuse ON public.stripe_customers"))
     return event
 
 
