@@ -207,7 +207,7 @@ def lookups(engine: Engine, rows: int, samples_per_kind: int) -> list[dict[str, 
                 found = connection.execute(text(sql), {"v": value(n)}).first()
                 timings.append(time.perf_counter() - started)
                 assert found is not None
-            index = next((word for word in plan.split() if word.endswith("_idx") or word.endswith("_key")), "?")
+            index = plan.split(" using ", 1)[1].split()[0] if " using " in plan else "?"
             results.append(
                 {
                     "lookup by": name,
