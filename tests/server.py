@@ -23,6 +23,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def wait_until_up(url: str, seconds: float) -> None:
+    """Poll url until it answers 200."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
 @contextmanager
 def gunicorn(database_url: str, workers: int = 2, **env: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
@@ -54,15 +68,7 @@ def gunicorn(database_url: str, workers: int = 2, **env: str) -> Iterator[tuple[
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", 30)
         yield port, process
     finally:
         process.terminate()

