@@ -5,9 +5,12 @@ Slow, so not in the default run: `.venv/bin/python -m pytest -m reliability -s` 
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.server import gunicorn, post_event
+from tests.support import sign
 from webhook import migrations, samples
 from webhook.store import make_engine
 
@@ -96,3 +100,71 @@ def test_killed_worker_loses_nothing_acknowledged(own_postgres: Any) -> None:
         )
     assert set(acknowledged) <= stored
     assert len(stored) == len(events)
+
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
+SOAK_RATE = 200  # events/s: steady, well under the consumer's ceiling on this machine
+
+
+def _rss_mb(process: psutil.Process) -> float:
+    return float(process.memory_info().rss) / 2**20
+
+
+def _steady_load(port: int, stop_at: float, connections: int, answers: list[int]) -> None:
+    customers = [samples.stripe_id("cus") for _ in range(500)]
+
+    def one_connection(n: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        next_send = time.monotonic()
+        i = n
+        while next_send < stop_at:
+            customer = samples.customer(customers[i % len(customers)], name=f"Customer {i}")
+            body = json.dumps(samples.event("customer.updated", customer))
+            connection.request("POST", "/webhooks/stripe", body, {"Stripe-Signature": sign(body)})
+            response = connection.getresponse()
+            response.read()
+            answers.append(response.status)
+            i += connections
+            next_send += connections / SOAK_RATE
+            time.sleep(max(0.0, next_send - time.monotonic()))
+
+    threads = [threading.Thread(target=one_connection, args=(n,)) for n in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_soak_steady_load_keeps_worker_memory_flat(own_postgres: Any) -> None:
+    """SOAK_SECONDS (default 60) of steady load: no error answers, every worker's RSS within 10%
+    of what it was once warm."""
+    server, engine = own_postgres
+    answers: list[int] = []
+    with gunicorn(str(server.get_uri()), workers=2) as (port, master):
+        workers = psutil.Process(master.pid).children()
+        started = time.monotonic()
+        load = threading.Thread(target=_steady_load, args=(port, started + SOAK_SECONDS, 8, answers))
+        load.start()
+        time.sleep(min(10.0, SOAK_SECONDS / 6))  # warm: pool connections open, caches filled
+        warm = {worker.pid: _rss_mb(worker) for worker in workers}
+        peak = dict(warm)
+        while load.is_alive():
+            for worker in workers:
+                peak[worker.pid] = max(peak[worker.pid], _rss_mb(worker))
+            time.sleep(1)
+        end = {worker.pid: _rss_mb(worker) for worker in workers}
+        assert psutil.Process(master.pid).children() == workers  # no worker died or was recycled
+
+    elapsed = time.monotonic() - started
+    for pid in warm:
+        print(
+            f"\nsoak worker {pid}: warm {warm[pid]:.1f} MB, peak {peak[pid]:.1f} MB, end {end[pid]:.1f} MB "
+            f"({(peak[pid] / warm[pid] - 1) * 100:+.1f}% at peak)"
+        )
+    rate = len(answers) / elapsed
+    print(f"soak: {len(answers)} deliveries in {elapsed:.0f} s ({rate:.0f}/s), statuses {set(answers)}")
+    assert answers and set(answers) == {200}
+    assert all(peak[pid] <= warm[pid] * 1.10 for pid in warm)
+    with engine.connect() as connection:
+        logged = connection.execute(text("SELECT count(*) FROM stripe_webhook_events")).scalar_one()
+    assert logged == len(answers)
