@@ -159,20 +159,23 @@ DECLARE
   v_id text := p_event ->> 'id';
   v_status text := 'ignored';
 BEGIN
-  -- The log row is also the duplicate guard: a concurrent delivery of the same id waits on it.
-  INSERT INTO public.stripe_webhook_events AS e (id, type, api_version, livemode, created, payload, attempts)
-  VALUES (v_id, p_event ->> 'type', p_event ->> 'api_version', coalesce((p_event ->> 'livemode')::boolean, false),
-          to_timestamp((p_event ->> 'created')::bigint), p_event, 1)
-  ON CONFLICT (id) DO UPDATE SET attempts = e.attempts + 1 WHERE e.status IN ('received', 'failed');
-  IF NOT FOUND THEN
+  -- Deliveries of one event id queue here; the later one then finds it finished: a duplicate.
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_event:' || v_id, 0));
+  IF EXISTS (SELECT 1 FROM public.stripe_webhook_events
+             WHERE id = v_id AND status NOT IN ('received', 'failed')) THEN
     RETURN 'duplicate';
   END IF;
   PERFORM set_config('stripe_webhook.event_id', v_id, true);
   IF p_change IS NOT NULL THEN
     v_status := public.stripe_apply_customer(p_change, p_source, v_id, (p_event ->> 'created')::bigint);
   END IF;
-  UPDATE public.stripe_webhook_events SET status = v_status, last_error = NULL, processed_at = now()
-  WHERE id = v_id;
+  -- Written once, with its outcome: an insert, or the retry of a failed or received event.
+  INSERT INTO public.stripe_webhook_events AS e
+    (id, type, api_version, livemode, created, payload, status, attempts, processed_at)
+  VALUES (v_id, p_event ->> 'type', p_event ->> 'api_version', coalesce((p_event ->> 'livemode')::boolean, false),
+          to_timestamp((p_event ->> 'created')::bigint), p_event, v_status, 1, now())
+  ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, attempts = e.attempts + 1, last_error = NULL,
+    processed_at = EXCLUDED.processed_at;
   RETURN v_status;
 END $$;
 
