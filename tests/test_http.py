@@ -156,6 +156,23 @@ def test_unreachable_database_gets_503(database_url: str) -> None:
     assert client.get("/healthz").status_code == 200
 
 
+def test_a_dropped_pool_connection_gets_503_and_the_pool_replaces_it(database_url: str, engine: Engine) -> None:
+    own = make_engine(database_url, pool_size=1)
+    client = create_app(settings_for(database_url), own).test_client()
+    first, second = (samples.event("customer.created", samples.customer()) for _ in range(2))
+    assert deliver(client, first).status_code == 200
+    pooled = own.raw_connection()
+    pid = pooled.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
+    pooled.close()
+    with engine.connect() as admin:  # the server drops the pooled connection (a restart, a failover)
+        admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    assert deliver(client, second).status_code == 503  # nothing written; Stripe retries
+    assert event_row(engine, second["id"]) is None
+    assert deliver(client, second).get_json()["status"] == "processed"  # on a new connection
+    own.dispose()
+
+
 def test_unexpected_failure_gets_500_and_a_failed_log_row(client: FlaskClient, engine: Engine) -> None:
     # A verified event whose customer id breaks the table's CHECK: the database refuses the write.
     customer = samples.customer("cus_has-a-dash", email="who@example.com")

@@ -7,9 +7,10 @@ import logging
 import time
 from enum import StrEnum
 
-from sqlalchemy import Connection, Engine
+import psycopg2
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import PoolProxiedConnection
 
 from webhook import metrics, store
 from webhook.config import Settings
@@ -49,36 +50,32 @@ def change_for(event: Event, settings: Settings) -> CustomerChange | None:
 def describe(error: BaseException) -> str:
     """An error as last_error and log text: the primary message only. Postgres' DETAIL would
     repeat the failing row, customer email included."""
-    if isinstance(error, DBAPIError) and error.orig is not None:
-        diag = getattr(error.orig, "diag", None)
-        primary = getattr(diag, "message_primary", None) or type(error.orig).__name__
-        return f"{type(error.orig).__name__}: {primary}"
+    cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+    if isinstance(cause, psycopg2.Error):
+        return f"{type(cause).__name__}: {cause.diag.message_primary or type(cause).__name__}"
     return f"{type(error).__name__}: {error}"
-
-
-def _unavailable(error: BaseException) -> bool:
-    return isinstance(error, PoolTimeout) or (isinstance(error, DBAPIError) and error.connection_invalidated)
 
 
 def process_event(engine: Engine, event: Event, settings: Settings, source: str = "webhook") -> Outcome:
     started = time.perf_counter()
     try:
-        connection = engine.connect()
-    except SQLAlchemyError as error:
+        connection = engine.raw_connection()
+    except (psycopg2.Error, SQLAlchemyError) as error:  # no connection, or the pool stayed full for pool_timeout
         metrics.DB_ERRORS.labels(kind="connect").inc()
         raise DatabaseUnavailable(describe(error)) from error
-    with connection:
-        try:
-            change = change_for(event, settings)
-            outcome = Outcome(
-                store.apply_event(connection, event.payload, None if change is None else change.as_json(), source)
-            )
-        except Exception as error:
-            if _unavailable(error):
-                metrics.DB_ERRORS.labels(kind="disconnect").inc()
-                raise DatabaseUnavailable(describe(error)) from error
-            _record_failure(connection, event, error)
-            raise ProcessingFailed(event.id, describe(error)) from error
+    try:
+        change = change_for(event, settings)
+        outcome = Outcome(
+            store.apply_event(connection, event.payload, None if change is None else change.as_json(), source)
+        )
+    except Exception as error:
+        if store.connection_lost(connection, error):
+            metrics.DB_ERRORS.labels(kind="disconnect").inc()
+            raise DatabaseUnavailable(describe(error)) from error
+        _record_failure(connection, event, error)
+        raise ProcessingFailed(event.id, describe(error)) from error
+    finally:
+        connection.close()  # back to the pool
     metrics.EVENTS.labels(type=event.type, outcome=outcome.value).inc()
     if outcome is Outcome.PROCESSED:
         metrics.LAST_PROCESSED.set(event.created)
@@ -95,14 +92,15 @@ def process_event(engine: Engine, event: Event, settings: Settings, source: str 
     return outcome
 
 
-def _record_failure(connection: Connection, event: Event, error: Exception) -> None:
+def _record_failure(connection: PoolProxiedConnection, event: Event, error: Exception) -> None:
     metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
-    if isinstance(error, DBAPIError):
+    if isinstance(error, psycopg2.Error):
         metrics.DB_ERRORS.labels(kind="statement").inc()
     log(logging.ERROR, "event failed", event_id=event.id, type=event.type, error=describe(error))
     try:
         store.record_failure(connection, event.payload, describe(error))
-    except SQLAlchemyError as record_error:
+    except psycopg2.Error as record_error:
         # Nothing is written either way, so Stripe's retry is the remedy: answer as an outage.
+        store.connection_lost(connection, record_error)
         metrics.DB_ERRORS.labels(kind="record_failure").inc()
         raise DatabaseUnavailable(describe(record_error)) from record_error

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import PoolProxiedConnection
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
 DEADLOCK_RETRIES = 3
@@ -40,34 +42,49 @@ def _jsonb_text(document: str) -> str:
     return document.replace("\\u0000", "\\ufffd")
 
 
-_APPLY_EVENT = text("SELECT public.stripe_apply_event(CAST(:payload AS jsonb), CAST(:change AS jsonb), :source)")
+# The two per-event statements run on the pool's psycopg2 connection itself. Under load,
+# SQLAlchemy's statement layer (Connection, compiled text(), CursorResult) was a quarter of a
+# worker's CPU per event (py-spy, bench/README); the pool, its limits and its recovery stay.
+_APPLY_EVENT = "SELECT public.stripe_apply_event(%s::jsonb, %s::jsonb, %s)"
 
 
-def apply_event(connection: Connection, payload: str, change: dict[str, Any] | None, source: str) -> str:
+def apply_event(connection: PoolProxiedConnection, payload: str, change: dict[str, Any] | None, source: str) -> str:
     """Log, deduplicate and apply one event in one statement; returns the outcome's name."""
     change_json = None if change is None else _jsonb_text(json.dumps(change))
-    result = connection.execute(
-        _APPLY_EVENT, {"payload": _jsonb_text(payload), "change": change_json, "source": source}
-    )
-    return str(result.scalar_one())
+    cursor = connection.cursor()
+    try:
+        cursor.execute(_APPLY_EVENT, (_jsonb_text(payload), change_json, source))
+        return str(cursor.fetchall()[0][0])
+    finally:
+        cursor.close()
 
 
-_RECORD_FAILURE = text(
-    """
+_RECORD_FAILURE = """
     INSERT INTO public.stripe_webhook_events AS e
       (id, type, api_version, livemode, created, payload, status, attempts, last_error)
     SELECT p ->> 'id', p ->> 'type', p ->> 'api_version', coalesce((p ->> 'livemode')::boolean, false),
-           to_timestamp((p ->> 'created')::bigint), p, 'failed', 1, :error
-    FROM (SELECT CAST(:payload AS jsonb) AS p) AS delivery
+           to_timestamp((p ->> 'created')::bigint), p, 'failed', 1, %(error)s
+    FROM (SELECT %(payload)s::jsonb AS p) AS delivery
     ON CONFLICT (id) DO UPDATE SET status = 'failed', attempts = e.attempts + 1, last_error = EXCLUDED.last_error
       WHERE e.status IN ('received', 'failed')
-    """
-)
+"""
 
 
-def record_failure(connection: Connection, payload: str, error: str) -> None:
+def record_failure(connection: PoolProxiedConnection, payload: str, error: str) -> None:
     """Keep a failed event with its error so Stripe's retry or `replay` can run it again."""
-    connection.execute(_RECORD_FAILURE, {"payload": _jsonb_text(payload), "error": error})
+    cursor = connection.cursor()
+    try:
+        cursor.execute(_RECORD_FAILURE, {"payload": _jsonb_text(payload), "error": error})
+    finally:
+        cursor.close()
+
+
+def connection_lost(connection: PoolProxiedConnection, error: BaseException) -> bool:
+    """Whether `error` closed the connection; if so the pool drops it and opens a new one later."""
+    lost = isinstance(error, psycopg2.Error) and bool(getattr(connection.dbapi_connection, "closed", 1))
+    if lost:
+        connection.invalidate()
+    return lost
 
 
 _SCHEMA_READY = text("SELECT to_regprocedure('public.stripe_apply_event(jsonb, jsonb, text)') IS NOT NULL")
