@@ -14,6 +14,7 @@ truncated: use a scratch database).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,10 +30,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import stripe
 from sqlalchemy import Engine, text
 
-from bench import load
+from bench import load, wrk
 from webhook import migrations, samples, store
 from webhook.handlers import customer_state
 
@@ -100,14 +102,45 @@ def _serve(app: str, port: int, env: dict[str, str], workers: int) -> subprocess
     raise RuntimeError(f"{app} did not start")
 
 
-def _row(name: str, latencies: list[float], errors: int, wall: float) -> dict[str, Any]:
+def _latency_row(latencies: list[float], errors: int, wall: float) -> dict[str, float]:
     return {
-        "what": name,
         "events/s": len(latencies) / wall,
         "p50 ms": _percentile(latencies, 0.5) * 1000,
         "p99 ms": _percentile(latencies, 0.99) * 1000,
-        "errors": errors,
+        "errors": float(errors),
     }
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
+    seconds = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def _postgres() -> list[psutil.Process]:
+    return [process for process in psutil.process_iter(["name"]) if process.info["name"] == "postgres"]
+
+
+def _full_load(port: int, server: subprocess.Popen[bytes], args: argparse.Namespace) -> dict[str, float]:
+    """Closed-loop load from args.connections keep-alive clients (wrk when installed), and the CPU
+    the server's workers and Postgres spent per event meanwhile."""
+    workers = psutil.Process(server.pid).children()
+    # wrk needs more distinct events than the baseline can take, or it sends some twice.
+    bodies = _signed_events(int(args.seconds * 4000) if wrk.available() else args.events, 3000)
+    before = {"server": _cpu_seconds(workers), "postgres": _cpu_seconds(_postgres())}
+    if wrk.available():
+        row = wrk.run(port, bodies, args.connections, args.seconds)
+    else:
+        row = _latency_row(*load.run(port, bodies, args.connections, 2, None, args.seconds))
+    events = row["events/s"] * args.seconds
+    for name, processes in (("server", workers), ("postgres", _postgres())):
+        after = _cpu_seconds(processes)
+        used = sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after.items())
+        row[f"{name} CPU ms/event"] = used / events * 1000
+    return row
 
 
 def end_to_end(database_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -117,7 +150,7 @@ def end_to_end(database_url: str, args: argparse.Namespace) -> list[dict[str, An
         "STRIPE_WEBHOOK_SECRET": SECRET,
         "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-metrics-"),
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, app in (
         ("baseline: verify only", "bench.baseline:create_app()"),
         ("consumer", "webhook.app:create_app()"),
@@ -126,12 +159,15 @@ def end_to_end(database_url: str, args: argparse.Namespace) -> list[dict[str, An
         server = _serve(app, port, env, args.workers)
         try:
             load.run(port, _signed_events(500, 100), args.connections, 2, None, 10)  # warm up
-            bodies = _signed_events(args.events, 3000)
-            rows.append(_row(name, *load.run(port, bodies, args.connections, 2, None, args.seconds)))
+            rows.append({"what": name, **_full_load(port, server, args)})
             if app.startswith("webhook"):
+                # wrk cannot pace, so the fixed rate comes from the Python generator for both.
                 paced = _signed_events(args.rate * 10, 3000)
                 rows.append(
-                    _row(f"consumer paced at {args.rate}/s", *load.run(port, paced, args.connections, 2, args.rate, 10))
+                    {
+                        "what": f"consumer paced at {args.rate}/s (Python generator)",
+                        **_latency_row(*load.run(port, paced, args.connections, 2, args.rate, 10)),
+                    }
                 )
         finally:
             server.terminate()
@@ -232,9 +268,15 @@ def backfill_database_work(engine: Engine, customers: int) -> float:
     return customers / (time.perf_counter() - started)
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value >= 100 or value.is_integer() else f"{value:,.2f}"
+    return str(value)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     headers = list(rows[0])
-    cells = [[f"{row[h]:,.1f}" if isinstance(row[h], float) else str(row[h]) for h in headers] for row in rows]
+    cells = [[_cell(row.get(h, "")) for h in headers] for row in rows]
     return "\n".join(
         ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(c) + " |" for c in cells]
     )
@@ -269,7 +311,8 @@ def main() -> None:
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}\n"
+        f"{time.strftime('%Y-%m-%d')}; load: {'wrk' if wrk.available() else 'Python generator (no wrk on PATH)'}, "
+        f"{args.connections} keep-alive connections, {args.seconds:.0f} s, gunicorn {args.workers} workers\n"
     )
     clean()
     e2e = end_to_end(database_url, args)
