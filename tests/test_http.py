@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 from flask.testing import FlaskClient
@@ -208,3 +209,18 @@ def test_health_readiness_and_metrics(client: FlaskClient, engine: Engine, datab
     bare = create_app(settings_for(database_url), make_engine(bare_url.render_as_string(False), 1)).test_client()
     answer = bare.get("/readyz")
     assert answer.status_code == 503 and "schema" in answer.get_json()["error"]
+
+
+def test_a_chunked_delivery_is_answered_by_the_flask_route_the_same_way(client: FlaskClient, engine: Engine) -> None:
+    # No Content-Length (chunked transfer): the WSGI fast lane leaves it to the Flask route.
+    event = samples.event("customer.created", samples.customer())
+    body = json.dumps(event).encode()
+    answer = client.post(
+        "/webhooks/stripe",
+        input_stream=io.BytesIO(body),
+        headers={"Stripe-Signature": sign(body.decode()), "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True, "CONTENT_LENGTH": ""},
+    )
+    assert answer.status_code == 200 and answer.get_json() == {"event_id": event["id"], "status": "processed"}
+    assert answer.headers["Content-Type"] == "application/json"
+    assert customer_row(engine, event["data"]["object"]["id"]) is not None
