@@ -47,7 +47,7 @@ def _jsonb_text(document: str) -> str:
 
 # The two per-event statements run on the pool's psycopg2 connection itself. Under load,
 # SQLAlchemy's statement layer (Connection, compiled text(), CursorResult) was a quarter of a
-# worker's CPU per event (py-spy, bench/README); the pool, its limits and its recovery stay.
+# worker's CPU per event (py-spy; README, Performance); the pool, its limits and recovery stay.
 _APPLY_EVENT = "SELECT public.stripe_apply_event(%s::jsonb, %s::jsonb, %s)"
 
 
