@@ -1,8 +1,9 @@
 """Benchmarks (figures, not assertions): `python -m bench.run`.
 
 1. end to end: signed customer.updated events (~2.5 KB, 3,000 customers) posted by a load generator
-   in other processes to the consumer under gunicorn, and to a bare verify-only app with the same
-   gunicorn settings; then the consumer paced at 500 events/s.
+   in other processes (wrk when installed) to the consumer under gunicorn, and to a bare verify-only
+   app with the same gunicorn settings: all each can take (median of 3 rounds), then paced at
+   500 events/s.
 2. the database ceiling: the same stripe_apply_event call driven by pgbench.
 3. lookups on 1,000,000 rows by user_id, stripe_customer_id and lower(customer_email), with EXPLAIN.
 4. backfill: 100,000 customers through the batched upsert (the database work of `backfill`).
