@@ -23,7 +23,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -37,6 +36,7 @@ from sqlalchemy import Engine, text
 
 from bench import load, wrk
 from webhook import migrations, samples, store
+from webhook.cli import gunicorn_command
 from webhook.handlers import customer_state
 
 SECRET = "whsec_bench_secret_0123456789"
@@ -73,20 +73,7 @@ def _signed_events(count: int, customers: int) -> list[tuple[bytes, str]]:
 
 def _serve(app: str, port: int, env: dict[str, str], workers: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "python:webhook.gunicorn_conf",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            "--log-level",
-            "warning",
-            app,
-        ],
+        gunicorn_command(f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "warning", app=app),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from tests.support import SECOND_SECRET, SECRET, sign
+from webhook.cli import gunicorn_command
 
 
 def free_port() -> int:
@@ -49,20 +49,7 @@ def gunicorn(database_url: str, workers: int = 2, **env: str) -> Iterator[tuple[
     }
     environment.pop("PROMETHEUS_MULTIPROC_DIR")  # each server gets a fresh one from gunicorn_conf
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "python:webhook.gunicorn_conf",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            "--log-level",
-            "warning",
-            "webhook.app:create_app()",
-        ],
+        gunicorn_command(f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "warning"),
         env=environment,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

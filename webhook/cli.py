@@ -52,6 +52,12 @@ def _engine(settings: Settings) -> Engine:
     return make_engine(embedded.database_url(settings), pool_size=2)
 
 
+def gunicorn_command(bind: str, *options: str, app: str = "webhook.app:create_app()") -> list[str]:
+    """gunicorn with this project's settings (webhook/gunicorn_conf.py), as `serve`, the tests and
+    the benchmark all start it."""
+    return [sys.executable, "-m", "gunicorn", "-c", "python:webhook.gunicorn_conf", "--bind", bind, *options, app]
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     env = dict(os.environ)
     port = args.port or settings.port
@@ -66,10 +72,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         bind = f"127.0.0.1:{port}"
     else:
         bind = f"0.0.0.0:{port}"
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:webhook.gunicorn_conf", "--bind", bind]
-    if args.workers:
-        command += ["--workers", str(args.workers)]
-    gunicorn = subprocess.Popen([*command, "webhook.app:create_app()"], env=env)
+    workers = ["--workers", str(args.workers)] if args.workers else []
+    gunicorn = subprocess.Popen(gunicorn_command(bind, *workers), env=env)
     # Stay the parent so the embedded Postgres lives exactly as long as the server.
     signal.signal(signal.SIGTERM, lambda *_: gunicorn.terminate())
     try:
