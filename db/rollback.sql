@@ -4,10 +4,16 @@
 -- auth.* and the API roles are left alone: they belong to Supabase (or db/supabase_shim.sql).
 
 DROP FUNCTION IF EXISTS public.stripe_apply_event(jsonb, jsonb, text);
+DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);
+DROP FUNCTION IF EXISTS public.stripe_tie_order(jsonb, text);
+DROP FUNCTION IF EXISTS public.stripe_attrs_match(jsonb, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_event_customer_id(jsonb);
 -- Dropping the tables drops their triggers, indexes and policies with them.
 DROP TABLE IF EXISTS public.stripe_customers_audit;
 DROP TABLE IF EXISTS public.stripe_webhook_events;
 DROP TABLE IF EXISTS public.stripe_customers;
+DROP TABLE IF EXISTS public.stripe_customer_tombstones;
 DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
 DROP FUNCTION IF EXISTS public.stripe_customers_touch();
+DROP FUNCTION IF EXISTS public.stripe_customers_gone();

@@ -45,7 +45,7 @@ def clean_tables(request: pytest.FixtureRequest) -> None:
     with engine.connect() as connection:
         connection.execute(
             text(
-                "TRUNCATE public.stripe_customers, public.stripe_webhook_events, "
+                "TRUNCATE public.stripe_customers, public.stripe_webhook_events, public.stripe_customer_tombstones, "
                 "public.stripe_customers_audit, auth.users CASCADE"
             )
         )

@@ -82,15 +82,17 @@ def now() -> int:
 
 
 @contextmanager
-def failing_writes(engine: Engine, table: str, when: str) -> Iterator[None]:
-    """A trigger that raises 'injected failure' on INSERT into `table` while the block runs."""
+def failing_writes(engine: Engine, table: str, when: str, condition: str = "true") -> Iterator[None]:
+    """A trigger that raises 'injected failure' on INSERT into `table` (of rows meeting `condition`)
+    while the block runs."""
     with engine.connect() as connection:
         connection.execute(
             text(
                 f"""
                 CREATE OR REPLACE FUNCTION public.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN RAISE EXCEPTION 'injected failure'; END $$;
-                CREATE TRIGGER test_refuse {when} INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION public.test_refuse();
+                CREATE TRIGGER test_refuse {when} INSERT ON {table} FOR EACH ROW WHEN ({condition})
+                  EXECUTE FUNCTION public.test_refuse();
                 """
             )
         )

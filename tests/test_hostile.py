@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
-from tests.support import SECRET, count, deliver, now, sign
+from tests.support import SECRET, count, deliver, failing_writes, now, sign
 from webhook import samples
 from webhook.logs import LOGGER, JsonFormatter
 
@@ -132,7 +132,8 @@ def test_no_secret_signature_or_email_in_any_log_line(client: FlaskClient, engin
     deliver(client, good)
     deliver(client, good)  # duplicate
     _post(client, json.dumps(good), sign(json.dumps(good), secret="whsec_wrong_secret_value"))
-    deliver(client, samples.event("customer.created", samples.customer("cus_bad-id", email=EMAIL)))  # 500
+    with failing_writes(engine, "public.stripe_customers", "BEFORE"):
+        deliver(client, samples.event("customer.created", samples.customer(email=EMAIL)))  # 500
     LOGGER.removeHandler(handler)
 
     logged = captured.getvalue()

@@ -247,11 +247,14 @@ def test_cli_against_a_fake_stripe_server(fake: FakeStripe, engine: Engine, data
 
 def test_replay_cli_summary_and_exit_code(client: FlaskClient, engine: Engine, database_url: str) -> None:
     env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET}
-    bad = samples.event("customer.created", samples.customer("cus_bad-id"))
-    deliver(client, bad)  # fails for good: its id breaks the CHECK constraint
+    bad = samples.event("customer.created", samples.customer("cus_Refused"))
+    refused = (engine, "public.stripe_customers", "BEFORE", "NEW.stripe_customer_id = 'cus_Refused'")
+    with failing_writes(*refused):
+        deliver(client, bad)  # fails for good: the database refuses this customer
     _failed_event(client, engine)  # fails once: the fault is gone by replay time
 
-    result = _cli("replay", **env)
+    with failing_writes(*refused):
+        result = _cli("replay", **env)
 
     assert result.returncode == 1
     assert result.stdout.strip() == "replayed 2: 1 failed, 1 processed"

@@ -13,6 +13,8 @@ from sqlalchemy.exc import DBAPIError
 
 from tests.support import add_user
 
+TABLES = ("stripe_customers", "stripe_webhook_events", "stripe_customers_audit", "stripe_customer_tombstones")
+
 
 @contextmanager
 def acting_as(engine: Engine, role: str, user_id: str | None = None) -> Iterator[Connection]:
@@ -71,15 +73,17 @@ def test_a_user_sees_exactly_their_own_row(engine: Engine, two_customers: tuple[
 def test_a_user_can_change_nothing(engine: Engine, two_customers: tuple[str, str]) -> None:
     alice, _ = two_customers
     with acting_as(engine, "authenticated", alice) as connection:
-        assert _refused(connection, "INSERT INTO stripe_customers (stripe_customer_id) VALUES ('cus_Mine')")
-        # UPDATE and DELETE see no row they may touch, their own included.
+        # No write privilege at all: TRUNCATE would ignore row level security and skip the audit.
         for statement in (
+            "INSERT INTO stripe_customers (stripe_customer_id) VALUES ('cus_Mine')",
             "UPDATE stripe_customers SET customer_email = 'evil@example.com'",
             "UPDATE stripe_customers SET user_id = auth.uid() WHERE stripe_customer_id = 'cus_Nobody'",
             "DELETE FROM stripe_customers",
+            *(f"TRUNCATE {table} CASCADE" for table in TABLES),
+            "DELETE FROM stripe_webhook_events",
+            "DELETE FROM stripe_customer_tombstones",
         ):
-            assert connection.execute(text(statement)).rowcount == 0, statement
-        assert _refused(connection, "DELETE FROM stripe_webhook_events")
+            assert _refused(connection, statement), statement
         assert _refused(connection, "SELECT stripe_apply_event('{\"id\": \"evt_x\"}'::jsonb, NULL, 'webhook')")
     with engine.connect() as connection:
         emails = connection.execute(text("SELECT customer_email FROM stripe_customers ORDER BY 1")).scalars().all()
@@ -90,7 +94,10 @@ def test_anon_sees_nothing(engine: Engine, two_customers: tuple[str, str]) -> No
     with acting_as(engine, "anon") as connection:
         assert connection.execute(text("SELECT count(*) FROM stripe_customers")).scalar_one() == 0
         assert _refused(connection, "SELECT * FROM stripe_webhook_events")
-        assert connection.execute(text("UPDATE stripe_customers SET customer_name = 'x'")).rowcount == 0
+        for table in TABLES:
+            assert _refused(connection, f"TRUNCATE {table} CASCADE"), table
+            assert _refused(connection, f"DELETE FROM {table}"), table
+        assert _refused(connection, "UPDATE stripe_customers SET customer_name = 'x'")
 
 
 def test_service_role_does_everything(engine: Engine, two_customers: tuple[str, str]) -> None:

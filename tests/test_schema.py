@@ -30,14 +30,25 @@ def test_rollback_then_migrate_again(engine: Engine) -> None:
     assert count(engine, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
     migrations.rollback(engine)  # idempotent too
     migrations.migrate(engine, shim=False)
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 3
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 4
+
+
+NAMED_USER = "(((customer_metadata #>> '{sync,named_user_id}'::text[]))) WHERE (user_id IS NULL)"
 
 
 def test_no_duplicate_indexes_and_an_email_index(engine: Engine) -> None:
     indexes = _indexes(engine, "stripe_customers")
     columns = [definition.split(" USING btree ")[1] for definition in indexes.values()]
     assert len(columns) == len(set(columns)), indexes
-    assert sorted(columns) == sorted(["(id)", "(stripe_customer_id)", "(user_id)", "(lower(customer_email))"])
+    assert sorted(columns) == sorted(
+        [
+            "(id)",
+            "(stripe_customer_id)",
+            "(user_id)",
+            "(lower(customer_email))",
+            "(((customer_metadata #>> '{sync,named_user_id}'::text[]))) WHERE (user_id IS NULL)",
+        ]
+    )
 
 
 def test_seed_table_is_upgraded(engine: Engine) -> None:

@@ -32,6 +32,7 @@ class Settings:
     port: int
     db_pool_size: int
     data_dir: Path
+    refetch: str = "never"  # tie | always | never (CONTRACT §4, "Ties")
 
     @property
     def embedded(self) -> bool:
@@ -110,6 +111,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if livemode_raw not in ("", "true", "false"):
         raise ConfigError("STRIPE_EXPECT_LIVEMODE must be true or false")
 
+    refetch = env.get("STRIPE_REFETCH", "").strip().lower() or ("tie" if api_key else "never")
+    if refetch not in ("tie", "always", "never"):
+        raise ConfigError("STRIPE_REFETCH must be tie, always or never")
+    if refetch != "never" and api_key is None:
+        raise ConfigError(f"STRIPE_REFETCH={refetch} needs STRIPE_API_KEY")
+
     api_base = env.get("STRIPE_API_BASE", "").strip() or "https://api.stripe.com"
     if not api_base.startswith(("http://", "https://")):
         raise ConfigError("STRIPE_API_BASE must be an http(s):// URL")
@@ -126,4 +133,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         port=_int(env, "PORT", 8000, minimum=1),
         db_pool_size=_int(env, "DB_POOL_SIZE", 5, minimum=1),
         data_dir=data_dir,
+        refetch=refetch,
     )

@@ -7,12 +7,14 @@ write happens in store.py.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Action = Literal["upsert", "delete", "link"]
+CUSTOMER_ID = re.compile(r"cus_[a-zA-Z0-9]+")  # stripe_customers' valid_stripe_id CHECK
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class CustomerChange:
     metadata: dict[str, Any] | None = None
     user_id: str | None = None  # a well-formed UUID; the database checks it names a free auth.users row
     note: str | None = None  # why no user id could be taken from the event
+    as_of: int | None = None  # unix time of the Stripe read this state comes from (not an event's)
+    tie: str | None = None  # "unsettled": apply over a same-second tie nothing could order
 
     def as_json(self) -> dict[str, Any]:
         # A shallow copy: asdict() deep-copies the metadata, on every event, for json.dumps to read.
@@ -44,12 +48,16 @@ def handles(*event_types: str) -> Callable[[Handler], Handler]:
     return register
 
 
+class BadCustomerId(ValueError):
+    """The event's customer is not a cus_… id: bad input, answered 400 like a malformed event."""
+
+
 def _customer_id(value: Any) -> str:
     # Stripe sends a bare id, or the object when the field was expanded.
     if isinstance(value, dict):
         value = value.get("id")
-    if not isinstance(value, str) or not value:
-        raise ValueError("the event names no customer id")
+    if not isinstance(value, str) or CUSTOMER_ID.fullmatch(value) is None:
+        raise BadCustomerId("the event names no cus_… customer id")
     return value
 
 

@@ -18,6 +18,11 @@ from prometheus_client import (
 EVENTS = Counter("stripe_webhook_events_total", "Verified Stripe events by type and outcome", ["type", "outcome"])
 REJECTED = Counter("stripe_webhook_rejected_total", "Deliveries answered 4xx, by status", ["status"])
 DB_ERRORS = Counter("stripe_webhook_db_errors_total", "Database errors while handling events", ["kind"])
+TIES = Counter(
+    "stripe_webhook_ties_total",
+    "Same-second events of one customer, by the rule that ordered them (type, previous_attributes, stripe, unsettled)",
+    ["settled_by"],
+)
 LATENCY = Histogram(
     "stripe_webhook_request_seconds",
     "Time to answer a webhook delivery",

@@ -13,6 +13,7 @@ from webhook.store import DB_DIR, run_sql_file
 
 SHIM = DB_DIR / "supabase_shim.sql"
 SCHEMA = DB_DIR / "schema.sql"
+FUNCTIONS = DB_DIR / "functions.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
 
 
@@ -30,7 +31,7 @@ def backup_schema(database_url: str, backup_dir: Path) -> Path:
 
 
 def migrate(engine: Engine, shim: bool) -> list[Path]:
-    applied = [SHIM, SCHEMA] if shim else [SCHEMA]
+    applied = [SHIM, SCHEMA, FUNCTIONS] if shim else [SCHEMA, FUNCTIONS]
     with engine.connect() as connection:
         for path in applied:
             run_sql_file(connection, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from enum import StrEnum
 
 import psycopg2
@@ -12,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import PoolProxiedConnection
 
-from webhook import metrics, store
+from webhook import metrics, refetch, store
 from webhook.config import Settings
 from webhook.handlers import HANDLERS, CustomerChange
 from webhook.logs import log
@@ -58,24 +59,25 @@ def describe(error: BaseException) -> str:
 
 def process_event(engine: Engine, event: Event, settings: Settings, source: str = "webhook") -> Outcome:
     started = time.perf_counter()
-    try:
-        connection = engine.raw_connection()
-    except (psycopg2.Error, SQLAlchemyError) as error:  # no connection, or the pool stayed full for pool_timeout
-        metrics.DB_ERRORS.labels(kind="connect").inc()
-        raise DatabaseUnavailable(describe(error)) from error
-    try:
-        change = change_for(event, settings)
-        outcome = Outcome(
-            store.apply_event(connection, event.payload, None if change is None else change.as_json(), source)
-        )
-    except Exception as error:
-        if store.connection_lost(connection, error):
-            metrics.DB_ERRORS.labels(kind="disconnect").inc()
-            raise DatabaseUnavailable(describe(error)) from error
-        _record_failure(connection, event, error)
-        raise ProcessingFailed(event.id, describe(error)) from error
-    finally:
-        connection.close()  # back to the pool
+    change = change_for(event, settings)
+    if change is not None and settings.refetch == "always" and change.action != "link":
+        # dj-stripe's and Pay's way: the event only says which customer to read. If Stripe cannot
+        # be read in time, the event's own state goes through the ordering rules instead.
+        fresh = refetch.customer_now(settings, change.id)
+        change, source = (change, source) if fresh is None else (fresh, "api")
+    result = _apply(engine, event, change, source)
+    if result == "tie":
+        # Neither the type nor previous_attributes could order two same-second events: ask Stripe.
+        fresh = refetch.customer_now(settings, change.id) if change and settings.refetch != "never" else None
+        if fresh is not None:
+            result = _apply(engine, event, fresh, "api") + "/stripe"
+        else:
+            assert change is not None  # only a customer change can tie
+            result = _apply(engine, event, replace(change, tie="unsettled"), source)
+    status, _, settled_by = result.partition("/")
+    outcome = Outcome(status)
+    if settled_by:
+        metrics.TIES.labels(settled_by=settled_by).inc()
     metrics.EVENTS.labels(type=event.type, outcome=outcome.value).inc()
     if outcome is Outcome.PROCESSED:
         metrics.LAST_PROCESSED.set(event.created)
@@ -92,15 +94,46 @@ def process_event(engine: Engine, event: Event, settings: Settings, source: str 
     return outcome
 
 
+def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: str) -> str:
+    """One call of stripe_apply_event. A pooled connection that the server dropped (a restart, a
+    failover) is not an outage: the pool forgets every connection that old and the event is tried
+    once more on a new one. Only when that fails too is the database unreachable."""
+    change_json = None if change is None else change.as_json()
+    for attempt in (1, 2):
+        try:
+            connection = engine.raw_connection()
+        except (psycopg2.Error, SQLAlchemyError) as error:  # no connection, or the pool stayed full for pool_timeout
+            metrics.DB_ERRORS.labels(kind="connect").inc()
+            raise DatabaseUnavailable(describe(error)) from error
+        try:
+            return store.apply_event(connection, event.payload, change_json, source)
+        except Exception as error:
+            if store.connection_lost(engine, connection, error):
+                metrics.DB_ERRORS.labels(kind="disconnect").inc()
+                if attempt == 1:
+                    continue
+                raise DatabaseUnavailable(describe(error)) from error
+            if store.busy(error):
+                # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
+                metrics.DB_ERRORS.labels(kind="busy").inc()
+                raise DatabaseUnavailable(describe(error)) from error
+            _record_failure(connection, event, error)
+            raise ProcessingFailed(event.id, describe(error)) from error
+        finally:
+            connection.close()  # back to the pool
+    raise AssertionError("unreachable")
+
+
 def _record_failure(connection: PoolProxiedConnection, event: Event, error: Exception) -> None:
     metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
     if isinstance(error, psycopg2.Error):
         metrics.DB_ERRORS.labels(kind="statement").inc()
     log(logging.ERROR, "event failed", event_id=event.id, type=event.type, error=describe(error))
     try:
-        store.record_failure(connection, event.payload, describe(error))
+        store.record_failure(connection, event, describe(error))
     except psycopg2.Error as record_error:
         # Nothing is written either way, so Stripe's retry is the remedy: answer as an outage.
-        store.connection_lost(connection, record_error)
+        if connection.dbapi_connection is not None and connection.dbapi_connection.closed:
+            connection.invalidate()
         metrics.DB_ERRORS.labels(kind="record_failure").inc()
         raise DatabaseUnavailable(describe(record_error)) from record_error

@@ -12,6 +12,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import PoolProxiedConnection
 
+from webhook.verify import Event
+
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
 DEADLOCK_RETRIES = 3
 
@@ -36,7 +38,12 @@ def make_engine(database_url: str, pool_size: int) -> Engine:
 def run_sql_file(connection: Connection, path: Path) -> None:
     # Sent as one simple query: Postgres runs a multi-statement string as one implicit
     # transaction, so a migration that fails half-way leaves nothing behind.
-    connection.exec_driver_sql(path.read_text())
+    # No parameters, so psycopg2 leaves the file's own % signs (LIKE 'customer.%') alone.
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(path.read_text())
+    finally:
+        cursor.close()
 
 
 def _jsonb_text(document: str) -> str:
@@ -45,10 +52,19 @@ def _jsonb_text(document: str) -> str:
     return document.replace("\\u0000", "\\ufffd")
 
 
+# Every statement is bounded, per transaction so that a transaction-mode pooler is fine: a held
+# lock or a hung database turns into a 503 within seconds (Stripe retries), never a delivery that
+# waits with a worker thread. Sent with the statement in one simple query, Postgres runs them as one
+# implicit transaction: still one round trip.
+STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = '5s'; SET LOCAL lock_timeout = '2s'; "
+# SQLSTATEs that mean "not now" rather than "this event is bad": lock and statement timeouts,
+# deadlock and serialization victims, a server refusing connections. Nothing was written.
+BUSY = {"55P03", "57014", "40P01", "40001", "53300", "57P03"}
+
 # The two per-event statements run on the pool's psycopg2 connection itself. Under load,
 # SQLAlchemy's statement layer (Connection, compiled text(), CursorResult) was a quarter of a
 # worker's CPU per event (py-spy; README, Performance); the pool, its limits and recovery stay.
-_APPLY_EVENT = "SELECT public.stripe_apply_event(%s::jsonb, %s::jsonb, %s)"
+_APPLY_EVENT = STATEMENT_TIMEOUT + "SELECT public.stripe_apply_event(%s::jsonb, %s::jsonb, %s)"
 
 
 def apply_event(connection: PoolProxiedConnection, payload: str, change: dict[str, Any] | None, source: str) -> str:
@@ -62,32 +78,56 @@ def apply_event(connection: PoolProxiedConnection, payload: str, change: dict[st
         cursor.close()
 
 
-_RECORD_FAILURE = """
+_RECORD_FAILURE = (
+    STATEMENT_TIMEOUT
+    + """
     INSERT INTO public.stripe_webhook_events AS e
-      (id, type, api_version, livemode, created, payload, status, attempts, last_error)
-    SELECT p ->> 'id', p ->> 'type', p ->> 'api_version', coalesce((p ->> 'livemode')::boolean, false),
-           to_timestamp((p ->> 'created')::bigint), p, 'failed', 1, %(error)s
-    FROM (SELECT %(payload)s::jsonb AS p) AS delivery
+      (id, type, api_version, livemode, created, payload, status, attempts, last_error, stripe_customer_id)
+    SELECT %(id)s, %(type)s, p ->> 'api_version', %(livemode)s, to_timestamp(%(created)s), p, 'failed', 1,
+           %(error)s, public.stripe_event_customer_id(p)
+    FROM (SELECT {payload} AS p) AS delivery
     ON CONFLICT (id) DO UPDATE SET status = 'failed', attempts = e.attempts + 1, last_error = EXCLUDED.last_error
       WHERE e.status IN ('received', 'failed')
 """
+)
+# A signed event that jsonb cannot hold (a lone UTF-16 surrogate, a number beyond numeric's range)
+# is kept as the JSON text it came as, inside a jsonb string: readable, never applied by replay.
+_AS_JSONB = _RECORD_FAILURE.format(payload="%(payload)s::jsonb")
+_AS_JSONB_STRING = _RECORD_FAILURE.format(payload="to_jsonb(%(payload)s::text)")
 
 
-def record_failure(connection: PoolProxiedConnection, payload: str, error: str) -> None:
+def record_failure(connection: PoolProxiedConnection, event: Event, error: str) -> None:
     """Keep a failed event with its error so Stripe's retry or `replay` can run it again."""
+    params = {
+        "id": event.id,
+        "type": event.type,
+        "livemode": event.livemode,
+        "created": event.created,
+        "payload": _jsonb_text(event.payload),
+        "error": error,
+    }
     cursor = connection.cursor()
     try:
-        cursor.execute(_RECORD_FAILURE, {"payload": _jsonb_text(payload), "error": error})
+        try:
+            cursor.execute(_AS_JSONB, params)
+        except psycopg2.DataError:
+            cursor.execute(_AS_JSONB_STRING, params)
     finally:
         cursor.close()
 
 
-def connection_lost(connection: PoolProxiedConnection, error: BaseException) -> bool:
-    """Whether `error` closed the connection; if so the pool drops it and opens a new one later."""
+def connection_lost(engine: Engine, connection: PoolProxiedConnection, error: BaseException) -> bool:
+    """Whether `error` closed the connection. If so, every pooled connection opened before now is
+    presumed dead as well (a server restart kills them all) and each is replaced when next checked
+    out, as SQLAlchemy's own disconnect handling does; this one is dropped at once."""
     lost = isinstance(error, psycopg2.Error) and bool(getattr(connection.dbapi_connection, "closed", 1))
     if lost:
-        connection.invalidate()
+        engine.pool._invalidate(connection, error if isinstance(error, Exception) else None)
     return lost
+
+
+def busy(error: BaseException) -> bool:
+    return getattr(error, "pgcode", None) in BUSY
 
 
 _SCHEMA_READY = text("SELECT to_regprocedure('public.stripe_apply_event(jsonb, jsonb, text)') IS NOT NULL")
@@ -99,8 +139,10 @@ def schema_ready(connection: Connection) -> bool:
 
 _APPLY_CUSTOMERS = text(
     """
-    SELECT public.stripe_apply_customer(change, :source, NULL, :as_of)
-    FROM jsonb_array_elements(CAST(:changes AS jsonb)) AS change
+    SELECT applied.status
+    FROM jsonb_array_elements(CAST(:changes AS jsonb)) WITH ORDINALITY AS change (value, position),
+      LATERAL public.stripe_apply_customer(change.value, :source, NULL, :as_of) AS applied
+    ORDER BY change.position
     """
 )
 

@@ -77,6 +77,8 @@ def parse_event(body: bytes | str) -> Event:
     ):
         raise RejectedDelivery("body is not a Stripe event (needs id evt_…, type, created, data.object)")
     text = body if isinstance(body, str) else body.decode("utf-8")
+    # A byte order mark is not JSON, and jsonb refuses it; the document after it is the event.
+    text = text.removeprefix("\ufeff")
     return Event(
         id=event_id,
         type=event_type,
