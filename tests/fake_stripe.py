@@ -44,6 +44,8 @@ class FakeStripe:
         self.events: list[dict[str, Any]] = []
         self.failures: list[Answer] = []  # answered, in order, before anything else
         self.requests: list[tuple[str, str]] = []
+        self.clock: int | None = None  # the Date Stripe's answers carry (unix seconds); None: now
+        self.delay = 0.0  # seconds each answer over HTTP waits: a slow Stripe
         self._idempotent: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -152,6 +154,10 @@ class FakeStripe:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                time.sleep(fake.delay)
+                return super().date_time_string(fake.clock if fake.clock is not None else timestamp)
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -1,0 +1,208 @@
+"""CONTRACT §4, "Ties": two events of one customer in one second, settled by the ladder, in both
+delivery orders and duplicated, through a real gunicorn with two workers; the fake Stripe over HTTP
+(STRIPE_API_BASE) holds the truth for the third rung."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from tests.fake_stripe import FakeStripe
+from tests.server import gunicorn, post_event
+from tests.support import customer_row, event_row, now
+from webhook import samples
+
+T = now() - 3600  # the one second both events carry
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeStripe]:
+    yield FakeStripe()
+
+
+@pytest.fixture(scope="module")
+def served(fake: FakeStripe, database_url: str) -> Iterator[int]:
+    with (
+        fake.serving() as base,
+        gunicorn(database_url, workers=2, STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=base) as (port, _),
+    ):
+        yield port
+
+
+@pytest.fixture
+def port(served: int, fake: FakeStripe, engine: Engine) -> int:
+    fake.customers.clear()
+    fake.deleted.clear()
+    fake.failures.clear()
+    fake.clock, fake.delay = None, 0.0
+    return served
+
+
+def _updated(customer: dict[str, Any], previous: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    return samples.event("customer.updated", {**customer, **fields}, created=T, previous_attributes=previous)
+
+
+@dataclass
+class Case:
+    """Two same-second events; `expect` checks the row (None: no row) after both, in either order."""
+
+    name: str
+    events: Callable[[dict[str, Any], FakeStripe], tuple[dict[str, Any], dict[str, Any]]]
+    expect: Callable[[dict[str, Any] | None, list[str]], None]
+    settled_by: str
+
+
+def _name(expected: str) -> Callable[[dict[str, Any] | None, list[str]], None]:
+    def check(row: dict[str, Any] | None, order: list[str]) -> None:
+        assert row is not None and row["customer_name"] == expected, (row, order)
+
+    return check
+
+
+def _gone(row: dict[str, Any] | None, order: list[str]) -> None:
+    assert row is None
+
+
+def _last_delivered(row: dict[str, Any] | None, order: list[str]) -> None:
+    assert row is not None and row["customer_name"] == order[-1]
+    assert "tie not settled" in row["customer_metadata"]["sync"]["note"]
+
+
+CASES = [
+    Case(
+        "created and updated: the update is newer",
+        lambda c, _: (
+            samples.event("customer.created", {**c, "name": "first"}, created=T),
+            _updated(c, {"name": "first"}, name="second"),
+        ),
+        _name("second"),
+        "type",
+    ),
+    Case(
+        "updated and deleted: the deletion is newest",
+        lambda c, _: (_updated(c, {"name": "Jenny Rosen"}, name="second"), samples.event("customer.deleted", c, created=T)),
+        _gone,
+        "type",
+    ),
+    Case(
+        "two updates: previous_attributes chain them",
+        lambda c, _: (_updated(c, {"name": "zero"}, name="first"), _updated(c, {"name": "first"}, name="second")),
+        _name("second"),
+        "previous_attributes",
+    ),
+    Case(
+        "two updates nothing orders: Stripe's read decides",
+        lambda c, fake: (
+            fake.customers.update({c["id"]: {**c, "name": "truth"}}) or _updated(c, name="first"),
+            _updated(c, name="second"),
+        ),
+        _name("truth"),
+        "stripe",
+    ),
+    Case(
+        "two updates Stripe cannot settle (no such customer there): the last delivered wins, noted",
+        lambda c, _: (_updated(c, name="first"), _updated(c, name="second")),
+        _last_delivered,
+        "unsettled",
+    ),
+]
+
+
+def _ties(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("stripe_webhook_ties_total{"):
+            found[line.split('settled_by="')[1].split('"')[0]] = float(line.split()[-1])
+    return found
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in order", "reversed"])
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_tie_ladder(case: Case, reverse: bool, port: int, fake: FakeStripe, engine: Engine) -> None:
+    customer = samples.customer(created=T)
+    pair = case.events(customer, fake)
+    order = list(reversed(pair)) if reverse else list(pair)
+    before = _ties(port).get(case.settled_by, 0)
+
+    answers = [post_event(port, event) for event in order]
+    assert [status for status, _ in answers] == [200, 200]
+    delivered = [event["data"]["object"]["name"] for event in order]
+    row = customer_row(engine, customer["id"])
+    case.expect(row, delivered)
+
+    # Duplicates of both change nothing, whichever comes again first.
+    again = [post_event(port, event) for event in reversed(order)]
+    assert [answer["status"] for _, answer in again] == ["duplicate", "duplicate"]
+    assert customer_row(engine, customer["id"]) == row
+    assert all(event_row(engine, event["id"])["attempts"] == 1 for event in order)  # type: ignore[index]
+    if not (case.expect is _gone and reverse):
+        # A deletion delivered first leaves a tombstone, and the update after it is plainly stale.
+        assert _ties(port).get(case.settled_by, 0) >= before + 1
+
+
+def test_stripe_read_is_stamped_with_stripes_clock(port: int, fake: FakeStripe, engine: Engine) -> None:
+    customer = samples.customer(created=T)
+    fake.customers[customer["id"]] = {**customer, "name": "truth"}
+    fake.clock = T + 30  # Stripe's Date header: the moment of the read
+    first, second = _updated(customer, name="first"), _updated(customer, name="second")
+    post_event(port, first)
+    post_event(port, second)
+
+    row = customer_row(engine, customer["id"])
+    assert row is not None and row["customer_name"] == "truth"
+    assert row["customer_metadata"]["sync"]["source"] == "api"
+    assert row["customer_metadata"]["sync"]["event_created"] == T + 30
+    # An event from before the read is stale now; one after it applies.
+    late = samples.event("customer.updated", {**customer, "name": "older"}, created=T + 20)
+    assert post_event(port, late)[1]["status"] == "stale"
+    newer = samples.event("customer.updated", {**customer, "name": "newer"}, created=T + 31)
+    assert post_event(port, newer)[1]["status"] == "processed"
+
+
+def test_a_slow_or_failing_stripe_falls_back_within_seconds(port: int, fake: FakeStripe, engine: Engine) -> None:
+    customer = samples.customer(created=T)
+    fake.customers[customer["id"]] = {**customer, "name": "truth"}
+    post_event(port, _updated(customer, name="first"))
+
+    fake.delay = 20  # Stripe never answers in time
+    started = time.monotonic()
+    status, answer = post_event(port, _updated(customer, name="second"), timeout=30)
+    slow = time.monotonic() - started
+    fake.delay = 0
+    assert status == 200 and answer["status"] == "processed" and slow < 5, slow
+    assert customer_row(engine, customer["id"])["customer_name"] == "second"  # type: ignore[index]
+
+    fake.failures.extend([(500, {"error": {"type": "api_error", "message": "boom"}})] * 10)
+    status, answer = post_event(port, _updated(customer, name="third"))
+    fake.failures.clear()
+    assert status == 200 and answer["status"] == "processed"
+    row = customer_row(engine, customer["id"])
+    assert row is not None and row["customer_name"] == "third"
+    assert "tie not settled" in row["customer_metadata"]["sync"]["note"]
+
+
+def test_refetch_always_applies_stripes_state_and_survives_429(
+    fake: FakeStripe, database_url: str, engine: Engine
+) -> None:
+    customer = samples.customer(created=T)
+    fake.customers[customer["id"]] = {**customer, "name": "truth"}
+    env = {"STRIPE_API_KEY": "sk_test_fake", "STRIPE_REFETCH": "always"}
+    with fake.serving() as base, gunicorn(database_url, workers=2, STRIPE_API_BASE=base, **env) as (port, _):
+        assert post_event(port, _updated(customer, name="what the event says"))[1]["status"] == "processed"
+        row = customer_row(engine, customer["id"])
+        assert row is not None and row["customer_name"] == "truth"
+        assert row["customer_metadata"]["sync"]["source"] == "api"
+
+        # Rate limited for longer than a delivery may wait: the event's own state, not a lost event.
+        fake.failures.extend([(429, {"error": {"type": "rate_limit_error", "message": "slow down"}})] * 10)
+        later = samples.event("customer.updated", {**customer, "name": "from the event"}, created=now() + 5)
+        assert post_event(port, later)[1]["status"] == "processed"
+        fake.failures.clear()
+    assert customer_row(engine, customer["id"])["customer_name"] == "from the event"  # type: ignore[index]
