@@ -86,7 +86,10 @@ CASES = [
     ),
     Case(
         "updated and deleted: the deletion is newest",
-        lambda c, _: (_updated(c, {"name": "Jenny Rosen"}, name="second"), samples.event("customer.deleted", c, created=T)),
+        lambda c, _: (
+            _updated(c, {"name": "Jenny Rosen"}, name="second"),
+            samples.event("customer.deleted", c, created=T),
+        ),
         _gone,
         "type",
     ),
