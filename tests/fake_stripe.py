@@ -44,6 +44,7 @@ class FakeStripe:
         self.events: list[dict[str, Any]] = []
         self.failures: list[Answer] = []  # answered, in order, before anything else
         self.requests: list[tuple[str, str]] = []
+        self.api_key = "sk_test_fake"  # the one key this account accepts
         self.clock: int | None = None  # the Date Stripe's answers carry (unix seconds); None: now
         self.delay = 0.0  # seconds each answer over HTTP waits: a slow Stripe
         self._idempotent: dict[str, dict[str, Any]] = {}
@@ -65,7 +66,7 @@ class FakeStripe:
             self.requests.append((method, parts.path))
             if self.failures:
                 return self.failures.pop(0)
-            if headers.get("Authorization", headers.get("authorization", "")) != "Bearer sk_test_fake":
+            if headers.get("Authorization", headers.get("authorization", "")) != f"Bearer {self.api_key}":
                 return _error(401, "invalid_request_error", "Invalid API Key provided: sk_test_****")
             return self._route(method, parts.path, query, _form(body))
 

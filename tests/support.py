@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -120,3 +123,11 @@ def audit_steps_backwards(engine: Engine) -> int:
                 )
             ).scalar_one()
         )
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m webhook ARGS` as a subprocess, with only the given configuration."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_") and k != "DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "webhook", *args], env={**base, **env}, capture_output=True, text=True, timeout=120
+    )

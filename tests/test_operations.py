@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,7 +11,18 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
 from tests.fake_stripe import FakeStripe
-from tests.support import SECRET, add_user, count, customer_row, deliver, event_row, failing_writes, now, settings_for
+from tests.support import (
+    SECRET,
+    add_user,
+    cli,
+    count,
+    customer_row,
+    deliver,
+    event_row,
+    failing_writes,
+    now,
+    settings_for,
+)
 from webhook import samples, stripe_api
 from webhook.backfill import backfill
 from webhook.config import ConfigError
@@ -196,18 +204,11 @@ def test_stripe_errors(fake: FakeStripe, engine: Engine, api_settings: Any, data
     assert "rate limit" in stripe_api.explain(limited.value)
 
 
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_") and k != "DATABASE_URL"}
-    return subprocess.run(
-        [sys.executable, "-m", "webhook", *args], env={**base, **env}, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_cli_against_a_fake_stripe_server(fake: FakeStripe, engine: Engine, database_url: str) -> None:
     env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET}
     assert (
-        _cli("backfill", **env).returncode,
-        _cli("backfill", **env).stderr.strip(),
+        cli("backfill", **env).returncode,
+        cli("backfill", **env).stderr.strip(),
     ) == (2, "error: STRIPE_API_KEY is required for this command")
 
     user_id = add_user(engine, email="cli@example.com")
@@ -217,30 +218,30 @@ def test_cli_against_a_fake_stripe_server(fake: FakeStripe, engine: Engine, data
     with fake.serving() as base:
         env.update(STRIPE_API_KEY=API_KEY, STRIPE_API_BASE=base)
 
-        recovered = _cli("replay", "--from-stripe", "--since", "72h", **env)
+        recovered = cli("replay", "--from-stripe", "--since", "72h", **env)
         assert (recovered.returncode, recovered.stdout.strip()) == (0, "replayed 1: 1 processed")
 
-        backfilled = _cli("backfill", **env)
+        backfilled = cli("backfill", **env)
         assert backfilled.returncode == 0, backfilled.stderr
         assert backfilled.stdout.startswith("backfilled 4 customers")
 
-        ensured = _cli("ensure-customer", "--user-id", user_id, **env)
+        ensured = cli("ensure-customer", "--user-id", user_id, **env)
         assert ensured.returncode == 0, ensured.stderr
         assert customer_row(engine, ensured.stdout.strip()) is not None
 
-        unknown = _cli("ensure-customer", "--user-id", "9b2f3c1e-0000-4000-8000-000000000000", **env)
+        unknown = cli("ensure-customer", "--user-id", "9b2f3c1e-0000-4000-8000-000000000000", **env)
         assert unknown.returncode == 1 and "no auth.users row" in unknown.stderr
 
-        clean = _cli("verify", **env)
+        clean = cli("verify", **env)
         assert clean.returncode == 0, clean.stdout + clean.stderr
         fake.customers[ensured.stdout.strip()]["name"] = "Changed in the dashboard"
-        drifted = _cli("verify", **env)
+        drifted = cli("verify", **env)
         assert drifted.returncode == 1 and "name differ" in drifted.stdout
         assert "@" not in drifted.stdout
-        assert _cli("verify", "--fix", **env).returncode == 0
-        assert _cli("verify", **env).returncode == 0
+        assert cli("verify", "--fix", **env).returncode == 0
+        assert cli("verify", **env).returncode == 0
 
-        bad_key = _cli("verify", **{**env, "STRIPE_API_KEY": "sk_test_wrong"})
+        bad_key = cli("verify", **{**env, "STRIPE_API_KEY": "sk_test_wrong"})
         assert bad_key.returncode == 2 and "Stripe rejected the API key (HTTP 401)" in bad_key.stderr
         assert "sk_test_wrong" not in bad_key.stderr
 
@@ -254,11 +255,11 @@ def test_replay_cli_summary_and_exit_code(client: FlaskClient, engine: Engine, d
     _failed_event(client, engine)  # fails once: the fault is gone by replay time
 
     with failing_writes(*refused):
-        result = _cli("replay", **env)
+        result = cli("replay", **env)
 
     assert result.returncode == 1
     assert result.stdout.strip() == "replayed 2: 1 failed, 1 processed"
     assert event_row(engine, bad["id"])["attempts"] == 2  # type: ignore[index]
-    assert _cli("replay", "--event", "evt_nope", **env).returncode == 1
-    assert _cli("replay", "--event", bad["id"], "--since", "24h", **env).returncode == 2
-    assert _cli("replay", "--since", "soon", **env).returncode == 2
+    assert cli("replay", "--event", "evt_nope", **env).returncode == 1
+    assert cli("replay", "--event", bad["id"], "--since", "24h", **env).returncode == 2
+    assert cli("replay", "--since", "soon", **env).returncode == 2

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from webhook import embedded, migrations, samples, stripe_api
 from webhook.backfill import backfill
 from webhook.config import ConfigError, Settings, load_settings
-from webhook.customers import UnknownUser, ensure_customer, find_drift, fix_drift
+from webhook.customers import FixRefused, UnknownUser, check_fix, ensure_customer, find_drift, fix_drift
 from webhook.process import DatabaseUnavailable, describe
 from webhook.replay import ReplaySummary, replay_from_stripe, replay_stored
 from webhook.store import make_engine
@@ -186,6 +186,12 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
         print(drift.line())
     print(f"checked {checked} rows: {len(drifts)} drifted")
     if args.fix and drifts:
+        assert settings.stripe_api_key is not None  # make_client required it
+        try:
+            check_fix(engine, settings.stripe_api_key, checked, drifts, args.allow_mass_delete)
+        except FixRefused as refusal:
+            print(f"error: verify --fix refused: {refusal}; nothing changed", file=sys.stderr)
+            return EXIT_FAILURES
         outcomes = fix_drift(engine, drifts, as_of)
         print(f"fixed {outcomes.count('processed')} of {len(drifts)} (the rest changed by newer events meanwhile)")
         return EXIT_OK
@@ -250,6 +256,11 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="compare every row with Stripe; exit 1 on drift")
     verify.add_argument("--fix", action="store_true", help="apply Stripe's state to drifted rows")
+    verify.add_argument(
+        "--allow-mass-delete",
+        action="store_true",
+        help="with --fix, delete rows even when more than a tenth of them look gone from Stripe",
+    )
     verify.set_defaults(run=cmd_verify)
 
     ensure = commands.add_parser("ensure-customer", help="print (creating if needed) a user's Stripe customer")

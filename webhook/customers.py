@@ -12,6 +12,8 @@ from sqlalchemy import Engine
 from webhook import store, stripe_api
 from webhook.handlers import CustomerChange, customer_state
 
+DELETED_RETRIES = 3
+
 
 class UnknownUser(Exception):
     """No auth.users row has this id."""
@@ -34,9 +36,17 @@ def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, u
         exists, email = store.user_email(connection, user_id)
     if not exists:
         raise UnknownUser(user_id)
-    customer = stripe_api.create_customer(
-        client, email=email, metadata={user_id_key: user_id}, idempotency_key=f"ensure-customer-{user_id}"
-    )
+    key = f"ensure-customer-{user_id}"
+    for _ in range(DELETED_RETRIES):
+        customer = stripe_api.create_customer(client, email=email, metadata={user_id_key: user_id}, idempotency_key=key)
+        # Stripe replays an idempotent create's first answer for 24 hours, even when that customer
+        # has been deleted since: ask for it, and make a new one (a new key) if it is gone.
+        current = stripe_api.retrieve_customer(client, str(customer["id"]))
+        if current is not None and not current.get("deleted"):
+            break
+        key = f"ensure-customer-{user_id}-after-{customer['id']}"
+    else:
+        raise stripe_api.StripeUnavailable("Stripe kept answering with deleted customers")
     change = customer_state(customer, user_id_key).as_json()
     store.apply_customers(engine, [change], "api", int(customer.get("created") or time.time()))
     with engine.connect() as connection:
@@ -90,6 +100,33 @@ def find_drift(engine: Engine, client: stripe.StripeClient, user_id_key: str) ->
             if differ:
                 drifts.append(Drift(customer_id, "changed", differ, customer_state(remote, user_id_key)))
     return len(rows), drifts
+
+
+class FixRefused(Exception):
+    """verify --fix would do harm: the message says why, and nothing was changed."""
+
+
+def deletions_plausible(rows: int, deletions: int) -> bool:
+    """A key for another account or the other mode makes every row look missing in Stripe; more
+    than a tenth of the rows (and more than one) going at once is taken for that."""
+    return deletions <= max(1, rows // 10)
+
+
+def check_fix(engine: Engine, api_key: str, rows: int, drifts: list[Drift], allow_mass_delete: bool) -> None:
+    """Refuse a fix whose key is of the other mode than the database's events, or that would
+    delete an implausible share of the rows (unless the operator says so)."""
+    key_livemode = "_live_" in api_key
+    with engine.connect() as connection:
+        modes = store.recent_livemodes(connection)
+    if modes and key_livemode not in modes:
+        key_mode, data_mode = ("live", "test") if key_livemode else ("test", "live")
+        raise FixRefused(f"STRIPE_API_KEY is a {key_mode}-mode key but this database holds {data_mode}-mode events")
+    deletions = sum(1 for drift in drifts if drift.stripe_state is None)
+    if not allow_mass_delete and not deletions_plausible(rows, deletions):
+        raise FixRefused(
+            f"would delete {deletions} of {rows} rows, which looks like a key for another account or mode; "
+            "check STRIPE_API_KEY, or pass --allow-mass-delete to go on"
+        )
 
 
 def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:

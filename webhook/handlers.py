@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from webhook.verify import RejectedDelivery
+
 Action = Literal["upsert", "delete", "link"]
 CUSTOMER_ID = re.compile(r"cus_[a-zA-Z0-9]+")  # stripe_customers' valid_stripe_id CHECK
 
@@ -48,7 +50,7 @@ def handles(*event_types: str) -> Callable[[Handler], Handler]:
     return register
 
 
-class BadCustomerId(ValueError):
+class BadCustomerId(RejectedDelivery):
     """The event's customer is not a cus_… id: bad input, answered 400 like a malformed event."""
 
 

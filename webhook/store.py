@@ -200,6 +200,15 @@ def user_email(connection: Connection, user_id: str) -> tuple[bool, str | None]:
     return (row is not None, None if row is None else row[0])
 
 
+def recent_livemodes(connection: Connection) -> set[bool]:
+    """The modes of the newest applied events (through the status index): the database's mode."""
+    statement = text(
+        "SELECT DISTINCT livemode FROM (SELECT livemode FROM public.stripe_webhook_events "
+        "WHERE status = 'processed' ORDER BY received_at DESC LIMIT 100) AS recent"
+    )
+    return set(connection.execute(statement).scalars())
+
+
 def local_customers(connection: Connection) -> list[tuple[str, str | None, str | None]]:
     statement = text(
         "SELECT stripe_customer_id, customer_email, customer_name FROM public.stripe_customers "
