@@ -40,6 +40,7 @@ BEGIN
   ON CONFLICT (stripe_customer_id) DO UPDATE SET event_id = EXCLUDED.event_id,
     event_created = EXCLUDED.event_created, deleted_at = now()
     WHERE t.event_created < EXCLUDED.event_created;
+  DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = OLD.stripe_customer_id;
   -- In the auth.users cascade the user itself is gone: nobody to hand on.
   IF OLD.user_id IS NULL OR NOT EXISTS (SELECT 1 FROM auth.users WHERE id = OLD.user_id) THEN
     RETURN NULL;
@@ -47,11 +48,14 @@ BEGIN
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_user:' || OLD.user_id, 0));
   -- A candidate locked by a transaction applying an event to it is left to that event, which
   -- takes the user lock after this transaction and then finds the user free.
-  SELECT stripe_customer_id INTO v_heir FROM public.stripe_customers
-  WHERE user_id IS NULL AND customer_metadata #>> '{sync,named_user_id}' = OLD.user_id::text
-  ORDER BY (customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
-  LIMIT 1 FOR UPDATE SKIP LOCKED;
+  SELECT s.stripe_customer_id INTO v_heir
+  FROM public.stripe_customer_claims c JOIN public.stripe_customers s USING (stripe_customer_id)
+  WHERE c.user_id = OLD.user_id AND s.user_id IS NULL
+    AND s.customer_metadata #>> '{sync,named_user_id}' = OLD.user_id::text
+  ORDER BY (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
+  LIMIT 1 FOR UPDATE OF s SKIP LOCKED;
   IF v_heir IS NOT NULL THEN
+    DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = v_heir;
     UPDATE public.stripe_customers SET user_id = OLD.user_id,
       customer_metadata = jsonb_set(customer_metadata, '{sync}', (customer_metadata -> 'sync') - 'named_user_id'
         || jsonb_build_object('status', 'synced', 'note',
@@ -185,8 +189,13 @@ BEGIN
       UPDATE public.stripe_customers SET user_id = coalesce(user_id, v_user), customer_metadata =
         jsonb_set(customer_metadata, '{sync}', coalesce(customer_metadata -> 'sync', '{}') - 'note'
           || jsonb_build_object('status', CASE WHEN coalesce(user_id, v_user) IS NULL THEN 'unlinked' ELSE 'synced' END)
-          || CASE WHEN note IS NULL THEN '{}' ELSE jsonb_build_object('note', note) END)
+          || CASE WHEN note IS NULL THEN '{}' ELSE jsonb_build_object('note', note) END
+          || CASE WHEN v_row.user_id IS NULL AND v_user IS NULL AND v_named IS NOT NULL
+                  THEN jsonb_build_object('named_user_id', v_named) ELSE '{}' END)
       WHERE id = v_row.id;
+      IF v_row.user_id IS NULL AND v_user IS NULL AND v_named IS NOT NULL THEN
+        INSERT INTO public.stripe_customer_claims VALUES (v_named, v_cus) ON CONFLICT DO NOTHING;
+      END IF;
       RETURN;
     END IF;
     v_as_of := NULL;  -- a row made by a checkout is unstamped: every event of its customer applies
@@ -206,6 +215,9 @@ BEGIN
   ON CONFLICT (stripe_customer_id) DO UPDATE SET user_id = EXCLUDED.user_id,
     customer_email = EXCLUDED.customer_email, customer_name = EXCLUDED.customer_name,
     default_payment_method = EXCLUDED.default_payment_method, customer_metadata = EXCLUDED.customer_metadata;
+  IF v_user IS NULL AND v_named IS NOT NULL THEN
+    INSERT INTO public.stripe_customer_claims VALUES (v_named, v_cus) ON CONFLICT DO NOTHING;
+  END IF;
 END $$;
 
 -- The customer an event concerns: the object itself for customer.*, its `customer` otherwise.
@@ -226,6 +238,9 @@ DECLARE
   v_note text;
   v_tie text;
 BEGIN
+  -- A held lock (a migration, a stuck transaction) turns into a quick error, answered 503, rather
+  -- than a delivery that waits as long as the lock is held. Transaction-local: pooler-safe.
+  PERFORM set_config('lock_timeout', '2s', true);
   -- Deliveries of one event id queue here; the later one then finds it finished: a duplicate.
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_event:' || v_id, 0));
   IF EXISTS (SELECT 1 FROM public.stripe_webhook_events WHERE id = v_id AND status NOT IN ('received', 'failed')

@@ -25,9 +25,14 @@ DROP INDEX IF EXISTS public.idx_stripe_customers_user_id, public.idx_stripe_cust
   public.idx_stripe_customers_email;
 -- Support looks customers up by email, case-insensitively.
 CREATE INDEX IF NOT EXISTS stripe_customers_email_lower_idx ON public.stripe_customers (lower(customer_email));
--- Unlinked rows by the user their metadata names: who takes over a user when its customer goes.
-CREATE INDEX IF NOT EXISTS stripe_customers_named_user_idx
-  ON public.stripe_customers ((customer_metadata #>> '{sync,named_user_id}')) WHERE user_id IS NULL;
+-- Unlinked customers whose metadata names a user that another customer holds: who takes the user
+-- over when that customer goes. A table of its own, written only when a link is refused, because an
+-- index on customer_metadata would make every update of a customer a non-HOT update.
+CREATE TABLE IF NOT EXISTS public.stripe_customer_claims (
+  user_id uuid NOT NULL,
+  stripe_customer_id text NOT NULL,
+  PRIMARY KEY (user_id, stripe_customer_id)
+);
 
 -- Every verified Stripe event, kept so failures can be replayed and duplicates recognised.
 CREATE TABLE IF NOT EXISTS public.stripe_webhook_events (
@@ -100,11 +105,12 @@ CREATE INDEX IF NOT EXISTS stripe_customers_audit_customer_idx
   ON public.stripe_customers_audit (stripe_customer_id, changed_at);
 
 -- Row level security: users read their own customer row; only the service role writes.
--- The log, the audit and the tombstones have no policies: nothing for anon or authenticated.
+-- The log, the audit, the tombstones and the claims have no policies: nothing for anon or authenticated.
 ALTER TABLE public.stripe_customers ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.stripe_webhook_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.stripe_customers_audit ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.stripe_customer_tombstones ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.stripe_customer_claims ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS "Users can view own customer data" ON public.stripe_customers;
 CREATE POLICY "Users can view own customer data" ON public.stripe_customers
   FOR SELECT USING (auth.uid() = user_id);
@@ -117,7 +123,7 @@ DO $$
 BEGIN
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
     REVOKE ALL ON public.stripe_webhook_events, public.stripe_customers_audit,
-      public.stripe_customer_tombstones FROM anon, authenticated;
+      public.stripe_customer_tombstones, public.stripe_customer_claims FROM anon, authenticated;
     REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON public.stripe_customers FROM anon, authenticated;
   END IF;
 END $$;

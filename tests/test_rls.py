@@ -13,7 +13,13 @@ from sqlalchemy.exc import DBAPIError
 
 from tests.support import add_user
 
-TABLES = ("stripe_customers", "stripe_webhook_events", "stripe_customers_audit", "stripe_customer_tombstones")
+TABLES = (
+    "stripe_customers",
+    "stripe_webhook_events",
+    "stripe_customers_audit",
+    "stripe_customer_tombstones",
+    "stripe_customer_claims",
+)
 
 
 @contextmanager

@@ -36,6 +36,8 @@ class UsageError(Exception):
     """Bad usage found after parsing; printed as one line, exit 2."""
 
 
+MAX_DURATION = 100 * 365 * 86400  # beyond it, Postgres' interval arithmetic overflows
+
 # Stripe's Events API keeps 30 days.
 STRIPE_EVENT_RETENTION = 30 * 24 * 3600
 
@@ -45,7 +47,10 @@ def duration(text: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 24h or 7d")
-    return int(text[:-1]) * units[text[-1]]
+    seconds = int(text[:-1]) * units[text[-1]]
+    if seconds > MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than 100 years")
+    return seconds
 
 
 def _engine(settings: Settings) -> Engine:

@@ -124,7 +124,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=database_url,
         webhook_secrets=webhook_secrets,
-        tolerance=_int(env, "STRIPE_WEBHOOK_TOLERANCE", 300),
+        tolerance=_int(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1),
         stripe_api_key=api_key,
         stripe_api_base=api_base.rstrip("/"),
         user_id_metadata_key=env.get("STRIPE_USER_ID_METADATA_KEY", "").strip() or "user_id",

@@ -52,11 +52,11 @@ def _jsonb_text(document: str) -> str:
     return document.replace("\\u0000", "\\ufffd")
 
 
-# Every statement is bounded, per transaction so that a transaction-mode pooler is fine: a held
-# lock or a hung database turns into a 503 within seconds (Stripe retries), never a delivery that
-# waits with a worker thread. Sent with the statement in one simple query, Postgres runs them as one
-# implicit transaction: still one round trip.
-STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = '5s'; SET LOCAL lock_timeout = '2s'; "
+# Every statement is bounded, per transaction so that a transaction-mode pooler is fine: a hung
+# database turns into a 503 within seconds (Stripe retries), never a delivery that waits with a
+# worker thread (stripe_apply_event bounds its lock waits itself). Sent with the statement in one
+# simple query, Postgres runs them as one implicit transaction: still one round trip.
+STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = '5s'; "
 # SQLSTATEs that mean "not now" rather than "this event is bad": lock and statement timeouts,
 # deadlock and serialization victims, a server refusing connections. Nothing was written.
 BUSY = {"55P03", "57014", "40P01", "40001", "53300", "57P03"}

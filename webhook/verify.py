@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,11 @@ def verify_signature(body: bytes, header: str | None, secrets: Sequence[str], to
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise RejectedDelivery("body is not UTF-8") from None
+    # The library checks only the age; a timestamp from the future would let a captured signature
+    # be replayed for as long as it stays ahead. Outside the tolerance either way is refused.
+    timestamp = _timestamp(header)
+    if timestamp is not None and timestamp > time.time() + tolerance:
+        raise RejectedDelivery("signature timestamp outside the tolerance")
     too_old = False
     for secret in secrets:
         try:
@@ -47,6 +53,14 @@ def verify_signature(body: bytes, header: str | None, secrets: Sequence[str], to
     if too_old:
         raise RejectedDelivery("signature timestamp outside the tolerance")
     raise RejectedDelivery("no valid signature for any configured secret")
+
+
+def _timestamp(header: str) -> int | None:
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t" and value.isdigit():
+            return int(value)
+    return None
 
 
 def _reject_constant(name: str) -> Any:

