@@ -258,7 +258,9 @@ def test_replay_cli_summary_and_exit_code(client: FlaskClient, engine: Engine, d
         result = cli("replay", **env)
 
     assert result.returncode == 1
-    assert result.stdout.strip() == "replayed 2: 1 failed, 1 processed"
+    failed, summary = result.stdout.splitlines()
+    assert failed.startswith(f"failed {bad['id']}: ") and "injected failure" in failed
+    assert summary == "replayed 2: 1 failed, 1 processed"
     assert event_row(engine, bad["id"])["attempts"] == 2  # type: ignore[index]
     assert cli("replay", "--event", "evt_nope", **env).returncode == 1
     assert cli("replay", "--event", bad["id"], "--since", "24h", **env).returncode == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
@@ -15,8 +16,8 @@ from werkzeug.exceptions import HTTPException
 
 from webhook import metrics
 from webhook.config import Settings, load_settings
-from webhook.logs import configure_logging
-from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event
+from webhook.logs import configure_logging, log
+from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
 from webhook.store import make_engine, schema_ready
 from webhook.verify import RejectedDelivery, parse_event, verify_signature
 
@@ -79,6 +80,17 @@ def _answer(code: int, /, **body: Any) -> tuple[Response, int]:
     return jsonify(body), code
 
 
+def _check_database(engine: Engine) -> None:
+    """Say at start when the database cannot be reached (the server still starts and answers 503
+    until it can: Stripe retries)."""
+    try:
+        with engine.connect() as connection:
+            if not schema_ready(connection):
+                log(logging.ERROR, "schema not applied: run `python -m webhook db migrate`")
+    except SQLAlchemyError as error:
+        unavailable(engine, error, "connect")
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
     """The WSGI app. With no arguments (gunicorn's `webhook.app:create_app()`) it reads the
     environment; in embedded mode it starts (or joins) the embedded Postgres."""
@@ -88,6 +100,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
         engine = make_engine(database_url(settings), settings.db_pool_size)
     configure_logging()
+    _check_database(engine)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_webhook_bytes

@@ -27,7 +27,7 @@ from webhook.config import ConfigError, Settings, load_settings
 from webhook.customers import FixRefused, UnknownUser, check_fix, ensure_customer, find_drift, fix_drift
 from webhook.process import DatabaseUnavailable, describe
 from webhook.replay import ReplaySummary, replay_from_stripe, replay_stored
-from webhook.store import make_engine
+from webhook.store import describe_target, make_engine
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
@@ -138,6 +138,8 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _finish(summary: ReplaySummary) -> int:
+    for failure in summary.failures:
+        print(f"failed {failure}")
     print(summary.line())
     return EXIT_FAILURES if summary.failed else EXIT_OK
 
@@ -227,8 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the consumer under gunicorn")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int)
+    serve.add_argument("--port", type=int, help="port to listen on (default: PORT, 8000)")
+    serve.add_argument("--workers", type=int, help="gunicorn worker processes (default: WEB_CONCURRENCY, 2)")
     serve.set_defaults(run=cmd_serve)
 
     db = commands.add_parser("db", help="apply or undo the schema").add_subparsers(dest="db_command", required=True)
@@ -242,11 +244,11 @@ def _parser() -> argparse.ArgumentParser:
 
     send = commands.add_parser("send", help="sign and POST a realistic event (a local `stripe trigger`)")
     send.add_argument("type", help="event type, e.g. customer.created")
-    send.add_argument("--url")
-    send.add_argument("--customer-id")
-    send.add_argument("--email")
-    send.add_argument("--name")
-    send.add_argument("--user-id")
+    send.add_argument("--url", help="where to POST (default: http://127.0.0.1:PORT/webhooks/stripe)")
+    send.add_argument("--customer-id", help="the customer's cus_… id (default: a new one)")
+    send.add_argument("--email", help="the customer's email")
+    send.add_argument("--name", help="the customer's name")
+    send.add_argument("--user-id", help="the auth.users id: metadata.user_id, or a checkout's client_reference_id")
     send.add_argument("--created", type=int, help="unix seconds (default: now)")
     send.set_defaults(run=cmd_send)
 
@@ -257,7 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--from-stripe", action="store_true", help="fetch from Stripe the events the log lacks")
     replay.set_defaults(run=cmd_replay)
 
-    commands.add_parser("backfill", help="upsert every Stripe customer").set_defaults(run=cmd_backfill)
+    commands.add_parser(
+        "backfill", help="upsert every Stripe customer", description="upsert every Stripe customer"
+    ).set_defaults(run=cmd_backfill)
 
     verify = commands.add_parser("verify", help="compare every row with Stripe; exit 1 on drift")
     verify.add_argument("--fix", action="store_true", help="apply Stripe's state to drifted rows")
@@ -279,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[Settings, argparse.Namespace], int] = args.run
     try:
         settings = load_settings()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         return run(settings, args)
     except (ConfigError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -290,5 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {stripe_api.explain(error)}", file=sys.stderr)
         return EXIT_FAILURES
     except (DatabaseUnavailable, SQLAlchemyError) as error:
-        print(f"error: database: {describe(error)}", file=sys.stderr)
+        where = f" ({describe_target(settings.database_url)})" if settings.database_url else ""
+        print(f"error: database{where}: {describe(error)}", file=sys.stderr)
         return EXIT_FAILURES

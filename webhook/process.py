@@ -52,9 +52,30 @@ def describe(error: BaseException) -> str:
     """An error as last_error and log text: the primary message only. Postgres' DETAIL would
     repeat the failing row, customer email included."""
     cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+    if isinstance(cause, psycopg2.Error) and cause.diag.message_primary:
+        return f"{type(cause).__name__}: {cause.diag.message_primary}"
     if isinstance(cause, psycopg2.Error):
-        return f"{type(cause).__name__}: {cause.diag.message_primary or type(cause).__name__}"
+        # A connection that failed has no diagnostics, only libpq's text: its first line says what
+        # failed ("password authentication failed for user …", "Connection refused", "timeout
+        # expired") and never holds the password.
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        return f"{type(cause).__name__}: {first}"
     return f"{type(error).__name__}: {error}"
+
+
+_last_unavailable: list[str] = [""]
+
+
+def unavailable(engine: Engine, error: BaseException, kind: str) -> DatabaseUnavailable:
+    """The database cannot take the event now: counted, and logged with where it is (never the
+    password) each time the kind of failure changes, so a wrong password or a refused connection
+    shows in the server's log without one line per delivery."""
+    metrics.DB_ERRORS.labels(kind=kind).inc()
+    reason = describe(error)
+    if reason != _last_unavailable[0]:
+        _last_unavailable[0] = reason
+        log(logging.ERROR, "database unavailable", database=store.describe_target(str(engine.url)), error=reason)
+    return DatabaseUnavailable(reason)
 
 
 def process_event(engine: Engine, event: Event, settings: Settings, source: str = "webhook") -> Outcome:
@@ -103,20 +124,18 @@ def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: 
         try:
             connection = engine.raw_connection()
         except (psycopg2.Error, SQLAlchemyError) as error:  # no connection, or the pool stayed full for pool_timeout
-            metrics.DB_ERRORS.labels(kind="connect").inc()
-            raise DatabaseUnavailable(describe(error)) from error
+            raise unavailable(engine, error, "connect") from error
         try:
             return store.apply_event(connection, event.payload, change_json, source)
         except Exception as error:
             if store.connection_lost(engine, connection, error):
-                metrics.DB_ERRORS.labels(kind="disconnect").inc()
                 if attempt == 1:
+                    metrics.DB_ERRORS.labels(kind="disconnect").inc()
                     continue
-                raise DatabaseUnavailable(describe(error)) from error
+                raise unavailable(engine, error, "disconnect") from error
             if store.busy(error):
                 # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
-                metrics.DB_ERRORS.labels(kind="busy").inc()
-                raise DatabaseUnavailable(describe(error)) from error
+                raise unavailable(engine, error, "busy") from error
             _record_failure(connection, event, error)
             raise ProcessingFailed(event.id, describe(error)) from error
         finally:

@@ -22,6 +22,7 @@ from webhook.verify import RejectedDelivery, parse_event
 class ReplaySummary:
     outcomes: Counter[str] = field(default_factory=Counter)
     skipped: int = 0  # already in the log (from Stripe only)
+    failures: list[str] = field(default_factory=list)  # "evt_…: why", one per failing event
 
     @property
     def failed(self) -> int:
@@ -34,12 +35,13 @@ class ReplaySummary:
         return f"replayed {total}: {parts or 'nothing to do'}{skipped}"
 
 
-def _run(engine: Engine, payloads: Iterable[str], settings: Settings, summary: ReplaySummary) -> None:
-    for payload in payloads:
+def _run(engine: Engine, events: Iterable[tuple[str, str]], settings: Settings, summary: ReplaySummary) -> None:
+    for event_id, payload in events:
         try:
             outcome = process_event(engine, parse_event(payload), settings, source="replay").value
-        except (ProcessingFailed, RejectedDelivery):
+        except (ProcessingFailed, RejectedDelivery) as failure:
             outcome = "failed"
+            summary.failures.append(f"{event_id}: {failure}")
         summary.outcomes[outcome] += 1
 
 
@@ -49,7 +51,7 @@ def replay_stored(
     with engine.connect() as connection:
         selected = store.select_events(connection, event_id=event_id, status=status, since_seconds=since_seconds)
     summary = ReplaySummary()
-    _run(engine, (payload for _, payload in selected), settings, summary)
+    _run(engine, selected, settings, summary)
     return summary
 
 
@@ -61,5 +63,5 @@ def replay_from_stripe(engine: Engine, settings: Settings, client: stripe.Stripe
         logged = store.logged_event_ids(connection, [event["id"] for event in events])
     missing = sorted((event for event in events if event["id"] not in logged), key=lambda event: event["created"])
     summary = ReplaySummary(skipped=len(events) - len(missing))
-    _run(engine, (json.dumps(event) for event in missing), settings, summary)
+    _run(engine, ((event["id"], json.dumps(event)) for event in missing), settings, summary)
     return summary

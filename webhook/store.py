@@ -35,6 +35,13 @@ def make_engine(database_url: str, pool_size: int) -> Engine:
     )
 
 
+def describe_target(database_url: str) -> str:
+    """Where the database is, for error messages: host, port, database and user, never the password."""
+    url = make_url(database_url)
+    host = url.host or url.query.get("host") or "local socket"
+    return f"host={host} port={url.port or 5432} database={url.database} user={url.username}"
+
+
 def run_sql_file(connection: Connection, path: Path) -> None:
     # Sent as one simple query: Postgres runs a multi-statement string as one implicit
     # transaction, so a migration that fails half-way leaves nothing behind.
