@@ -3,8 +3,10 @@ outside (a lock held by another connection, CLI subprocesses)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from pathlib import Path
 
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
@@ -70,3 +72,27 @@ def test_database_errors_say_what_and_where_never_the_password(database_url: str
         assert "hunter2-secret" not in result.stderr + result.stdout
         assert "OperationalError: OperationalError" not in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_migrate_backup_never_shows_the_password_and_never_hangs(database_url: str, tmp_path: Path) -> None:
+    url = make_url(database_url).set(username="nobody_here", password="hunter2-secret")
+    wrong = cli(
+        "db",
+        "migrate",
+        "--backup-dir",
+        str(tmp_path),
+        DATABASE_URL=url.render_as_string(hide_password=False),
+        STRIPE_WEBHOOK_SECRET=SECRET,
+    )
+    assert wrong.returncode == 1 and "pg_dump" in wrong.stderr and "nobody_here" in wrong.stderr, wrong.stderr
+    assert "hunter2-secret" not in wrong.stderr + wrong.stdout and "Traceback" not in wrong.stderr
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        host_url = f"postgresql://app:hunter2-secret@127.0.0.1:{silent.getsockname()[1]}/billing"
+        started = time.monotonic()
+        hung = cli("db", "migrate", "--backup-dir", str(tmp_path), DATABASE_URL=host_url, STRIPE_WEBHOOK_SECRET=SECRET)
+        waited = time.monotonic() - started
+    assert hung.returncode == 1 and waited < 30, (hung.returncode, waited, hung.stderr)
+    assert "hunter2-secret" not in hung.stderr + hung.stdout

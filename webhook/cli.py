@@ -91,7 +91,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_db_migrate(settings: Settings, args: argparse.Namespace) -> int:
     database_url = embedded.database_url(settings)
     if args.backup_dir:
-        target = migrations.backup_schema(database_url, Path(args.backup_dir))
+        try:
+            target = migrations.backup_schema(database_url, Path(args.backup_dir))
+        except migrations.BackupFailed as failure:
+            print(f"error: {failure}; nothing migrated", file=sys.stderr)
+            return EXIT_FAILURES
         print(f"schema backed up to {target}")
     applied = migrations.migrate(make_engine(database_url, pool_size=1), shim=args.shim)
     print("applied " + ", ".join(path.name for path in applied))
