@@ -136,14 +136,14 @@ def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: 
             if store.busy(error):
                 # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
                 raise unavailable(engine, error, "busy") from error
-            _record_failure(connection, event, error)
+            _record_failure(engine, connection, event, error)
             raise ProcessingFailed(event.id, describe(error)) from error
         finally:
             connection.close()  # back to the pool
     raise AssertionError("unreachable")
 
 
-def _record_failure(connection: PoolProxiedConnection, event: Event, error: Exception) -> None:
+def _record_failure(engine: Engine, connection: PoolProxiedConnection, event: Event, error: Exception) -> None:
     metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
     if isinstance(error, psycopg2.Error):
         metrics.DB_ERRORS.labels(kind="statement").inc()
@@ -152,7 +152,6 @@ def _record_failure(connection: PoolProxiedConnection, event: Event, error: Exce
         store.record_failure(connection, event, describe(error))
     except psycopg2.Error as record_error:
         # Nothing is written either way, so Stripe's retry is the remedy: answer as an outage.
-        if connection.dbapi_connection is not None and connection.dbapi_connection.closed:
-            connection.invalidate()
+        store.connection_lost(engine, connection, record_error)
         metrics.DB_ERRORS.labels(kind="record_failure").inc()
         raise DatabaseUnavailable(describe(record_error)) from record_error

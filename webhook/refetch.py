@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 
 import stripe
@@ -70,6 +71,5 @@ def customer_now(settings: Settings, customer_id: str) -> CustomerChange | None:
         state = customer.to_dict()
         if state.get("deleted"):
             return CustomerChange(action="delete", id=customer_id, as_of=as_of)
-        change = customer_state(state, settings.user_id_metadata_key)
-        return CustomerChange(**{**change.as_json(), "as_of": as_of})
+        return replace(customer_state(state, settings.user_id_metadata_key), as_of=as_of)
     return None
