@@ -30,7 +30,10 @@ CREATE OR REPLACE TRIGGER stripe_customers_audit AFTER INSERT OR UPDATE OR DELET
 -- However a row leaves (customer.deleted, verify --fix, the auth.users cascade, by hand): remember
 -- the newest event time it reflected, and hand its user to the newest other customer that names
 -- them, so a user is never left without a customer while one names them.
-CREATE OR REPLACE FUNCTION public.stripe_customers_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+-- SECURITY DEFINER: whoever deletes (service_role from the dashboard or the API) may not read
+-- auth.users, and once plpgsql caches a generic plan the check below is made as the deleter.
+CREATE OR REPLACE FUNCTION public.stripe_customers_gone() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
   v_heir text;
 BEGIN

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import StaticPool
 
 from tests.support import add_user
 
@@ -120,3 +121,26 @@ def test_service_role_does_everything(engine: Engine, two_customers: tuple[str, 
             .all()
         )
         assert audit == ["service_role"]
+
+
+def test_service_role_deletes_on_a_connection_that_cached_the_deletion_trigger(engine: Engine) -> None:
+    # plpgsql switches to a generic plan after five runs; its check of auth.users is then made as
+    # whoever deletes, and service_role may not read auth.users (this failed in CI).
+    one_connection = create_engine(engine.url, poolclass=StaticPool)
+    try:
+        for n in range(8):
+            user_id = add_user(engine)
+            with one_connection.begin() as connection:
+                connection.execute(
+                    text("INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES (:c, :u)"),
+                    {"c": f"cus_Warm{n}", "u": user_id},
+                )
+                connection.execute(text("DELETE FROM stripe_customers"))
+        with one_connection.begin() as connection:
+            connection.execute(text("INSERT INTO stripe_customers (stripe_customer_id) VALUES ('cus_Loose')"))
+        with acting_as(one_connection, "service_role") as connection:
+            assert connection.execute(text("DELETE FROM stripe_customers")).rowcount == 1
+            tombstone = text("SELECT count(*) FROM stripe_customer_tombstones WHERE stripe_customer_id = 'cus_Loose'")
+            assert connection.execute(tombstone).scalar_one() == 1
+    finally:
+        one_connection.dispose()
