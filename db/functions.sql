@@ -2,13 +2,24 @@
 -- the audit and the tombstones. Applied right after db/schema.sql by `db migrate`; idempotent;
 -- undone by db/rollback.sql.
 
+-- step: functions and triggers
+-- A trigger is created only when missing: CREATE OR REPLACE TRIGGER would take a lock that makes
+-- every delivery wait, on every release. One whose definition changes must get a new name.
+CREATE OR REPLACE FUNCTION public.stripe_create_trigger(p_name text, p_definition text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'public.stripe_customers'::regclass AND tgname = p_name) THEN
+    EXECUTE format('CREATE TRIGGER %I %s', p_name, p_definition);
+  END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION public.stripe_customers_touch() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   NEW.updated_at := now();
   RETURN NEW;
 END $$;
-CREATE OR REPLACE TRIGGER stripe_customers_touch BEFORE UPDATE ON public.stripe_customers
-  FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_touch();
+SELECT public.stripe_create_trigger('stripe_customers_touch',
+  'BEFORE UPDATE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_touch()');
 
 -- A trigger, not the consumer, writes the audit so that changes made by hand are caught too.
 -- stripe_webhook.event_id is set transaction-locally by stripe_apply_event.
@@ -24,8 +35,8 @@ BEGIN
           nullif(current_setting('stripe_webhook.event_id', true), ''), current_user);
   RETURN NULL;
 END $$;
-CREATE OR REPLACE TRIGGER stripe_customers_audit AFTER INSERT OR UPDATE OR DELETE ON public.stripe_customers
-  FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_audit_row();
+SELECT public.stripe_create_trigger('stripe_customers_audit',
+  'AFTER INSERT OR UPDATE OR DELETE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_audit_row()');
 
 -- However a row leaves (customer.deleted, verify --fix, the auth.users cascade, by hand): remember
 -- the newest event time it reflected, and hand its user to the newest other customer that names
@@ -67,8 +78,8 @@ BEGIN
   END IF;
   RETURN NULL;
 END $$;
-CREATE OR REPLACE TRIGGER stripe_customers_gone AFTER DELETE ON public.stripe_customers
-  FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_gone();
+SELECT public.stripe_create_trigger('stripe_customers_gone',
+  'AFTER DELETE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_gone()');
 
 -- Whether an update's data.previous_attributes equal another event's object on those fields
 -- (nested objects such as metadata compared key by key; a missing key equals null).
@@ -273,6 +284,6 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
     REVOKE EXECUTE ON FUNCTION public.stripe_apply_event(jsonb, jsonb, text),
       public.stripe_apply_customer(jsonb, text, text, bigint, jsonb),
-      public.stripe_tie_order(jsonb, text) FROM PUBLIC, anon, authenticated;
+      public.stripe_tie_order(jsonb, text), public.stripe_create_trigger(text, text) FROM PUBLIC, anon, authenticated;
   END IF;
 END $$;

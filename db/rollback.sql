@@ -18,3 +18,4 @@ DROP TABLE IF EXISTS public.stripe_customer_claims;
 DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
 DROP FUNCTION IF EXISTS public.stripe_customers_touch();
 DROP FUNCTION IF EXISTS public.stripe_customers_gone();
+DROP FUNCTION IF EXISTS public.stripe_create_trigger(text, text);

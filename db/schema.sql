@@ -2,6 +2,14 @@
 -- tombstones. db/functions.sql (applied right after this file) holds the functions and triggers the
 -- consumer calls. Needs auth.users, auth.uid(), auth.role() (Supabase, or db/supabase_shim.sql on
 -- a plain Postgres 14+). Idempotent: every statement may run again. Undone by db/rollback.sql.
+--
+-- Run while the previous release still takes deliveries: `db migrate` runs each step below in a
+-- transaction of its own with a short lock_timeout, and retries a step that could not get its lock,
+-- so a delivery waits at most about a second behind it. Statements that need a strong lock are
+-- guarded by a catalog check, so that a migrate that changes nothing takes none; indexes are built
+-- CONCURRENTLY (one statement a step). psql runs the file as it is, without the retries.
+
+-- step: stripe_customers
 
 -- Links an auth.users row to its Stripe customer: the table all billing looks customers up in.
 CREATE TABLE IF NOT EXISTS public.stripe_customers (
@@ -18,13 +26,28 @@ CREATE TABLE IF NOT EXISTS public.stripe_customers (
   CONSTRAINT unique_user_customer UNIQUE (user_id),
   CONSTRAINT valid_stripe_id CHECK (stripe_customer_id ~ '^cus_[a-zA-Z0-9]+$')
 );
--- A table made from the original design note: allow email-less customers, drop its indexes
--- that duplicated the UNIQUE constraints' own.
-ALTER TABLE public.stripe_customers ALTER COLUMN customer_email DROP NOT NULL;
-DROP INDEX IF EXISTS public.idx_stripe_customers_user_id, public.idx_stripe_customers_stripe_id,
-  public.idx_stripe_customers_email;
--- Support looks customers up by email, case-insensitively.
-CREATE INDEX IF NOT EXISTS stripe_customers_email_lower_idx ON public.stripe_customers (lower(customer_email));
+
+-- step: a table made from the original design note allows email-less customers
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_customers'::regclass
+             AND attname = 'customer_email' AND attnotnull) THEN
+    ALTER TABLE public.stripe_customers ALTER COLUMN customer_email DROP NOT NULL;
+  END IF;
+END $$;
+
+-- step: the design note's indexes duplicated the UNIQUE constraints' own
+DROP INDEX CONCURRENTLY IF EXISTS public.idx_stripe_customers_user_id;
+-- step:
+DROP INDEX CONCURRENTLY IF EXISTS public.idx_stripe_customers_stripe_id;
+-- step:
+DROP INDEX CONCURRENTLY IF EXISTS public.idx_stripe_customers_email;
+
+-- step: support looks customers up by email, case-insensitively
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_email_lower_idx
+  ON public.stripe_customers (lower(customer_email));
+
+-- step: stripe_customer_claims
 -- Unlinked customers whose metadata names a user that another customer holds: who takes the user
 -- over when that customer goes. A table of its own, written only when a link is refused, because an
 -- index on customer_metadata would make every update of a customer a non-HOT update.
@@ -34,6 +57,7 @@ CREATE TABLE IF NOT EXISTS public.stripe_customer_claims (
   PRIMARY KEY (user_id, stripe_customer_id)
 );
 
+-- step: stripe_webhook_events
 -- Every verified Stripe event, kept so failures can be replayed and duplicates recognised.
 CREATE TABLE IF NOT EXISTS public.stripe_webhook_events (
   id text PRIMARY KEY CHECK (id ~ '^evt_'),
@@ -49,22 +73,36 @@ CREATE TABLE IF NOT EXISTS public.stripe_webhook_events (
   received_at timestamptz NOT NULL DEFAULT now(),
   processed_at timestamptz
 );
--- replay picks events by status and age.
-CREATE INDEX IF NOT EXISTS stripe_webhook_events_status_idx ON public.stripe_webhook_events (status, received_at);
--- The customer each event concerns, so one customer's timeline is an index scan at any size.
--- Added after the first release: the rows logged before are filled from their payloads once.
+
+-- step: replay picks events by status and age
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_webhook_events_status_idx
+  ON public.stripe_webhook_events (status, received_at);
+
+-- step: the customer each event concerns (added after the first release)
 DO $$
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'public'
-                 AND table_name = 'stripe_webhook_events' AND column_name = 'stripe_customer_id') THEN
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_webhook_events'::regclass
+                 AND attname = 'stripe_customer_id' AND NOT attisdropped) THEN
     ALTER TABLE public.stripe_webhook_events ADD COLUMN stripe_customer_id text;
-    UPDATE public.stripe_webhook_events SET stripe_customer_id = CASE
-      WHEN type LIKE 'customer.%' THEN payload #>> '{data,object,id}'
-      ELSE coalesce(payload #>> '{data,object,customer,id}', payload #>> '{data,object,customer}') END;
   END IF;
 END $$;
-CREATE INDEX IF NOT EXISTS stripe_webhook_events_customer_idx
+
+-- step (repeat): the rows logged before the column, a batch a transaction so deliveries never wait
+UPDATE public.stripe_webhook_events SET stripe_customer_id = CASE
+  WHEN type LIKE 'customer.%' THEN payload #>> '{data,object,id}'
+  ELSE coalesce(payload #>> '{data,object,customer,id}', payload #>> '{data,object,customer}') END
+WHERE id IN (
+  SELECT id FROM public.stripe_webhook_events
+  WHERE stripe_customer_id IS NULL AND CASE
+    WHEN type LIKE 'customer.%' THEN payload #>> '{data,object,id}'
+    ELSE coalesce(payload #>> '{data,object,customer,id}', payload #>> '{data,object,customer}') END IS NOT NULL
+  LIMIT 5000);
+
+-- step: one customer's timeline is an index scan at any size
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_webhook_events_customer_idx
   ON public.stripe_webhook_events (stripe_customer_id, created);
+
+-- step: stripe_customer_tombstones
 
 -- What remains of a customer whose row left the table, by any way (customer.deleted, verify --fix,
 -- the auth.users cascade, a DELETE by hand): the newest event time it reflected. Stripe delivers out
@@ -87,7 +125,11 @@ BEGIN
     ORDER BY payload #>> '{data,object,id}', created DESC;
   END IF;
 END $$;
-DROP INDEX IF EXISTS public.stripe_webhook_events_deleted_idx;  -- the old tombstone lookup
+
+-- step: the old tombstone lookup
+DROP INDEX CONCURRENTLY IF EXISTS public.stripe_webhook_events_deleted_idx;
+
+-- step: stripe_customers_audit
 
 -- One row per change to stripe_customers, by whoever made it.
 CREATE TABLE IF NOT EXISTS public.stripe_customers_audit (
@@ -101,29 +143,55 @@ CREATE TABLE IF NOT EXISTS public.stripe_customers_audit (
   changed_by text NOT NULL DEFAULT current_user,
   changed_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS stripe_customers_audit_customer_idx
+
+-- step: the audit of one customer
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_audit_customer_idx
   ON public.stripe_customers_audit (stripe_customer_id, changed_at);
 
--- Row level security: users read their own customer row; only the service role writes.
--- The log, the audit, the tombstones and the claims have no policies: nothing for anon or authenticated.
-ALTER TABLE public.stripe_customers ENABLE ROW LEVEL SECURITY;
-ALTER TABLE public.stripe_webhook_events ENABLE ROW LEVEL SECURITY;
-ALTER TABLE public.stripe_customers_audit ENABLE ROW LEVEL SECURITY;
-ALTER TABLE public.stripe_customer_tombstones ENABLE ROW LEVEL SECURITY;
-ALTER TABLE public.stripe_customer_claims ENABLE ROW LEVEL SECURITY;
-DROP POLICY IF EXISTS "Users can view own customer data" ON public.stripe_customers;
-CREATE POLICY "Users can view own customer data" ON public.stripe_customers
-  FOR SELECT USING (auth.uid() = user_id);
-DROP POLICY IF EXISTS "Service role only modifications" ON public.stripe_customers;
-CREATE POLICY "Service role only modifications" ON public.stripe_customers
-  FOR ALL USING (auth.role() = 'service_role');
+-- step: row level security
+-- Users read their own customer row; only the service role writes. The log, the audit, the
+-- tombstones and the claims have no policies: nothing for anon or authenticated. A policy is
+-- created when missing; one whose meaning changes must get a new name.
+DO $$
+DECLARE
+  v_table regclass;
+BEGIN
+  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events',
+      'public.stripe_customers_audit', 'public.stripe_customer_tombstones', 'public.stripe_customer_claims']::regclass[] LOOP
+    IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = v_table) THEN
+      EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', v_table);
+    END IF;
+  END LOOP;
+  IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = 'stripe_customers'
+                 AND policyname = 'Users can view own customer data') THEN
+    CREATE POLICY "Users can view own customer data" ON public.stripe_customers
+      FOR SELECT USING (auth.uid() = user_id);
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = 'stripe_customers'
+                 AND policyname = 'Service role only modifications') THEN
+    CREATE POLICY "Service role only modifications" ON public.stripe_customers
+      FOR ALL USING (auth.role() = 'service_role');
+  END IF;
+END $$;
+
+-- step: what the API roles may not do
 -- Supabase's default grants give the API roles every privilege; TRUNCATE ignores row level security
 -- and fires no row trigger (no audit, no tombstone), and writes belong to the consumer alone.
 DO $$
+DECLARE
+  v_table text;
+  v_privilege text;
 BEGIN
-  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
-    REVOKE ALL ON public.stripe_webhook_events, public.stripe_customers_audit,
-      public.stripe_customer_tombstones, public.stripe_customer_claims FROM anon, authenticated;
-    REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON public.stripe_customers FROM anon, authenticated;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+    RETURN;
   END IF;
+  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events',
+      'public.stripe_customers_audit', 'public.stripe_customer_tombstones', 'public.stripe_customer_claims'] LOOP
+    FOREACH v_privilege IN ARRAY ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER'] LOOP
+      CONTINUE WHEN v_table = 'public.stripe_customers' AND v_privilege = 'SELECT';  -- row level security decides
+      IF has_table_privilege('anon', v_table, v_privilege) OR has_table_privilege('authenticated', v_table, v_privilege) THEN
+        EXECUTE format('REVOKE %s ON %s FROM anon, authenticated', v_privilege, v_table);
+      END IF;
+    END LOOP;
+  END LOOP;
 END $$;

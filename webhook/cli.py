@@ -97,7 +97,11 @@ def cmd_db_migrate(settings: Settings, args: argparse.Namespace) -> int:
             print(f"error: {failure}; nothing migrated", file=sys.stderr)
             return EXIT_FAILURES
         print(f"schema backed up to {target}")
-    applied = migrations.migrate(make_engine(database_url, pool_size=1), shim=args.shim)
+    try:
+        applied = migrations.migrate(make_engine(database_url, pool_size=1), shim=args.shim)
+    except migrations.MigrationFailed as failure:
+        print(f"error: {failure}; the steps before it are applied, run db migrate again", file=sys.stderr)
+        return EXIT_FAILURES
     print("applied " + ", ".join(path.name for path in applied))
     return EXIT_OK
 

@@ -13,8 +13,9 @@ from prometheus_client import multiprocess  # noqa: E402
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Threaded workers keep connections alive: Stripe and load balancers reuse them, and a sync
-# worker's Connection: close costs a TCP handshake per event.
-worker_class = "gthread"
+# worker's Connection: close costs a TCP handshake per event. Buffered: a thread only ever sees a
+# whole request, so stalled clients cannot hold the threads (webhook/worker.py).
+worker_class = "webhook.worker.BufferedThreadWorker"
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 keepalive = 30
 timeout = 30

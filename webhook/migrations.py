@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine
+import psycopg2
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from webhook.embedded import pg_bin
-from webhook.store import DB_DIR, describe_target, run_sql_file
+from webhook.store import DB_DIR, describe_target, index_valid, run_sql
+
+log = logging.getLogger(__name__)
 
 SHIM = DB_DIR / "supabase_shim.sql"
 SCHEMA = DB_DIR / "schema.sql"
@@ -52,14 +60,77 @@ def backup_schema(database_url: str, backup_dir: Path) -> Path:
     return target
 
 
+class MigrationFailed(Exception):
+    """A step failed for another reason than a lock it could not get, or never got its lock."""
+
+
+@dataclass(frozen=True)
+class Step:
+    file: str
+    title: str
+    sql: str
+    repeat: bool  # run again while it changes rows: a fill in batches
+
+    @property
+    def index(self) -> str | None:
+        found = _CREATE_CONCURRENTLY.search(self.sql)
+        return found.group(1) if found else None
+
+
+_STEP = re.compile(r"^-- step( \(repeat\))?:(.*)$", re.MULTILINE)
+_CREATE_CONCURRENTLY = re.compile(r"CREATE INDEX CONCURRENTLY IF NOT EXISTS (\w+)")
+# Each step waits at most this long for a lock, so the deliveries queued behind it wait no longer;
+# a step that could not get its lock is retried, up to LOCK_ATTEMPTS times over about a minute.
+LOCK_TIMEOUT = "1s"
+LOCK_ATTEMPTS = 20
+LOCK_FAILURES = {"55P03", "40P01"}  # lock_not_available, deadlock_detected
+
+
+def steps(path: Path) -> list[Step]:
+    """The file's `-- step:` parts in order; a file without markers is one step."""
+    text = path.read_text()
+    marks = list(_STEP.finditer(text))
+    if not marks:
+        return [Step(path.name, path.name, text, False)]
+    found, title = [], path.name
+    starts = [0] + [mark.start() for mark in marks[1:]]  # the header comment goes with the first
+    for mark, start, end in zip(marks, starts, starts[1:] + [len(text)], strict=True):
+        title = mark.group(2).strip() or title
+        found.append(Step(path.name, title, text[start:end], bool(mark.group(1))))
+    return found
+
+
+def _run(connection: Connection, step: Step) -> None:
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            if step.index and index_valid(connection, step.index):
+                return  # built: CREATE INDEX CONCURRENTLY would still lock the table, briefly
+            if step.index and index_valid(connection, step.index) is False:
+                # A build interrupted earlier (a lock timeout, say) leaves an invalid index behind.
+                run_sql(connection, f"DROP INDEX CONCURRENTLY IF EXISTS public.{step.index}", LOCK_TIMEOUT)
+            while run_sql(connection, step.sql, LOCK_TIMEOUT) > 0 and step.repeat:
+                pass
+            return
+        except (DBAPIError, psycopg2.Error) as failure:
+            error = getattr(failure, "orig", failure)  # run_sql works on the driver's cursor
+            if getattr(error, "pgcode", None) not in LOCK_FAILURES or attempt == LOCK_ATTEMPTS:
+                reason = str(error).strip().splitlines()[0]
+                raise MigrationFailed(f"{step.file}, step '{step.title}': {reason}") from None
+            log.warning("%s, step '%s' waited for a lock (attempt %d); retrying", step.file, step.title, attempt)
+            time.sleep(min(0.2 * 2**attempt, 5) * random.uniform(0.5, 1))
+
+
 def migrate(engine: Engine, shim: bool) -> list[Path]:
+    """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
+    leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
     applied = [SHIM, SCHEMA, FUNCTIONS] if shim else [SCHEMA, FUNCTIONS]
     with engine.connect() as connection:
         for path in applied:
-            run_sql_file(connection, path)
+            for step in steps(path):
+                _run(connection, step)
     return applied
 
 
 def rollback(engine: Engine) -> None:
     with engine.connect() as connection:
-        run_sql_file(connection, ROLLBACK)
+        run_sql(connection, ROLLBACK.read_text())

@@ -42,15 +42,34 @@ def describe_target(database_url: str) -> str:
     return f"host={host} port={url.port or 5432} database={url.database} user={url.username}"
 
 
-def run_sql_file(connection: Connection, path: Path) -> None:
-    # Sent as one simple query: Postgres runs a multi-statement string as one implicit
-    # transaction, so a migration that fails half-way leaves nothing behind.
-    # No parameters, so psycopg2 leaves the file's own % signs (LIKE 'customer.%') alone.
+def run_sql(connection: Connection, sql: str, lock_timeout: str | None = None) -> int:
+    """sql as one simple query, which Postgres runs as one implicit transaction (so a step that fails
+    half-way leaves nothing behind); the row count of its last statement. No parameters, so psycopg2
+    leaves the SQL's own % signs (LIKE 'customer.%') alone. With lock_timeout, the transaction gives
+    up on a lock it cannot get in that long."""
+    concurrently = lock_timeout is not None and "CONCURRENTLY" in sql
+    if lock_timeout and not concurrently:
+        sql = f"SET LOCAL lock_timeout = '{lock_timeout}';\n{sql}"
     cursor = connection.connection.cursor()
     try:
-        cursor.execute(path.read_text())
+        if concurrently:
+            # CREATE/DROP INDEX CONCURRENTLY cannot run inside a transaction, where SET LOCAL
+            # would do: a session setting, reset after (so db migrate wants a direct connection).
+            cursor.execute(f"SET lock_timeout = '{lock_timeout}'")
+        cursor.execute(sql)
+        return int(cursor.rowcount)
     finally:
+        if concurrently:
+            cursor.execute("RESET lock_timeout")
         cursor.close()
+
+
+def index_valid(connection: Connection, name: str) -> bool | None:
+    """Whether the index public.<name> is valid; None when there is none."""
+    found = connection.execute(
+        text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"), {"name": f"public.{name}"}
+    ).scalar_one_or_none()
+    return None if found is None else bool(found)
 
 
 def _jsonb_text(document: str) -> str:

@@ -1,0 +1,99 @@
+"""`db migrate` while the consumer takes deliveries, as the Procfile's release step runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import Engine, text
+
+from tests.server import gunicorn, post_event
+from tests.support import SECRET, cli
+from webhook import samples
+
+
+def _migrate(database_url: str) -> subprocess.CompletedProcess[str]:
+    return cli("db", "migrate", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET=SECRET)
+
+
+TABLES = "stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_customer_tombstones"
+
+
+def test_a_migrate_that_changes_nothing_takes_no_strong_lock(database_url: str, engine: Engine) -> None:
+    # What deliveries hold (ROW EXCLUSIVE) and what a reader left idle in its transaction holds:
+    # any lock a migration could want beyond reading the catalog conflicts with these.
+    with engine.connect() as holder:
+        holder = holder.execution_options(isolation_level="READ COMMITTED")
+        transaction = holder.begin()
+        holder.execute(text(f"LOCK TABLE {TABLES}, stripe_customer_claims IN ROW EXCLUSIVE MODE"))
+        started = time.monotonic()
+        migrated = _migrate(database_url)
+        took = time.monotonic() - started
+        transaction.rollback()
+    assert migrated.returncode == 0, migrated.stderr
+    assert "waited for a lock" not in migrated.stderr
+    print(f"\nup-to-date migrate beside held ROW EXCLUSIVE locks: {took:.1f} s")
+
+
+def _traffic(port: int, stop: threading.Event) -> tuple[Counter[int], float]:
+    statuses: Counter[int] = Counter()
+    slowest = 0.0
+    while not stop.is_set():
+        started = time.monotonic()
+        status, _ = post_event(port, samples.event("customer.created", samples.customer()), timeout=30)
+        slowest = max(slowest, time.monotonic() - started)
+        statuses[status] += 1
+    return statuses, slowest
+
+
+def _undo_some_of_the_schema(engine: Engine) -> None:
+    """What a release that adds an index, a policy and row level security has to do."""
+    with engine.begin() as connection:
+        connection.execute(text("DROP INDEX stripe_customers_email_lower_idx"))
+        connection.execute(text('DROP POLICY "Users can view own customer data" ON stripe_customers'))
+        connection.execute(text("ALTER TABLE stripe_customer_claims DISABLE ROW LEVEL SECURITY"))
+
+
+def test_migrations_beside_live_traffic_fail_no_delivery(database_url: str, engine: Engine) -> None:
+    stop = threading.Event()
+    runs = []
+    with gunicorn(database_url, workers=2) as (port, _), ThreadPoolExecutor(max_workers=8) as pool:
+        clients = [pool.submit(_traffic, port, stop) for _ in range(8)]
+        time.sleep(1)
+        for changes in (False, True, False, True):
+            if changes:
+                _undo_some_of_the_schema(engine)
+            runs.append(_migrate(database_url))
+        # A reader left idle in its transaction while the migrate needs a strong lock: the migrate
+        # retries rather than queue every delivery behind it, and finishes once the reader is gone.
+        _undo_some_of_the_schema(engine)
+        with engine.connect() as reader:
+            reader = reader.execution_options(isolation_level="READ COMMITTED")
+            transaction = reader.begin()
+            reader.execute(text("SELECT count(*) FROM stripe_customers"))
+            threading.Timer(4, transaction.rollback).start()
+            runs.append(_migrate(database_url))
+        stop.set()
+        results = [client.result() for client in clients]
+    statuses = sum((counted for counted, _ in results), Counter())
+    slowest = max(longest for _, longest in results)
+    print(f"\n5 migrations beside 8 clients: {dict(statuses)}, slowest delivery {slowest:.2f} s")
+    assert [run.returncode for run in runs] == [0] * 5, [run.stderr for run in runs]
+    assert "waited for a lock" in runs[-1].stderr
+    assert set(statuses) <= {200, 503} and statuses[200] > 100
+    with engine.connect() as connection:
+        assert connection.execute(
+            text(
+                "SELECT count(*) FROM pg_policies WHERE tablename = 'stripe_customers'"
+                " AND policyname = 'Users can view own customer data'"
+            )
+        ).scalar_one()
+        assert connection.execute(
+            text("SELECT relrowsecurity FROM pg_class WHERE oid = 'stripe_customer_claims'::regclass")
+        ).scalar_one()
+        assert connection.execute(
+            text("SELECT indisvalid FROM pg_index WHERE indexrelid = 'stripe_customers_email_lower_idx'::regclass")
+        ).scalar_one()
