@@ -15,6 +15,7 @@ DROP TABLE IF EXISTS public.stripe_webhook_events;
 DROP TABLE IF EXISTS public.stripe_customers;
 DROP TABLE IF EXISTS public.stripe_customer_tombstones;
 DROP TABLE IF EXISTS public.stripe_customer_claims;
+DROP TABLE IF EXISTS public.stripe_sync_cursors;
 DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
 DROP FUNCTION IF EXISTS public.stripe_customers_touch();
 DROP FUNCTION IF EXISTS public.stripe_customers_gone();

@@ -36,12 +36,9 @@ BEGIN
   END IF;
 END $$;
 
--- step: the design note's indexes duplicated the UNIQUE constraints' own
-DROP INDEX CONCURRENTLY IF EXISTS public.idx_stripe_customers_user_id;
--- step:
-DROP INDEX CONCURRENTLY IF EXISTS public.idx_stripe_customers_stripe_id;
--- step:
-DROP INDEX CONCURRENTLY IF EXISTS public.idx_stripe_customers_email;
+-- step: the design note's indexes duplicated the UNIQUE constraints' own (no lock once gone)
+DROP INDEX IF EXISTS public.idx_stripe_customers_user_id, public.idx_stripe_customers_stripe_id,
+  public.idx_stripe_customers_email;
 
 -- step: support looks customers up by email, case-insensitively
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_email_lower_idx
@@ -126,8 +123,8 @@ BEGIN
   END IF;
 END $$;
 
--- step: the old tombstone lookup
-DROP INDEX CONCURRENTLY IF EXISTS public.stripe_webhook_events_deleted_idx;
+-- step: the old tombstone lookup (no lock once gone)
+DROP INDEX IF EXISTS public.stripe_webhook_events_deleted_idx;
 
 -- step: stripe_customers_audit
 
@@ -148,17 +145,22 @@ CREATE TABLE IF NOT EXISTS public.stripe_customers_audit (
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_audit_customer_idx
   ON public.stripe_customers_audit (stripe_customer_id, changed_at);
 
--- step: row level security
--- Users read their own customer row; only the service role writes. The log, the audit, the
--- tombstones and the claims have no policies: nothing for anon or authenticated. A policy is
--- created when missing; one whose meaning changes must get a new name.
+-- step: stripe_sync_cursors: where a paging job stopped (backfill's last customer), to resume there
+CREATE TABLE IF NOT EXISTS public.stripe_sync_cursors (
+  name text PRIMARY KEY,
+  value text NOT NULL,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- step: row level security: users read their own customer row, only the service role writes; the
+-- other tables have no policies. A policy is created when missing (a changed one needs a new name).
 DO $$
 DECLARE
-  v_table regclass;
+  v_table text;
 BEGIN
-  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events',
-      'public.stripe_customers_audit', 'public.stripe_customer_tombstones', 'public.stripe_customer_claims']::regclass[] LOOP
-    IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = v_table) THEN
+  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events', 'public.stripe_customers_audit',
+      'public.stripe_customer_tombstones', 'public.stripe_customer_claims', 'public.stripe_sync_cursors'] LOOP
+    IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = v_table::regclass) THEN
       EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', v_table);
     END IF;
   END LOOP;
@@ -185,8 +187,8 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
     RETURN;
   END IF;
-  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events',
-      'public.stripe_customers_audit', 'public.stripe_customer_tombstones', 'public.stripe_customer_claims'] LOOP
+  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events', 'public.stripe_customers_audit',
+      'public.stripe_customer_tombstones', 'public.stripe_customer_claims', 'public.stripe_sync_cursors'] LOOP
     FOREACH v_privilege IN ARRAY ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER'] LOOP
       CONTINUE WHEN v_table = 'public.stripe_customers' AND v_privilege = 'SELECT';  -- row level security decides
       IF has_table_privilege('anon', v_table, v_privilege) OR has_table_privilege('authenticated', v_table, v_privilege) THEN

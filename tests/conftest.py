@@ -60,7 +60,7 @@ def clean_tables(request: pytest.FixtureRequest) -> None:
         connection.execute(
             text(
                 "TRUNCATE public.stripe_customers, public.stripe_webhook_events, public.stripe_customer_tombstones, "
-                "public.stripe_customer_claims, "
+                "public.stripe_customer_claims, public.stripe_sync_cursors, "
                 "public.stripe_customers_audit, auth.users CASCADE"
             )
         )

@@ -42,7 +42,8 @@ class FakeStripe:
         self.customers: dict[str, dict[str, Any]] = {}
         self.deleted: set[str] = set()
         self.events: list[dict[str, Any]] = []
-        self.failures: list[Answer] = []  # answered, in order, before anything else
+        self.failures: list[Answer] = []  # answered, in order, before anything else ...
+        self.fail_from = 0  # ... once this many requests have been answered
         self.requests: list[tuple[str, str]] = []
         self.api_key = "sk_test_fake"  # the one key this account accepts
         self.clock: int | None = None  # the Date Stripe's answers carry (unix seconds); None: now
@@ -64,7 +65,7 @@ class FakeStripe:
         query = parse_qsl(parts.query)
         with self._lock:
             self.requests.append((method, parts.path))
-            if self.failures:
+            if self.failures and len(self.requests) > self.fail_from:
                 return self.failures.pop(0)
             if headers.get("Authorization", headers.get("authorization", "")) != f"Bearer {self.api_key}":
                 return _error(401, "invalid_request_error", "Invalid API Key provided: sk_test_****")

@@ -56,7 +56,7 @@ def test_rollback_needs_yes(database_url: str, engine: Engine) -> None:
     result = run_cli("db", "rollback", env={"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET})
 
     assert result.returncode == 2 and "--yes" in result.stderr
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 5
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 6
 
 
 def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engine: Engine, tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engin
 
     again = run_cli("db", "migrate", env=env)
     assert again.returncode == 0, again.stderr
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 5
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 6
 
 
 def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:

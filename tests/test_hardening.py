@@ -8,12 +8,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from tests.support import SECRET, cli, deliver, event_row
+from tests.support import SECRET, add_user, cli, deliver, event_row, settings_for
 from webhook import samples
+from webhook.app import create_app
 
 
 def test_a_held_lock_answers_503_within_seconds(client: FlaskClient, engine: Engine) -> None:
@@ -96,3 +98,40 @@ def test_migrate_backup_never_shows_the_password_and_never_hangs(database_url: s
         waited = time.monotonic() - started
     assert hung.returncode == 1 and waited < 30, (hung.returncode, waited, hung.stderr)
     assert "hunter2-secret" not in hung.stderr + hung.stdout
+
+
+def test_readyz_answers_within_two_seconds_when_the_database_never_answers(database_url: str) -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        app = create_app(settings_for(f"postgresql://app:pw@127.0.0.1:{silent.getsockname()[1]}/billing"))
+        client = app.test_client()
+        for _ in range(2):  # the second probe finds the first check still waiting, and shares it
+            started = time.monotonic()
+            answer = client.get("/readyz")
+            waited = time.monotonic() - started
+            assert answer.status_code == 503 and waited < 3, (answer.status_code, waited)
+            assert "did not answer" in answer.get_json()["error"]
+
+
+@pytest.mark.reliability  # about half a minute: three tries of ten seconds
+def test_ensure_customer_gives_up_on_a_stripe_that_never_answers(database_url: str, engine: Engine) -> None:
+    user_id = add_user(engine)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        started = time.monotonic()
+        result = cli(
+            "ensure-customer",
+            "--user-id",
+            user_id,
+            DATABASE_URL=database_url,
+            STRIPE_WEBHOOK_SECRET=SECRET,
+            STRIPE_API_KEY="sk_test_never_printed_123",
+            STRIPE_API_BASE=f"http://127.0.0.1:{silent.getsockname()[1]}",
+        )
+        waited = time.monotonic() - started
+    print(f"\nensure-customer against a silent Stripe gave up after {waited:.1f} s")
+    assert result.returncode == 1 and waited < 45, (result.returncode, waited, result.stderr)
+    assert "could not reach the Stripe API" in result.stderr
+    assert "sk_test_never_printed_123" not in result.stderr + result.stdout

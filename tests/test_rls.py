@@ -20,6 +20,7 @@ TABLES = (
     "stripe_customers_audit",
     "stripe_customer_tombstones",
     "stripe_customer_claims",
+    "stripe_sync_cursors",
 )
 
 

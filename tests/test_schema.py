@@ -30,7 +30,7 @@ def test_rollback_then_migrate_again(engine: Engine) -> None:
     assert count(engine, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
     migrations.rollback(engine)  # idempotent too
     migrations.migrate(engine, shim=False)
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 5
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 6
 
 
 def test_no_duplicate_indexes_and_an_email_index(engine: Engine) -> None:

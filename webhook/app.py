@@ -18,6 +18,7 @@ from webhook import metrics
 from webhook.config import Settings, load_settings
 from webhook.logs import configure_logging, log
 from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
+from webhook.readiness import Readiness
 from webhook.store import make_engine, schema_ready
 from webhook.verify import RejectedDelivery, parse_event, verify_signature
 
@@ -116,15 +117,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     def healthz() -> tuple[Response, int]:
         return _answer(200, status="ok")
 
+    readiness = Readiness(engine)
+
     @app.get("/readyz")
     def readyz() -> tuple[Response, int]:
-        try:
-            with engine.connect() as connection:
-                ready = schema_ready(connection)
-        except SQLAlchemyError:
-            return _answer(503, status="unavailable", error="database unreachable")
-        if not ready:
-            return _answer(503, status="unavailable", error="schema not applied")
+        problem = readiness.problem()
+        if problem:
+            return _answer(503, status="unavailable", error=problem)
         return _answer(200, status="ready")
 
     @app.get("/metrics")

@@ -181,14 +181,14 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
             rate = done / max(time.monotonic() - started, 1e-6)
             print(f"\rbackfill: {done} customers, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
 
-    outcomes = backfill(_engine(settings), client, settings.user_id_metadata_key, progress)
+    run = backfill(_engine(settings), client, settings.user_id_metadata_key, progress, from_start=args.from_start)
     if on_terminal:
         print(file=sys.stderr)
-    total = sum(outcomes.values())
-    print(
-        f"backfilled {total} customers in {time.monotonic() - started:.1f}s: "
-        f"{outcomes['processed']} written, {outcomes['stale']} kept (a newer event already set them)"
-    )
+    print(f"{run.summary()} in {time.monotonic() - started:.1f}s")
+    if run.failed is not None:
+        where = f"after {run.stopped_after}" if run.stopped_after else "where this one started"
+        print(f"error: {stripe_api.explain(run.failed)}; run backfill again to resume {where}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(run.failed, stripe.AuthenticationError) else EXIT_FAILURES
     return EXIT_OK
 
 
@@ -267,9 +267,11 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--from-stripe", action="store_true", help="fetch from Stripe the events the log lacks")
     replay.set_defaults(run=cmd_replay)
 
-    commands.add_parser(
-        "backfill", help="upsert every Stripe customer", description="upsert every Stripe customer"
-    ).set_defaults(run=cmd_backfill)
+    backfill_parser = commands.add_parser("backfill", help="upsert every Stripe customer (resumes a stopped run)")
+    backfill_parser.add_argument(
+        "--from-start", action="store_true", help="ignore where a stopped run got to and list every customer again"
+    )
+    backfill_parser.set_defaults(run=cmd_backfill)
 
     verify = commands.add_parser("verify", help="compare every row with Stripe; exit 1 on drift")
     verify.add_argument("--fix", action="store_true", help="apply Stripe's state to drifted rows")

@@ -5,13 +5,36 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import requests
 import stripe
+from requests.adapters import HTTPAdapter
+from stripe.params import CustomerListParams
+from urllib3.util.retry import Retry
 
 from webhook.config import ConfigError, Settings
 
 # Retries on connection errors, 409, 5xx and when Stripe says so (Stripe-Should-Retry), with the
-# library's own backoff; an idempotency key makes a retried create safe.
+# library's own backoff; an idempotency key makes a retried create safe. Each try waits at most
+# TIMEOUT_SECONDS, so a Stripe that never answers costs a command about half a minute.
 NETWORK_RETRIES = 2
+TIMEOUT_SECONDS = 10
+# The library does not retry 429, which Stripe answers when the account's request rate is exceeded
+# and asks clients to back off and try again; a request refused with 429 did nothing, so repeating
+# it (a POST too) is safe. urllib3 backs off 0.5, 1, 2, 4, 8 s (or as Retry-After says).
+RATE_LIMITED = Retry(
+    total=None,
+    connect=0,
+    read=0,
+    other=0,
+    redirect=0,
+    status=5,
+    status_forcelist=[429],
+    allowed_methods=None,
+    backoff_factor=0.5,
+    backoff_max=8,
+    respect_retry_after_header=True,
+    raise_on_status=False,
+)
 
 
 class StripeUnavailable(Exception):
@@ -25,8 +48,15 @@ def make_client(settings: Settings) -> stripe.StripeClient:
         settings.stripe_api_key,
         base_addresses={"api": settings.stripe_api_base},
         max_network_retries=NETWORK_RETRIES,
-        http_client=stripe.RequestsClient(timeout=30),
+        http_client=stripe.RequestsClient(timeout=TIMEOUT_SECONDS, session=_session()),
     )
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    for scheme in ("https://", "http://"):
+        session.mount(scheme, HTTPAdapter(max_retries=RATE_LIMITED))
+    return session
 
 
 def explain(error: stripe.StripeError) -> str:
@@ -34,7 +64,7 @@ def explain(error: stripe.StripeError) -> str:
     reason = {
         stripe.AuthenticationError: "Stripe rejected the API key",
         stripe.PermissionError: "the API key may not do this",
-        stripe.RateLimitError: "Stripe rate limit, still limited after retries",
+        stripe.RateLimitError: "Stripe rate limit, still limited after 5 retries over 15 s",
         stripe.APIConnectionError: "could not reach the Stripe API",
         stripe.IdempotencyError: "Stripe refused a reused idempotency key",
     }.get(type(error), "Stripe API error")
@@ -53,9 +83,13 @@ def list_events(client: stripe.StripeClient, since: int, types: Sequence[str]) -
         yield _plain(event)
 
 
-def list_customers(client: stripe.StripeClient) -> Iterator[dict[str, Any]]:
-    """Every live customer (Stripe's list leaves deleted ones out)."""
-    for customer in client.v1.customers.list(params={"limit": 100}).auto_paging_iter():
+def list_customers(client: stripe.StripeClient, after: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every live customer (Stripe's list leaves deleted ones out), newest first; with `after`, the
+    ones after that customer in this order."""
+    params: CustomerListParams = {"limit": 100}
+    if after:
+        params["starting_after"] = after
+    for customer in client.v1.customers.list(params=params).auto_paging_iter():
         yield _plain(customer)
 
 
