@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import selectors
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -42,40 +43,55 @@ def request_complete(data: bytes) -> bool:
     return body >= wanted or wanted > BUFFER_LIMIT
 
 
+@dataclass
+class _Reading:
+    data: bytearray
+    deadline: float
+    registered: bool = False
+
+
 class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.reading: dict[Any, tuple[bytearray, float]] = {}
+        self.reading: dict[Any, _Reading] = {}
 
     def enqueue_req(self, conn: Any) -> None:
         if self.cfg.is_ssl:  # TLS is terminated in front of this app; keep gunicorn's own path
             super().enqueue_req(conn)
             return
         # Bytes the parser read ahead (a pipelined request) come first.
-        start = bytearray(conn.parser.unreader.take_buffered() if conn.parser else b"")
-        self.reading[conn] = (start, time.monotonic() + REQUEST_SECONDS)
+        ahead = conn.parser.unreader.take_buffered() if conn.parser else b""
+        self.reading[conn] = _Reading(bytearray(ahead), time.monotonic() + REQUEST_SECONDS)
         conn.sock.setblocking(False)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._read, conn))
-        if start:
-            self._read(conn, conn.sock, wait=False)
+        # Usually the whole request is there already (a kept-alive connection just turned
+        # readable): read it now rather than after another turn of the event loop.
+        self._read(conn, conn.sock)
 
-    def _read(self, conn: Any, sock: Any, wait: bool = True) -> None:
-        data, _ = self.reading[conn]
-        had_head = b"\r\n\r\n" in data
-        if wait:
-            try:
-                received = sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                received = b""
-            if not received:
-                self._drop(conn)
-                return
-            data += received
-        complete = request_complete(bytes(data))
+    def _read(self, conn: Any, sock: Any) -> None:
+        reading = self.reading[conn]
+        had_head = b"\r\n\r\n" in reading.data
+        try:
+            received = sock.recv(65536)
+        except BlockingIOError:
+            received = None
+        except OSError:
+            received = b""
+        reading.data += received or b""
+        data = bytes(reading.data)
+        complete = request_complete(data)
+        if received == b"" and not complete:  # closed, or broken, before a whole request
+            self._drop(conn)
+            return
+        if complete:
+            self._stop_reading(conn)
+            if conn.parser is None:
+                conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+            conn.parser.unreader.unread(data)
+            conn.data_ready = True
+            super().enqueue_req(conn)
+            return
         head, ended, _ = data.partition(b"\r\n\r\n")
-        if not complete and ended and not had_head and _EXPECT_CONTINUE.search(head):
+        if ended and not had_head and _EXPECT_CONTINUE.search(head):
             # The client waits for this before it sends the body; gunicorn sends its own once the
             # request is parsed, and HTTP clients accept more than one 1xx answer.
             try:
@@ -83,17 +99,13 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
             except OSError:
                 self._drop(conn)
                 return
-        if complete:
-            self._stop_reading(conn)
-            if conn.parser is None:
-                conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
-            conn.parser.unreader.unread(bytes(data))
-            conn.data_ready = True
-            super().enqueue_req(conn)
+        if not reading.registered:
+            self.poller.register(sock, selectors.EVENT_READ, partial(self._read, conn))
+            reading.registered = True
 
     def _stop_reading(self, conn: Any) -> None:
-        del self.reading[conn]
-        self.poller.unregister(conn.sock)
+        if self.reading.pop(conn).registered:
+            self.poller.unregister(conn.sock)
 
     def _drop(self, conn: Any) -> None:
         self._stop_reading(conn)
@@ -103,5 +115,5 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
     def murder_pending(self) -> None:
         super().murder_pending()
         now = time.monotonic()
-        for conn in [conn for conn, (_, deadline) in self.reading.items() if deadline < now]:
+        for conn in [conn for conn, reading in self.reading.items() if reading.deadline < now]:
             self._drop(conn)
