@@ -12,7 +12,7 @@ from typing import Any
 import stripe
 from sqlalchemy import Engine
 
-from webhook import store, stripe_api
+from webhook import jobs_store, store, stripe_api
 from webhook.handlers import customer_state
 
 BATCH = 500
@@ -46,14 +46,14 @@ def backfill(
     listing fails for good (after the client's retries), what was already read is written and the
     cursor kept; the error is in the result."""
     as_of = int(time.time())
-    run = Backfill(resumed_after=None if from_start else store.saved_cursor(engine, CURSOR))
+    run = Backfill(resumed_after=None if from_start else jobs_store.saved_cursor(engine, CURSOR))
     batch: list[dict[str, Any]] = []
 
     def write() -> None:
         changes = [customer_state(customer, user_id_key).as_json() for customer in batch]
         run.outcomes.update(store.apply_customers(engine, changes, "backfill", as_of))
         run.stopped_after = batch[-1]["id"]
-        store.save_cursor(engine, CURSOR, run.stopped_after)
+        jobs_store.save_cursor(engine, CURSOR, run.stopped_after)
         batch.clear()
         progress(sum(run.outcomes.values()))
 
@@ -68,5 +68,5 @@ def backfill(
         write()
     if run.failed is None:
         run.stopped_after = None
-        store.save_cursor(engine, CURSOR, None)
+        jobs_store.save_cursor(engine, CURSOR, None)
     return run

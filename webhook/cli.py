@@ -18,13 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import stripe
-from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from webhook import embedded, migrations, samples, stripe_api
-from webhook.backfill import backfill
-from webhook.config import ConfigError, Settings, load_settings
-from webhook.customers import FixRefused, UnknownUser, check_fix, ensure_customer, find_drift, fix_drift
+from webhook.config import ConfigError, Settings, load_settings, parse_duration
+from webhook.customers import UnknownUser, ensure_customer
+from webhook.jobs_cli import add_commands, engine_for
 from webhook.process import DatabaseUnavailable, describe
 from webhook.replay import ReplaySummary, replay_from_stripe, replay_stored
 from webhook.store import describe_target, make_engine
@@ -36,25 +35,19 @@ class UsageError(Exception):
     """Bad usage found after parsing; printed as one line, exit 2."""
 
 
-MAX_DURATION = 100 * 365 * 86400  # beyond it, Postgres' interval arithmetic overflows
-
 # Stripe's Events API keeps 30 days.
 STRIPE_EVENT_RETENTION = 30 * 24 * 3600
 
 
 def duration(text: str) -> int:
     """'90s', '30m', '24h', '7d' as seconds (an argparse type)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 24h or 7d")
-    seconds = int(text[:-1]) * units[text[-1]]
-    if seconds > MAX_DURATION:
-        raise argparse.ArgumentTypeError(f"{text!r} is longer than 100 years")
+    try:
+        seconds = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds == 0:
+        raise argparse.ArgumentTypeError("a duration must be longer than 0")
     return seconds
-
-
-def _engine(settings: Settings) -> Engine:
-    return make_engine(embedded.database_url(settings), pool_size=2)
 
 
 def gunicorn_command(bind: str, *options: str, app: str = "webhook.app:create_app()") -> list[str]:
@@ -109,7 +102,7 @@ def cmd_db_migrate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_db_rollback(settings: Settings, args: argparse.Namespace) -> int:
     if not args.yes:
         raise UsageError("db rollback drops the Stripe tables and their data; pass --yes to confirm")
-    migrations.rollback(_engine(settings))
+    migrations.rollback(engine_for(settings))
     print("applied rollback.sql")
     return EXIT_OK
 
@@ -153,7 +146,7 @@ def _finish(summary: ReplaySummary) -> int:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    engine = _engine(settings)
+    engine = engine_for(settings)
     if args.from_stripe:
         if args.event or args.status:
             raise UsageError("--from-stripe takes only --since")
@@ -171,52 +164,10 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return _finish(summary)
 
 
-def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    client = stripe_api.make_client(settings)
-    started = time.monotonic()
-    on_terminal = sys.stderr.isatty()
-
-    def progress(done: int) -> None:
-        if on_terminal:
-            rate = done / max(time.monotonic() - started, 1e-6)
-            print(f"\rbackfill: {done} customers, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
-
-    run = backfill(_engine(settings), client, settings.user_id_metadata_key, progress, from_start=args.from_start)
-    if on_terminal:
-        print(file=sys.stderr)
-    print(f"{run.summary()} in {time.monotonic() - started:.1f}s")
-    if run.failed is not None:
-        where = f"after {run.stopped_after}" if run.stopped_after else "where this one started"
-        print(f"error: {stripe_api.explain(run.failed)}; run backfill again to resume {where}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(run.failed, stripe.AuthenticationError) else EXIT_FAILURES
-    return EXIT_OK
-
-
-def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
-    client = stripe_api.make_client(settings)
-    engine = _engine(settings)
-    as_of = int(time.time())
-    checked, drifts = find_drift(engine, client, settings.user_id_metadata_key)
-    for drift in drifts:
-        print(drift.line())
-    print(f"checked {checked} rows: {len(drifts)} drifted")
-    if args.fix and drifts:
-        assert settings.stripe_api_key is not None  # make_client required it
-        try:
-            check_fix(engine, settings.stripe_api_key, checked, drifts, args.allow_mass_delete)
-        except FixRefused as refusal:
-            print(f"error: verify --fix refused: {refusal}; nothing changed", file=sys.stderr)
-            return EXIT_FAILURES
-        outcomes = fix_drift(engine, drifts, as_of)
-        print(f"fixed {outcomes.count('processed')} of {len(drifts)} (the rest changed by newer events meanwhile)")
-        return EXIT_OK
-    return EXIT_FAILURES if drifts else EXIT_OK
-
-
 def cmd_ensure_customer(settings: Settings, args: argparse.Namespace) -> int:
     client = stripe_api.make_client(settings)
     try:
-        print(ensure_customer(_engine(settings), client, args.user_id, settings.user_id_metadata_key))
+        print(ensure_customer(engine_for(settings), client, args.user_id, settings.user_id_metadata_key))
     except UnknownUser:
         print(f"error: no auth.users row has id {args.user_id}", file=sys.stderr)
         return EXIT_FAILURES
@@ -267,20 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--from-stripe", action="store_true", help="fetch from Stripe the events the log lacks")
     replay.set_defaults(run=cmd_replay)
 
-    backfill_parser = commands.add_parser("backfill", help="upsert every Stripe customer (resumes a stopped run)")
-    backfill_parser.add_argument(
-        "--from-start", action="store_true", help="ignore where a stopped run got to and list every customer again"
-    )
-    backfill_parser.set_defaults(run=cmd_backfill)
-
-    verify = commands.add_parser("verify", help="compare every row with Stripe; exit 1 on drift")
-    verify.add_argument("--fix", action="store_true", help="apply Stripe's state to drifted rows")
-    verify.add_argument(
-        "--allow-mass-delete",
-        action="store_true",
-        help="with --fix, delete rows even when more than a tenth of them look gone from Stripe",
-    )
-    verify.set_defaults(run=cmd_verify)
+    add_commands(commands, duration)
 
     ensure = commands.add_parser("ensure-customer", help="print (creating if needed) a user's Stripe customer")
     ensure.add_argument("--user-id", required=True, type=_user_id)

@@ -33,6 +33,10 @@ class Settings:
     db_pool_size: int
     data_dir: Path
     refetch: str = "never"  # tie | always | never (CONTRACT §4, "Ties")
+    heal_interval: int = 600  # seconds
+    reconcile_interval: int = 86400  # seconds; 0: never
+    event_retention_days: int = 90  # 0: keep every event
+    stripe_api_rate: int = 20  # requests per second for background work
 
     @property
     def embedded(self) -> bool:
@@ -49,6 +53,36 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(f"{name} must be a whole number") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+MAX_DURATION = 100 * 365 * 86400  # beyond it, Postgres' interval arithmetic overflows
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '30m', '24h', '7d' (or '0') as seconds; ValueError says what is wrong."""
+    text = text.strip()
+    if text == "0":
+        return 0
+    if len(text) < 2 or text[-1] not in _UNITS or not text[:-1].isdigit():
+        raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d")
+    seconds = int(text[:-1]) * _UNITS[text[-1]]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than 100 years")
+    return seconds
+
+
+def _duration(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = parse_duration(raw)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum} s")
     return value
 
 
@@ -134,4 +168,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         db_pool_size=_int(env, "DB_POOL_SIZE", 5, minimum=1),
         data_dir=data_dir,
         refetch=refetch,
+        heal_interval=_duration(env, "HEAL_INTERVAL", 600, minimum=1),
+        reconcile_interval=_duration(env, "RECONCILE_INTERVAL", 86400),
+        event_retention_days=_int(env, "EVENT_RETENTION_DAYS", 90),
+        stripe_api_rate=_int(env, "STRIPE_API_RATE", 20, minimum=1),
     )

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import stripe
 from sqlalchemy import Engine
@@ -82,10 +84,18 @@ class Drift:
         return f"drift {self.stripe_customer_id}: {self.kind}{detail}"
 
 
-def find_drift(engine: Engine, client: stripe.StripeClient, user_id_key: str) -> tuple[int, list[Drift]]:
+def find_drift(
+    engine: Engine,
+    client: stripe.StripeClient,
+    user_id_key: str,
+    progress: Callable[[int], None] = lambda listed: None,
+) -> tuple[int, list[Drift]]:
     """Compare every local row with Stripe: (rows checked, drifts). Stripe's list is read once
     (100 a page) rather than one call per row; only rows it lacks are looked up one by one."""
-    live = {customer["id"]: customer for customer in stripe_api.list_customers(client)}
+    live: dict[str, dict[str, Any]] = {}
+    for customer in stripe_api.list_customers(client):
+        live[customer["id"]] = customer
+        progress(len(live))
     with engine.connect() as connection:
         rows = store.local_customers(connection)
     drifts = []

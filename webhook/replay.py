@@ -4,9 +4,11 @@ nobody received them (`replay --from-stripe`)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import stripe
 from sqlalchemy import Engine
@@ -55,13 +57,29 @@ def replay_stored(
     return summary
 
 
-def replay_from_stripe(engine: Engine, settings: Settings, client: stripe.StripeClient, *, since: int) -> ReplaySummary:
-    """Process the handled events Stripe has from `since` on that the log lacks: deliveries that
-    never arrived (endpoint down, secret misconfigured). Oldest first, as they happened."""
-    events = list(stripe_api.list_events(client, since, sorted(HANDLERS)))
+def replay_missing(engine: Engine, settings: Settings, events: list[dict[str, Any]], summary: ReplaySummary) -> None:
+    """Process those of `events` (from Stripe's Events API) that the log lacks, oldest first."""
     with engine.connect() as connection:
         logged = store.logged_event_ids(connection, [event["id"] for event in events])
     missing = sorted((event for event in events if event["id"] not in logged), key=lambda event: event["created"])
-    summary = ReplaySummary(skipped=len(events) - len(missing))
+    summary.skipped += len(events) - len(missing)
     _run(engine, ((event["id"], json.dumps(event)) for event in missing), settings, summary)
+
+
+def replay_from_stripe(
+    engine: Engine, settings: Settings, client: stripe.StripeClient, *, since: int, stop: threading.Event | None = None
+) -> ReplaySummary:
+    """Process the handled events Stripe has from `since` on that the log lacks: deliveries that
+    never arrived (endpoint down, secret misconfigured). A page at a time, each oldest first; the
+    order across pages does not matter (each customer's events are ordered by the database)."""
+    summary = ReplaySummary()
+    page: list[dict[str, Any]] = []
+    for event in stripe_api.list_events(client, since, sorted(HANDLERS)):
+        page.append(event)
+        if len(page) == stripe_api.PAGE:
+            replay_missing(engine, settings, page, summary)
+            page = []
+            if stop is not None and stop.is_set():
+                return summary
+    replay_missing(engine, settings, page, summary)
     return summary

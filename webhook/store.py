@@ -241,25 +241,3 @@ def local_customers(connection: Connection) -> list[tuple[str, str | None, str |
         "ORDER BY stripe_customer_id"
     )
     return [(row[0], row[1], row[2]) for row in connection.execute(statement)]
-
-
-def saved_cursor(engine: Engine, name: str) -> str | None:
-    with engine.connect() as connection:
-        return connection.execute(
-            text("SELECT value FROM stripe_sync_cursors WHERE name = :name"), {"name": name}
-        ).scalar_one_or_none()
-
-
-def save_cursor(engine: Engine, name: str, value: str | None) -> None:
-    """Remember where a paging job got to; None forgets it (the job finished)."""
-    with engine.connect() as connection:
-        if value is None:
-            connection.execute(text("DELETE FROM stripe_sync_cursors WHERE name = :name"), {"name": name})
-        else:
-            connection.execute(
-                text(
-                    "INSERT INTO stripe_sync_cursors (name, value) VALUES (:name, :value) "
-                    "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
-                ),
-                {"name": name, "value": value},
-            )

@@ -8,6 +8,7 @@ from typing import Any
 import requests
 import stripe
 from requests.adapters import HTTPAdapter
+from requests_ratelimiter import LimiterAdapter
 from stripe.params import CustomerListParams
 from urllib3.util.retry import Retry
 
@@ -18,6 +19,7 @@ from webhook.config import ConfigError, Settings
 # TIMEOUT_SECONDS, so a Stripe that never answers costs a command about half a minute.
 NETWORK_RETRIES = 2
 TIMEOUT_SECONDS = 10
+PAGE = 100  # the most Stripe's list endpoints give at once
 # The library does not retry 429, which Stripe answers when the account's request rate is exceeded
 # and asks clients to back off and try again; a request refused with 429 did nothing, so repeating
 # it (a POST too) is safe. urllib3 backs off 0.5, 1, 2, 4, 8 s (or as Retry-After says).
@@ -41,21 +43,30 @@ class StripeUnavailable(Exception):
     """A Stripe API call failed for good; the message is safe to print (no key, no customer data)."""
 
 
-def make_client(settings: Settings) -> stripe.StripeClient:
+def make_client(settings: Settings, background: bool = False) -> stripe.StripeClient:
+    """A client for the commands; `background` (heal, backfill, verify) keeps under STRIPE_API_RATE
+    requests a second: Stripe's limit is for the whole account, and checkout shares it."""
     if not settings.stripe_api_key:
         raise ConfigError("STRIPE_API_KEY is required for this command")
     return stripe.StripeClient(
         settings.stripe_api_key,
         base_addresses={"api": settings.stripe_api_base},
         max_network_retries=NETWORK_RETRIES,
-        http_client=stripe.RequestsClient(timeout=TIMEOUT_SECONDS, session=_session()),
+        http_client=stripe.RequestsClient(
+            timeout=TIMEOUT_SECONDS, session=_session(settings.stripe_api_rate if background else None)
+        ),
     )
 
 
-def _session() -> requests.Session:
+def _session(per_second: int | None) -> requests.Session:
+    adapter = (
+        LimiterAdapter(per_second=per_second, max_retries=RATE_LIMITED)
+        if per_second
+        else HTTPAdapter(max_retries=RATE_LIMITED)
+    )
     session = requests.Session()
     for scheme in ("https://", "http://"):
-        session.mount(scheme, HTTPAdapter(max_retries=RATE_LIMITED))
+        session.mount(scheme, adapter)
     return session
 
 
@@ -78,7 +89,7 @@ def _plain(stripe_object: Any) -> dict[str, Any]:
 
 def list_events(client: stripe.StripeClient, since: int, types: Sequence[str]) -> Iterator[dict[str, Any]]:
     """Every event of the given types created since `since` (Stripe keeps 30 days), newest first."""
-    page = client.v1.events.list(params={"created": {"gte": since}, "types": list(types), "limit": 100})
+    page = client.v1.events.list(params={"created": {"gte": since}, "types": list(types), "limit": PAGE})
     for event in page.auto_paging_iter():
         yield _plain(event)
 
@@ -86,7 +97,7 @@ def list_events(client: stripe.StripeClient, since: int, types: Sequence[str]) -
 def list_customers(client: stripe.StripeClient, after: str | None = None) -> Iterator[dict[str, Any]]:
     """Every live customer (Stripe's list leaves deleted ones out), newest first; with `after`, the
     ones after that customer in this order."""
-    params: CustomerListParams = {"limit": 100}
+    params: CustomerListParams = {"limit": PAGE}
     if after:
         params["starting_after"] = after
     for customer in client.v1.customers.list(params=params).auto_paging_iter():
