@@ -45,6 +45,7 @@ class FakeStripe:
         self.failures: list[Answer] = []  # answered, in order, before anything else ...
         self.fail_from = 0  # ... once this many requests have been answered
         self.requests: list[tuple[str, str]] = []
+        self.request_times: list[float] = []  # monotonic, one per request
         self.api_key = "sk_test_fake"  # the one key this account accepts
         self.clock: int | None = None  # the Date Stripe's answers carry (unix seconds); None: now
         self.delay = 0.0  # seconds each answer over HTTP waits: a slow Stripe
@@ -65,6 +66,7 @@ class FakeStripe:
         query = parse_qsl(parts.query)
         with self._lock:
             self.requests.append((method, parts.path))
+            self.request_times.append(time.monotonic())
             if self.failures and len(self.requests) > self.fail_from:
                 return self.failures.pop(0)
             if headers.get("Authorization", headers.get("authorization", "")) != f"Bearer {self.api_key}":

@@ -114,3 +114,30 @@ def test_constraints_hold(engine: Engine) -> None:
         connection.execute(text("DELETE FROM auth.users WHERE id = :u"), {"u": user_id})
     assert count(engine, "SELECT count(*) FROM stripe_customers") == 0
     assert count(engine, "SELECT count(*) FROM stripe_customers_audit WHERE operation = 'DELETE'") == 1
+
+
+def test_the_events_customer_column_is_added_and_filled_keeping_every_row(engine: Engine) -> None:
+    """A log from before the column: customer events, a checkout naming its customer, an invoice with
+    an expanded customer, and an event about no customer; more rows than one fill batch."""
+    with engine.connect() as connection:
+        connection.execute(text("ALTER TABLE stripe_webhook_events DROP COLUMN stripe_customer_id"))
+        connection.execute(
+            text(
+                "INSERT INTO stripe_webhook_events (id, type, created, payload, status) "
+                "SELECT 'evt_' || n, kind, now(), jsonb_build_object('type', kind, 'data', jsonb_build_object("
+                "'object', CASE kind WHEN 'customer.updated' THEN jsonb_build_object('id', 'cus_' || n) "
+                "WHEN 'checkout.session.completed' THEN jsonb_build_object('customer', 'cus_' || n) "
+                "WHEN 'invoice.paid' THEN jsonb_build_object('customer', jsonb_build_object('id', 'cus_' || n)) "
+                "ELSE '{}'::jsonb END)), 'processed' "
+                "FROM generate_series(1, 12000) AS n, LATERAL (SELECT (ARRAY['customer.updated', "
+                "'checkout.session.completed', 'invoice.paid', 'balance.available'])[n % 4 + 1] AS kind) AS k"
+            )
+        )
+    migrations.migrate(engine, shim=False)
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 12000
+    assert (
+        count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE stripe_customer_id = 'cus_' || substr(id, 5)")
+        == 9000
+    )
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE stripe_customer_id IS NULL") == 3000
+    assert "stripe_webhook_events_customer_idx" in _indexes(engine, "stripe_webhook_events")

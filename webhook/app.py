@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        payload, content_type = metrics.render()
+        payload, content_type = metrics.render(engine)
         return Response(payload, content_type=content_type)
 
     @app.errorhandler(HTTPException)

@@ -30,7 +30,8 @@ from webhook.process import DatabaseUnavailable
 from webhook.prune import prune
 from webhook.replay import replay_from_stripe
 
-LEASE, EVENTS_CURSOR, STATE = "heal_lease", "heal_events", "heal_state"
+LEASE, EVENTS_CURSOR = "heal_lease", "heal_events"
+STATE = jobs_store.HEAL_STATE
 # Stripe lists an event by its `created`, but may make it visible a little later: each round looks
 # this far behind where the last one started.
 OVERLAP_SECONDS = 600
@@ -84,6 +85,7 @@ class Healer:
         finally:
             finished.set()
             heartbeat.join()
+            jobs_store.release_lease(self.engine, LEASE, self.holder)  # the next due round is anyone's
 
     def _heartbeat(self, finished: threading.Event) -> None:
         while not finished.wait(self.lease_seconds / 3):
@@ -102,7 +104,7 @@ class Healer:
             reconcile = self.settings.reconcile_interval
             if reconcile and started - float(state.get("last_reconcile", 0)) >= reconcile and not stop.is_set():
                 self._reconcile(result)
-                state["last_reconcile"] = started
+                state.update(last_reconcile=started, drift_found=result.drift_found, drift_fixed=result.drift_fixed)
             retention = self.settings.event_retention_days
             if retention and started - float(state.get("last_prune", 0)) >= PRUNE_EVERY_SECONDS:
                 result.pruned = prune(self.engine, retention * 86400, stop=stop).deleted

@@ -9,6 +9,8 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+HEAL_STATE = "heal_state"  # JSON: when heal's rounds ran and what the last one found (for /metrics)
+
 
 def saved_cursor(engine: Engine, name: str) -> str | None:
     with engine.connect() as connection:

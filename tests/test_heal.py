@@ -1,0 +1,200 @@
+"""heal: recovery from the Events API, one worker at a time, takeover, rate limit, Stripe storms and
+reconciliation; against a fake Stripe over real HTTP and `heal` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
+
+from tests.fake_stripe import FakeStripe
+from tests.support import SECRET, cli, count, customer_row, deliver, now, settings_for
+from webhook import samples, stripe_api
+from webhook.heal import Healer
+
+KEY = "sk_test_fake"
+
+
+@pytest.fixture
+def fake() -> FakeStripe:
+    return FakeStripe()
+
+
+@pytest.fixture
+def served(fake: FakeStripe) -> Iterator[str]:
+    with fake.serving() as base:
+        yield base
+
+
+def _env(database_url: str, base: str, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "STRIPE_API_KEY": KEY,
+        "STRIPE_API_BASE": base,
+        "RECONCILE_INTERVAL": "0",
+        **extra,
+    }
+
+
+def _missed(fake: FakeStripe, how_many: int, start: int | None = None) -> list[dict[str, Any]]:
+    start = start or now() - 3600
+    events = [
+        samples.event("customer.created", samples.customer(email=f"m{i}@example.com"), created=start + i)
+        for i in range(how_many)
+    ]
+    fake.events.extend(events)
+    return events
+
+
+def _heal(*args: str, **env: str) -> subprocess.Popen[str]:
+    """`heal` in the background; its log (a line per event) goes nowhere, so it never blocks on a
+    full pipe; what it prints on stdout is read at the end."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_") and k != "DATABASE_URL"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "webhook", "heal", *args],
+        env={**base, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def test_heal_recovers_missed_events_and_a_second_round_finds_nothing(
+    fake: FakeStripe, served: str, client: FlaskClient, engine: Engine, database_url: str
+) -> None:
+    events = _missed(fake, 5)
+    for delivered in events[:2]:
+        assert deliver(client, delivered).status_code == 200
+    first = cli("heal", "--once", **_env(database_url, served))
+    assert first.returncode == 0, first.stderr
+    assert "recovered 3 events" in first.stdout
+    for event in events:
+        assert customer_row(engine, event["data"]["object"]["id"]) is not None
+    second = cli("heal", "--once", **_env(database_url, served))
+    assert "recovered 0 events" in second.stdout, second.stdout
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 5
+
+
+def test_two_heal_processes_at_once_apply_each_event_once_and_fetch_each_page_once(
+    fake: FakeStripe, served: str, engine: Engine, database_url: str
+) -> None:
+    _missed(fake, 250)  # three pages
+    fake.delay = 0.3  # long enough for the rounds to overlap
+    both = [_heal("--once", **_env(database_url, served)) for _ in range(2)]
+    said = sorted(process.communicate(timeout=120)[0] for process in both)
+    assert any("another heal process holds the lease" in line for line in said), said
+    assert any("recovered 250 events" in line for line in said), said
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 250
+    assert fake.requests.count(("GET", "/v1/events")) == 3
+
+
+def test_a_killed_heal_is_taken_over_and_heal_stops_on_sigterm(
+    fake: FakeStripe, served: str, engine: Engine, database_url: str
+) -> None:
+    _missed(fake, 600)  # six pages, a second each
+    fake.delay = 1.0
+    env = _env(database_url, served, HEAL_INTERVAL="3s")
+    first = _heal(**env)
+    while fake.requests.count(("GET", "/v1/events")) < 2:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    applied_by_first = count(engine, "SELECT count(*) FROM stripe_webhook_events")
+    second = _heal(**env)
+    try:
+        deadline = time.monotonic() + 60
+        while count(engine, "SELECT count(*) FROM stripe_webhook_events") < 600:
+            assert time.monotonic() < deadline, "the second heal did not take over"
+            time.sleep(0.5)
+    finally:
+        fake.delay = 0
+        stopping = time.monotonic()
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=20)
+    print(f"\nfirst heal applied {applied_by_first} before SIGKILL; the second finished the round")
+    assert second.returncode == 0 and time.monotonic() - stopping < 5
+    assert count(engine, "SELECT count(DISTINCT id) FROM stripe_webhook_events") == 600
+
+
+def test_background_stripe_traffic_stays_under_the_rate(
+    fake: FakeStripe, served: str, engine: Engine, database_url: str
+) -> None:
+    for i in range(1500):
+        fake.add_customer(email=f"r{i}@example.com")
+    result = cli("backfill", **_env(database_url, served, STRIPE_API_RATE="5"))
+    assert result.returncode == 0, result.stderr
+    times = fake.request_times
+    busiest = max(sum(1 for t in times if start <= t < start + 1) for start in times)
+    print(f"\n{len(times)} list requests over {times[-1] - times[0]:.1f} s; busiest second: {busiest}")
+    assert len(times) == 15 and busiest <= 5
+
+
+def test_a_stripe_storm_fails_the_round_and_the_next_succeeds(
+    fake: FakeStripe, engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch, client: FlaskClient
+) -> None:
+    monkeypatch.setattr(stripe_api, "RATE_LIMITED", stripe_api.RATE_LIMITED.new(backoff_factor=0))
+    settings = settings_for(database_url, STRIPE_API_KEY=KEY, RECONCILE_INTERVAL="0")
+    healer = Healer(engine, settings, stripe_api.make_client(settings, background=True))
+    _missed(fake, 3)
+    for storm in (
+        [(500, {"error": {"type": "api_error", "message": "down"}})] * 3,
+        [(429, {"error": {"type": "rate_limit_error", "message": "slow down"}})] * 6,
+    ):
+        fake.failures = list(storm)
+        with fake.mocked():
+            failed = healer.run_round()
+        assert failed is not None and failed.error, failed
+        assert "stripe_heal_last_round_failed 1.0" in client.get("/metrics").get_data(as_text=True)
+    with fake.mocked():
+        recovered = healer.run_round()
+    assert recovered is not None and recovered.error is None and recovered.recovered == 3
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "stripe_heal_last_round_failed 0.0" in metrics
+    assert "stripe_heal_last_round_recovered_events 3.0" in metrics
+
+
+def test_reconciliation_fixes_a_hand_edit_and_a_silent_deletion(
+    fake: FakeStripe, served: str, engine: Engine, database_url: str
+) -> None:
+    kept, gone = fake.add_customer(email="kept@example.com"), fake.add_customer(email="gone@example.com")
+    for i in range(10):
+        fake.add_customer(email=f"other{i}@example.com")
+    assert cli("backfill", **_env(database_url, served)).returncode == 0
+    with engine.connect() as connection:
+        connection.execute(
+            text("UPDATE stripe_customers SET customer_email = 'typo@example.com' WHERE stripe_customer_id = :c"),
+            {"c": kept["id"]},
+        )
+    fake.delete_customer(gone["id"])  # deleted in Stripe, and no event says so
+
+    result = cli("heal", "--once", **_env(database_url, served, RECONCILE_INTERVAL="1s"))
+    assert "drift 2 found, 2 fixed" in result.stdout, result.stdout + result.stderr
+    assert customer_row(engine, kept["id"])["customer_email"] == "kept@example.com"  # type: ignore[index]
+    assert customer_row(engine, gone["id"]) is None
+
+
+def test_metrics_show_failed_events_and_the_last_processed_event(
+    client: FlaskClient, engine: Engine, database_url: str
+) -> None:
+    assert deliver(client, samples.event("customer.created", samples.customer())).status_code == 200
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO stripe_webhook_events (id, type, created, payload, status, received_at) "
+                "VALUES ('evt_failed_old', 'customer.updated', now(), '{}', 'failed', now() - interval '2 hours')"
+            )
+        )
+    metrics = client.get("/metrics").get_data(as_text=True)
+    lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line[:1] != "#"}
+    assert lines["stripe_webhook_failed_events"] == 1
+    assert 7190 < lines["stripe_webhook_oldest_failed_event_age_seconds"] < 7300
+    assert lines["stripe_webhook_seconds_since_last_processed_event"] < 60
