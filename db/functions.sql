@@ -22,7 +22,8 @@ SELECT public.stripe_create_trigger('stripe_customers_touch',
   'BEFORE UPDATE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_touch()');
 
 -- A trigger, not the consumer, writes the audit so that changes made by hand are caught too.
--- stripe_webhook.event_id is set transaction-locally by stripe_apply_event.
+-- stripe_webhook.event_id is set transaction-locally by stripe_apply_event; stripe_webhook.actor
+-- (support:<name>) by the console's actions, so the audit names the person who acted.
 CREATE OR REPLACE FUNCTION public.stripe_customers_audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   v_row public.stripe_customers := CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
@@ -32,7 +33,8 @@ BEGIN
   VALUES (v_row.stripe_customer_id, v_row.user_id, TG_OP,
           CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
           CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
-          nullif(current_setting('stripe_webhook.event_id', true), ''), current_user);
+          nullif(current_setting('stripe_webhook.event_id', true), ''),
+          coalesce(nullif(current_setting('stripe_webhook.actor', true), ''), current_user));
   RETURN NULL;
 END $$;
 SELECT public.stripe_create_trigger('stripe_customers_audit',

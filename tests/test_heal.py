@@ -88,7 +88,7 @@ def test_two_heal_processes_at_once_apply_each_event_once_and_fetch_each_page_on
     fake: FakeStripe, served: str, engine: Engine, database_url: str
 ) -> None:
     _missed(fake, 250)  # three pages
-    fake.delay = 0.3  # long enough for the rounds to overlap
+    fake.delay = 1.0  # a round takes seconds: longer than the two processes' start-up differs
     both = [_heal("--once", **_env(database_url, served)) for _ in range(2)]
     said = sorted(process.communicate(timeout=120)[0] for process in both)
     assert any("another heal process holds the lease" in line for line in said), said
@@ -104,7 +104,9 @@ def test_a_killed_heal_is_taken_over_and_heal_stops_on_sigterm(
     fake.delay = 1.0
     env = _env(database_url, served, HEAL_INTERVAL="3s")
     first = _heal(**env)
+    deadline = time.monotonic() + 30
     while fake.requests.count(("GET", "/v1/events")) < 2:
+        assert time.monotonic() < deadline, "the first heal never listed events"
         time.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     first.wait()

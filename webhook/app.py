@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from webhook import metrics
+from webhook import console, metrics
 from webhook.config import Settings, load_settings
 from webhook.logs import configure_logging, log
 from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
@@ -138,5 +138,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             metrics.REJECTED.labels(status="413").inc()
         return _answer(status, error=error.name.lower())
 
+    console.install(app, engine, settings)
     app.wsgi_app = webhook_fast_lane(app.wsgi_app, engine, settings)  # type: ignore[method-assign,assignment]
     return app

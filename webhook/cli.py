@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 the work found failures or drift, 2 bad usage or configura
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import stripe
 from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.security import generate_password_hash
 
 from webhook import embedded, migrations, samples, stripe_api
-from webhook.config import ConfigError, Settings, load_settings, parse_duration
+from webhook.config import SUPPORT_NAME, ConfigError, Settings, load_settings, parse_duration
 from webhook.customers import UnknownUser, ensure_customer
 from webhook.jobs_cli import add_commands, engine_for
 from webhook.process import DatabaseUnavailable, describe
@@ -174,6 +176,19 @@ def cmd_ensure_customer(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_support_user(settings: Settings, args: argparse.Namespace) -> int:
+    if not SUPPORT_NAME.fullmatch(args.name):
+        raise UsageError("a support name is 1 to 64 letters, digits, _ . @ or -")
+    password = getpass.getpass(f"password for {args.name}: ")
+    if len(password) < 12:
+        raise UsageError("a support password has at least 12 characters")
+    if getpass.getpass("again: ") != password:
+        raise UsageError("the two passwords differ")
+    # Salted and slow (scrypt); the password itself is never stored or printed.
+    print(f"{args.name}:{generate_password_hash(password)}")
+    return EXIT_OK
+
+
 def _user_id(text: str) -> str:
     import uuid
 
@@ -219,6 +234,10 @@ def _parser() -> argparse.ArgumentParser:
     replay.set_defaults(run=cmd_replay)
 
     add_commands(commands, duration)
+
+    support = commands.add_parser("support-user", help="print a SUPPORT_USERS entry (asks for the password twice)")
+    support.add_argument("name", help="the person's sign-in name (letters, digits, _ . @ -)")
+    support.set_defaults(run=cmd_support_user)
 
     ensure = commands.add_parser("ensure-customer", help="print (creating if needed) a user's Stripe customer")
     ensure.add_argument("--user-id", required=True, type=_user_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class Settings:
     reconcile_interval: int = 86400  # seconds; 0: never
     event_retention_days: int = 90  # 0: keep every event
     stripe_api_rate: int = 20  # requests per second for background work
+    support_users: tuple[tuple[str, str], ...] = ()  # (name, password hash); empty: no console
+    support_session_secret: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -84,6 +87,22 @@ def _duration(env: Mapping[str, str], name: str, default: int, minimum: int = 0)
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum} s")
     return value
+
+
+SUPPORT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def _support_users(raw: str) -> tuple[tuple[str, str], ...]:
+    """`name:hash,…` as `support-user NAME` prints them (Werkzeug's salted hashes)."""
+    users = []
+    for entry in (part.strip() for part in raw.split(",") if part.strip()):
+        name, _, hashed = entry.partition(":")
+        if not SUPPORT_NAME.fullmatch(name) or not hashed.startswith(("scrypt:", "pbkdf2:")):
+            raise ConfigError("SUPPORT_USERS must be name:hash entries made by `python -m webhook support-user NAME`")
+        users.append((name, hashed))
+    if len({name for name, _ in users}) != len(users):
+        raise ConfigError("SUPPORT_USERS names one person twice")
+    return tuple(users)
 
 
 def _database_url(env: Mapping[str, str]) -> str | None:
@@ -172,4 +191,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_interval=_duration(env, "RECONCILE_INTERVAL", 86400),
         event_retention_days=_int(env, "EVENT_RETENTION_DAYS", 90),
         stripe_api_rate=_int(env, "STRIPE_API_RATE", 20, minimum=1),
+        support_users=_support_users(env.get("SUPPORT_USERS", "")),
+        support_session_secret=env.get("SUPPORT_SESSION_SECRET", "").strip() or None,
     )

@@ -149,3 +149,13 @@ def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
         for drift in drifts
     ]
     return store.apply_customers(engine, changes, "api", as_of) if changes else []
+
+
+def resync(engine: Engine, client: stripe.StripeClient, customer_id: str, user_id_key: str, actor: str) -> str:
+    """Apply Stripe's current state of one customer, as `verify --fix` does for a drifted row
+    (sync.source 'api'; a row an event set after the read is left alone): 'processed' or 'stale'."""
+    as_of = int(time.time())
+    remote = stripe_api.retrieve_customer(client, customer_id)
+    gone = remote is None or bool(remote.get("deleted"))
+    change = CustomerChange(action="delete", id=customer_id) if gone else customer_state(remote or {}, user_id_key)
+    return store.apply_customers(engine, [change.as_json()], "api", as_of, actor)[0]

@@ -78,7 +78,10 @@ def unavailable(engine: Engine, error: BaseException, kind: str) -> DatabaseUnav
     return DatabaseUnavailable(reason)
 
 
-def process_event(engine: Engine, event: Event, settings: Settings, source: str = "webhook") -> Outcome:
+def process_event(
+    engine: Engine, event: Event, settings: Settings, source: str = "webhook", actor: str | None = None
+) -> Outcome:
+    """Apply one verified event; `actor` names a person acting from the support console (audit)."""
     started = time.perf_counter()
     change = change_for(event, settings)
     if change is not None and settings.refetch == "always" and change.action != "link":
@@ -86,15 +89,15 @@ def process_event(engine: Engine, event: Event, settings: Settings, source: str 
         # be read in time, the event's own state goes through the ordering rules instead.
         fresh = refetch.customer_now(settings, change.id)
         change, source = (change, source) if fresh is None else (fresh, "api")
-    result = _apply(engine, event, change, source)
+    result = _apply(engine, event, change, source, actor)
     if result == "tie":
         # Neither the type nor previous_attributes could order two same-second events: ask Stripe.
         fresh = refetch.customer_now(settings, change.id) if change and settings.refetch != "never" else None
         if fresh is not None:
-            result = _apply(engine, event, fresh, "api") + "/stripe"
+            result = _apply(engine, event, fresh, "api", actor) + "/stripe"
         else:
             assert change is not None  # only a customer change can tie
-            result = _apply(engine, event, replace(change, tie="unsettled"), source)
+            result = _apply(engine, event, replace(change, tie="unsettled"), source, actor)
     status, _, settled_by = result.partition("/")
     outcome = Outcome(status)
     if settled_by:
@@ -115,7 +118,7 @@ def process_event(engine: Engine, event: Event, settings: Settings, source: str 
     return outcome
 
 
-def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: str) -> str:
+def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: str, actor: str | None) -> str:
     """One call of stripe_apply_event. A pooled connection that the server dropped (a restart, a
     failover) is not an outage: the pool forgets every connection that old and the event is tried
     once more on a new one. Only when that fails too is the database unreachable."""
@@ -126,7 +129,7 @@ def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: 
         except (psycopg2.Error, SQLAlchemyError) as error:  # no connection, or the pool stayed full for pool_timeout
             raise unavailable(engine, error, "connect") from error
         try:
-            return store.apply_event(connection, event.payload, change_json, source)
+            return store.apply_event(connection, event.payload, change_json, source, actor)
         except Exception as error:
             if store.connection_lost(engine, connection, error):
                 if attempt == 1:

@@ -37,10 +37,16 @@ class ReplaySummary:
         return f"replayed {total}: {parts or 'nothing to do'}{skipped}"
 
 
-def _run(engine: Engine, events: Iterable[tuple[str, str]], settings: Settings, summary: ReplaySummary) -> None:
+def _run(
+    engine: Engine,
+    events: Iterable[tuple[str, str]],
+    settings: Settings,
+    summary: ReplaySummary,
+    actor: str | None = None,
+) -> None:
     for event_id, payload in events:
         try:
-            outcome = process_event(engine, parse_event(payload), settings, source="replay").value
+            outcome = process_event(engine, parse_event(payload), settings, source="replay", actor=actor).value
         except (ProcessingFailed, RejectedDelivery) as failure:
             outcome = "failed"
             summary.failures.append(f"{event_id}: {failure}")
@@ -48,12 +54,18 @@ def _run(engine: Engine, events: Iterable[tuple[str, str]], settings: Settings, 
 
 
 def replay_stored(
-    engine: Engine, settings: Settings, *, event_id: str | None, status: str, since_seconds: int | None
+    engine: Engine,
+    settings: Settings,
+    *,
+    event_id: str | None,
+    status: str,
+    since_seconds: int | None,
+    actor: str | None = None,
 ) -> ReplaySummary:
     with engine.connect() as connection:
         selected = store.select_events(connection, event_id=event_id, status=status, since_seconds=since_seconds)
     summary = ReplaySummary()
-    _run(engine, selected, settings, summary)
+    _run(engine, selected, settings, summary, actor)
     return summary
 
 

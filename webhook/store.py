@@ -91,14 +91,21 @@ BUSY = {"55P03", "57014", "40P01", "40001", "53300", "57P03"}
 # SQLAlchemy's statement layer (Connection, compiled text(), CursorResult) was a quarter of a
 # worker's CPU per event (py-spy; README, Performance); the pool, its limits and recovery stay.
 _APPLY_EVENT = STATEMENT_TIMEOUT + "SELECT public.stripe_apply_event(%s::jsonb, %s::jsonb, %s)"
+# A person acting from the support console: the audit trigger names them (transaction-local).
+_ACTING = "SELECT set_config('stripe_webhook.actor', %s, true); "
 
 
-def apply_event(connection: PoolProxiedConnection, payload: str, change: dict[str, Any] | None, source: str) -> str:
+def apply_event(
+    connection: PoolProxiedConnection, payload: str, change: dict[str, Any] | None, source: str, actor: str | None
+) -> str:
     """Log, deduplicate and apply one event in one statement; returns the outcome's name."""
     change_json = None if change is None else _jsonb_text(json.dumps(change))
     cursor = connection.cursor()
     try:
-        cursor.execute(_APPLY_EVENT, (_jsonb_text(payload), change_json, source))
+        if actor:
+            cursor.execute(_ACTING + _APPLY_EVENT, (actor, _jsonb_text(payload), change_json, source))
+        else:
+            cursor.execute(_APPLY_EVENT, (_jsonb_text(payload), change_json, source))
         return str(cursor.fetchall()[0][0])
     finally:
         cursor.close()
@@ -171,9 +178,12 @@ _APPLY_CUSTOMERS = text(
     ORDER BY change.position
     """
 )
+_APPLY_CUSTOMERS_ACTING = text("SELECT set_config('stripe_webhook.actor', :actor, true);" + _APPLY_CUSTOMERS.text)
 
 
-def apply_customers(engine: Engine, changes: list[dict[str, Any]], source: str, as_of: int) -> list[str]:
+def apply_customers(
+    engine: Engine, changes: list[dict[str, Any]], source: str, as_of: int, actor: str | None = None
+) -> list[str]:
     """Apply customer states read from the Stripe API at `as_of` (unix seconds), in one statement
     and one transaction; a row that a newer event already set is left alone ('stale')."""
     # Sorted, so concurrent batches take their customer locks in one order. A webhook that holds
@@ -183,7 +193,8 @@ def apply_customers(engine: Engine, changes: list[dict[str, Any]], source: str, 
         try:
             with engine.connect() as connection:
                 result = connection.execute(
-                    _APPLY_CUSTOMERS, {"changes": changes_json, "source": source, "as_of": as_of}
+                    _APPLY_CUSTOMERS_ACTING if actor else _APPLY_CUSTOMERS,
+                    {"changes": changes_json, "source": source, "as_of": as_of, "actor": actor},
                 )
                 return [str(outcome) for outcome in result.scalars()]
         except OperationalError as error:

@@ -1,0 +1,185 @@
+"""The support console without a browser: who may see what, CSRF, throttling, escaping, logs, the
+query plans behind a customer's page, and support-user. tests/test_console_browser.py drives it in
+Chromium."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
+from werkzeug.security import generate_password_hash
+
+from tests.support import add_user, deliver, event_row, failing_writes, settings_for
+from webhook import console_store, samples
+from webhook.app import create_app
+
+PASSWORD = "correct horse battery staple"
+USERS = f"alice:{generate_password_hash(PASSWORD)},bob:{generate_password_hash('another long password')}"
+
+
+@pytest.fixture
+def console(database_url: str, engine: Engine) -> Iterator[FlaskClient]:
+    app = create_app(settings_for(database_url, SUPPORT_USERS=USERS), engine)
+    yield app.test_client()
+
+
+def _csrf(client: FlaskClient, path: str = "/support/signin") -> str:
+    page = client.get(path).get_data(as_text=True)
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found, page
+    return found.group(1)
+
+
+def sign_in(client: FlaskClient, name: str = "alice", password: str = PASSWORD) -> int:
+    answer = client.post("/support/signin", data={"name": name, "password": password, "csrf_token": _csrf(client)})
+    return answer.status_code
+
+
+URLS = [
+    ("GET", "/support/"),
+    ("GET", "/support/?q=someone@example.com"),
+    ("GET", "/support/customers/cus_Anything"),
+    ("GET", "/support/users/7d0f6a5e-1b9a-4d47-9d55-3f0d3c1f0a11"),
+    ("GET", "/support/failed"),
+    ("POST", "/support/events/evt_1/replay"),
+    ("POST", "/support/failed/replay"),
+    ("POST", "/support/customers/cus_Anything/resync"),
+    ("POST", "/support/signout"),
+]
+
+
+def test_nothing_answers_without_a_session(console: FlaskClient) -> None:
+    for method, url in URLS:
+        answer = console.open(url, method=method, data={"csrf_token": _csrf(console)})
+        assert answer.status_code in (302, 401), (method, url, answer.status_code)
+        if answer.status_code == 302:
+            assert answer.headers["Location"].endswith("/support/signin")
+        assert "cus_" not in answer.get_data(as_text=True) or url.endswith("resync")  # echoes nothing
+    assert console.get("/support/signin").headers["Cache-Control"] == "no-store"
+
+
+def test_the_console_is_off_without_support_users(client: FlaskClient) -> None:
+    assert client.get("/support/").status_code == 404
+    assert client.get("/support/signin").status_code == 404
+
+
+def test_a_post_without_the_right_csrf_token_changes_nothing(console: FlaskClient, engine: Engine) -> None:
+    event = samples.event("customer.created", samples.customer())
+    with failing_writes(engine, "public.stripe_customers", "BEFORE"):
+        assert deliver(console, event).status_code == 500
+    assert sign_in(console) == 302
+    for token in ({}, {"csrf_token": "forged"}):
+        assert console.post(f"/support/events/{event['id']}/replay", data=token).status_code == 400
+        assert console.post("/support/failed/replay", data=token).status_code == 400
+    assert event_row(engine, event["id"])["status"] == "failed"  # type: ignore[index]
+    replayed = console.post(f"/support/events/{event['id']}/replay", data={"csrf_token": _csrf(console, "/support/")})
+    assert replayed.status_code == 302
+    assert event_row(engine, event["id"])["status"] == "processed"  # type: ignore[index]
+    audit = text("SELECT changed_by FROM stripe_customers_audit WHERE stripe_customer_id = :c")
+    with engine.connect() as connection:
+        assert connection.execute(audit, {"c": event["data"]["object"]["id"]}).scalar_one() == "support:alice"
+
+
+def test_failed_sign_ins_are_turned_away_and_never_logged(
+    console: FlaskClient, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with caplog.at_level(logging.INFO, logger="webhook"):
+        for _ in range(5):
+            assert sign_in(console, password="wrong password guess") == 401
+        # The count is in the database: every worker and host refuses now, the right password too.
+        assert sign_in(console) == 429
+        assert sign_in(console, "bob", "another long password") == 302  # others are not locked out
+    logged = caplog.text + capfd.readouterr().err
+    assert "wrong password guess" not in logged and PASSWORD not in logged
+
+
+def test_sessions_end_on_sign_out_and_when_the_password_changes(database_url: str, engine: Engine) -> None:
+    app = create_app(settings_for(database_url, SUPPORT_USERS=USERS), engine)
+    client = app.test_client()
+    assert sign_in(client) == 302 and client.get("/support/failed").status_code == 200
+    cookie = client.get_cookie("support_session")
+    assert cookie is not None
+    client.post("/support/signout", data={"csrf_token": _csrf(client, "/support/")})
+    assert client.get("/support/failed").status_code == 302
+
+    assert sign_in(client) == 302
+    changed = f"alice:{generate_password_hash('a brand new long password')}"
+    other_app = create_app(settings_for(database_url, SUPPORT_USERS=changed), engine)
+    stolen = other_app.test_client()
+    stolen.set_cookie("support_session", client.get_cookie("support_session").value)  # type: ignore[union-attr]
+    assert stolen.get("/support/failed").status_code == 302
+
+
+def test_html_in_a_customers_name_is_shown_as_text(console: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer(name="<script>alert(1)</script>", metadata={"note": "<img src=x onerror=alert(2)>"})
+    deliver(console, samples.event("customer.created", customer))
+    assert sign_in(console) == 302
+    page = console.get(f"/support/customers/{customer['id']}").get_data(as_text=True)
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img src=x" not in page
+
+
+def test_search_by_every_kind_of_key(console: FlaskClient, engine: Engine) -> None:
+    user_id = add_user(engine, email="Paid.User@example.com")
+    customer = samples.customer(email="Paid.User@example.com", metadata={"user_id": user_id})
+    event = samples.event("customer.created", customer)
+    deliver(console, event)
+    lonely = add_user(engine, email="lonely@example.com")
+    assert sign_in(console) == 302
+    page = f"/support/customers/{customer['id']}"
+    for query in ("paid.user@EXAMPLE.com", user_id, customer["id"]):
+        assert console.get("/support/", query_string={"q": query}, follow_redirects=True).request.path == page
+    by_event = console.get("/support/", query_string={"q": event["id"]})
+    assert by_event.headers["Location"] == f"{page}#{event['id']}"
+    no_customer = console.get("/support/", query_string={"q": lonely}, follow_redirects=True).get_data(as_text=True)
+    assert "No Stripe customer is linked" in no_customer
+
+
+def test_no_email_in_any_log_line(console: FlaskClient, engine: Engine, capfd: pytest.CaptureFixture[str]) -> None:
+    customer = samples.customer(email="private.person@example.com")
+    deliver(console, samples.event("customer.created", customer))
+    assert sign_in(console) == 302
+    console.get("/support/", query_string={"q": "private.person@example.com"}, follow_redirects=True)
+    assert "private.person" not in capfd.readouterr().err
+
+
+def test_a_customers_page_reads_by_index(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SET enable_seqscan = off"))  # a tiny table would be scanned anyway
+        for sql in (console_store.EVENTS_OF, console_store.AUDIT_OF):
+            plan = connection.execute(text("EXPLAIN " + sql), {"id": "cus_X", "limit": 200}).scalars().all()
+            assert any("Index Scan" in line for line in plan), plan
+            assert not any("Seq Scan" in line for line in plan), plan
+        connection.execute(text("RESET enable_seqscan"))
+
+
+def test_support_user_prints_a_salted_hash_and_never_the_password(database_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "webhook", "support-user", "carol"],
+        input=f"{PASSWORD}\n{PASSWORD}\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": "whsec_x", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    name, _, hashed = result.stdout.strip().partition(":")
+    assert name == "carol" and hashed.startswith("scrypt:") and PASSWORD not in result.stdout + result.stderr
+    app = create_app(settings_for(database_url, SUPPORT_USERS=result.stdout.strip()))
+    assert sign_in(app.test_client(), "carol") == 302
+    mismatch = subprocess.run(
+        [sys.executable, "-m", "webhook", "support-user", "carol"],
+        input=f"{PASSWORD}\nsomething else entirely\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": "whsec_x", "PATH": "/usr/bin:/bin"},
+    )
+    assert mismatch.returncode == 2 and json.dumps(PASSWORD) not in mismatch.stderr
