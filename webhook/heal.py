@@ -116,6 +116,8 @@ class Healer:
             result.error = f"database: {type(error).__name__}"
         except FixRefused as refusal:
             result.error = f"reconcile refused: {refusal}"
+        if stop.is_set():  # stopped part-way: the round is still due, for whichever process is next
+            return result
         state.update(last_round=started, round=asdict(result))
         jobs_store.save_cursor(self.engine, STATE, json.dumps(state))
         log(logging.ERROR if result.error else logging.INFO, result.line(), holder=self.holder)
