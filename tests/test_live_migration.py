@@ -8,7 +8,9 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from tests.server import gunicorn, post_event
 from tests.support import SECRET, cli
@@ -97,3 +99,28 @@ def test_migrations_beside_live_traffic_fail_no_delivery(database_url: str, engi
         assert connection.execute(
             text("SELECT indisvalid FROM pg_index WHERE indexrelid = 'stripe_customers_email_lower_idx'::regclass")
         ).scalar_one()
+
+
+def test_an_index_build_interrupted_earlier_is_built_again(database_url: str, engine: Engine) -> None:
+    # A failed CREATE INDEX CONCURRENTLY leaves an invalid index of that name; IF NOT EXISTS alone
+    # would keep it for ever. Here a unique build over a duplicated email fails half-way.
+    valid = text("SELECT indisvalid FROM pg_index WHERE indexrelid = 'stripe_customers_email_lower_idx'::regclass")
+    with engine.connect() as connection:
+        connection.execute(text("DROP INDEX stripe_customers_email_lower_idx"))
+        connection.execute(
+            text(
+                "INSERT INTO stripe_customers (stripe_customer_id, customer_email) "
+                "VALUES ('cus_A', 'x@example.com'), ('cus_B', 'x@example.com')"
+            )
+        )
+        with pytest.raises(DBAPIError):
+            connection.execute(
+                text(
+                    "CREATE UNIQUE INDEX CONCURRENTLY stripe_customers_email_lower_idx "
+                    "ON stripe_customers (lower(customer_email))"
+                )
+            )
+        assert connection.execute(valid).scalar_one() is False
+    assert _migrate(database_url).returncode == 0
+    with engine.connect() as connection:
+        assert connection.execute(valid).scalar_one() is True

@@ -103,9 +103,10 @@ def steps(path: Path) -> list[Step]:
 def _run(connection: Connection, step: Step) -> None:
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
-            if step.index and index_valid(connection, step.index):
+            valid = index_valid(connection, step.index) if step.index else None
+            if valid:
                 return  # built: CREATE INDEX CONCURRENTLY would still lock the table, briefly
-            if step.index and index_valid(connection, step.index) is False:
+            if valid is False:
                 # A build interrupted earlier (a lock timeout, say) leaves an invalid index behind.
                 run_sql(connection, f"DROP INDEX CONCURRENTLY IF EXISTS public.{step.index}", LOCK_TIMEOUT)
             while run_sql(connection, step.sql, LOCK_TIMEOUT) > 0 and step.repeat:
