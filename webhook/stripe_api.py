@@ -22,7 +22,7 @@ TIMEOUT_SECONDS = 10
 PAGE = 100  # the most Stripe's list endpoints give at once
 # The library does not retry 429, which Stripe answers when the account's request rate is exceeded
 # and asks clients to back off and try again; a request refused with 429 did nothing, so repeating
-# it (a POST too) is safe. urllib3 backs off 0.5, 1, 2, 4, 8 s (or as Retry-After says).
+# it (a POST too) is safe. urllib3 waits 0, 1, 2, 4, 8 s between tries (or as Retry-After says).
 RATE_LIMITED = Retry(
     total=None,
     connect=0,
