@@ -33,8 +33,9 @@ from typing import Any
 import psutil
 import stripe
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
-from bench import load, wrk
+from bench import load, peer, wrk
 from webhook import migrations, samples, store
 from webhook.cli import gunicorn_command
 from webhook.handlers import customer_state
@@ -112,13 +113,24 @@ def _postgres() -> list[psutil.Process]:
     return [process for process in psutil.process_iter(["name"]) if process.info["name"] == "postgres"]
 
 
-def _full_load(port: int, server: subprocess.Popen[bytes], args: argparse.Namespace) -> dict[str, float]:
+def _wal_lsn(engine: Engine | None) -> int | None:
+    if engine is None:
+        return None
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT pg_current_wal_lsn() - '0/0'")).scalar_one())
+
+
+def _full_load(
+    port: int, server: subprocess.Popen[bytes], args: argparse.Namespace, engine: Engine | None = None
+) -> dict[str, float]:
     """Closed-loop load from args.connections keep-alive clients (wrk when installed), and the CPU
-    the server's workers and Postgres spent per event meanwhile."""
-    workers = psutil.Process(server.pid).children()
+    the server's workers (or the server itself, when it has none) and Postgres spent per event
+    meanwhile, and with an engine the WAL bytes per event."""
+    workers = psutil.Process(server.pid).children() or [psutil.Process(server.pid)]
     # wrk needs more distinct events than the baseline can take, or it sends some twice.
     bodies = _signed_events(int(args.seconds * 4000) if wrk.available() else args.events, 3000)
     before = {"server": _cpu_seconds(workers), "postgres": _cpu_seconds(_postgres())}
+    wal_before = _wal_lsn(engine)
     if wrk.available():
         row = wrk.run(port, bodies, args.connections, args.seconds)
     else:
@@ -128,6 +140,9 @@ def _full_load(port: int, server: subprocess.Popen[bytes], args: argparse.Namesp
         after = _cpu_seconds(processes)
         used = sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after.items())
         row[f"{name} CPU ms/event"] = used / events * 1000
+    wal_after = _wal_lsn(engine)
+    if wal_before is not None and wal_after is not None:
+        row["WAL bytes/event"] = (wal_after - wal_before) / events
     return row
 
 
@@ -156,7 +171,9 @@ def end_to_end(engine: Engine, database_url: str, args: argparse.Namespace) -> l
         try:
             load.run(port, _signed_events(500, 100), args.connections, 2, None, 10)  # warm up
             # The machine is noisy (a round can lose a third for no reason of ours): the median round.
-            rounds = sorted((_full_load(port, server, args) for _ in range(args.rounds)), key=lambda r: r["events/s"])
+            rounds = sorted(
+                (_full_load(port, server, args, engine) for _ in range(args.rounds)), key=lambda r: r["events/s"]
+            )
             rows.append({"what": f"{name}, all it can take (median of {args.rounds})", **rounds[len(rounds) // 2]})
             # wrk cannot pace, so the fixed rate comes from the Python generator, for both apps.
             paced = _signed_events(int(args.rate * args.seconds), 3000)
@@ -171,6 +188,41 @@ def end_to_end(engine: Engine, database_url: str, args: argparse.Namespace) -> l
             server.terminate()
             server.wait()
     return rows
+
+
+def peer_end_to_end(database_url: str, args: argparse.Namespace) -> dict[str, Any] | str:
+    """stripe-sync-engine on a database of its own on the same server, under the same load; its
+    rows are counted afterwards, so a peer answering 200 without writing cannot count."""
+    modules = peer.install()
+    if isinstance(modules, str):
+        return modules
+    peer_url = _scratch_database(database_url, "bench_peer")
+    engine = store.make_engine(peer_url, pool_size=1)
+    port = _free_port()
+    server = peer.serve(modules, peer_url, SECRET, port)
+    try:
+        load.run(port, _signed_events(500, 100), args.connections, 2, None, 10)  # warm up
+        rounds = sorted(
+            (_full_load(port, server, args, engine) for _ in range(args.rounds)), key=lambda r: r["events/s"]
+        )
+    finally:
+        server.terminate()
+        server.wait()
+    written = peer.customers_written(engine)
+    engine.dispose()
+    return {
+        "what": f"{peer.NAME}, all it can take (median of {args.rounds}; {written:,} customers written)",
+        **rounds[len(rounds) // 2],
+    }
+
+
+def _scratch_database(database_url: str, name: str) -> str:
+    admin = store.make_engine(database_url, pool_size=1)
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return str(make_url(database_url).set(database=name).render_as_string(hide_password=False))
 
 
 def pgbench_ceiling(database_url: str, seconds: int) -> float | None:
@@ -315,6 +367,11 @@ def main() -> None:
     )
     clean()
     e2e = end_to_end(engine, database_url, args)
+    measured_peer = peer_end_to_end(database_url, args)
+    if isinstance(measured_peer, str):
+        print(f"{peer.NAME} skipped: {measured_peer}\n")
+    else:
+        e2e.append(measured_peer)
     print(_table(e2e))
     print(
         f"\nratio consumer/baseline: {e2e[2]['events/s'] / e2e[0]['events/s']:.2f} at saturation, "
