@@ -18,6 +18,7 @@ from werkzeug.security import generate_password_hash
 from tests.support import add_user, deliver, event_row, failing_writes, settings_for
 from webhook import console_store, samples
 from webhook.app import create_app
+from webhook.console.timeline import dashboard_url, state_of
 
 PASSWORD = "correct horse battery staple"
 USERS = f"alice:{generate_password_hash(PASSWORD)},bob:{generate_password_hash('another long password')}"
@@ -179,3 +180,19 @@ def test_support_user_prints_a_salted_hash_and_never_the_password(database_url: 
     assert sign_in(app.test_client(), "carol") == 302
     mismatch = _support_user(database_url, f"{PASSWORD}\nsomething else entirely\n")
     assert mismatch.returncode == 2 and "differ" in mismatch.stderr and PASSWORD not in mismatch.stderr
+
+
+def test_an_unlinked_row_and_an_unsettled_tie_stand_out_in_words() -> None:
+    unlinked = {
+        "user_id": None,
+        "customer_metadata": {"sync": {"note": "that user is already linked to another customer"}},
+    }
+    tie = {"user_id": "u1", "customer_metadata": {"sync": {"note": "tie not settled: evt_1"}}}
+    fine = {"user_id": "u1", "customer_metadata": {"sync": {"status": "synced"}}}
+    said = state_of(unlinked, None, None)
+    assert said.alarming and said.headline == "Not linked to any user" and "already linked" in (said.note or "")
+    assert state_of(tie, {"email": "a@example.com"}, None).alarming
+    assert not state_of(fine, {"email": "a@example.com"}, None).alarming
+    assert state_of(None, None, {"event_id": "evt_1"}).headline.startswith("Deleted")
+    assert dashboard_url("cus_1", livemode=False) == "https://dashboard.stripe.com/test/customers/cus_1"
+    assert dashboard_url("cus_1", livemode=True) == "https://dashboard.stripe.com/customers/cus_1"
