@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -104,3 +112,32 @@ def test_pruning_100000_events_beside_live_deliveries(database_url: str, engine:
     assert pruned.stdout.startswith("pruned 100000 settled events"), pruned.stdout + pruned.stderr
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE id LIKE 'evt_old%'") == 0
     assert latencies[-1] < 1.0  # nothing waited behind the prune (machine noise aside: see the printed figures)
+
+
+def test_a_progress_bar_on_a_terminal_and_only_the_summary_otherwise(database_url: str, engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO stripe_webhook_events (id, type, created, payload, status, received_at) "
+                "SELECT 'evt_bar' || n, 'customer.updated', now(), '{}', 'processed', now() - interval '200 days' "
+                "FROM generate_series(1, 3000) AS n"
+            )
+        )
+    env = {**os.environ, "DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET}
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty has no width
+    with subprocess.Popen(
+        [sys.executable, "-m", "webhook", "prune"], env=env, stdout=subprocess.PIPE, stderr=follower
+    ) as pruning:
+        os.close(follower)
+        terminal = b""
+        with contextlib.suppress(OSError):  # EIO once the child has closed its end
+            while chunk := os.read(leader, 4096):
+                terminal += chunk
+        summary = pruning.stdout.read().decode()  # type: ignore[union-attr]
+    os.close(leader)
+    assert summary.startswith("pruned 3000 settled events")
+    assert b"\rprune: " in terminal and b"events" in terminal, terminal[-300:]  # tqdm's bar, on stderr
+
+    piped = cli("prune", "--dry-run", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET=SECRET)
+    assert piped.stderr == "" and piped.stdout.startswith("would prune 0 settled events")
