@@ -25,20 +25,14 @@ from werkzeug.security import generate_password_hash
 from webhook import embedded, migrations, samples, stripe_api
 from webhook.config import SUPPORT_NAME, ConfigError, Settings, load_settings, parse_duration
 from webhook.customers import UnknownUser, ensure_customer
-from webhook.jobs_cli import add_commands, engine_for
+from webhook.jobs_cli import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_commands, engine_for
 from webhook.process import DatabaseUnavailable, describe
 from webhook.replay import ReplaySummary, replay_from_stripe, replay_stored
 from webhook.store import describe_target, make_engine
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
-
 
 class UsageError(Exception):
     """Bad usage found after parsing; printed as one line, exit 2."""
-
-
-# Stripe's Events API keeps 30 days.
-STRIPE_EVENT_RETENTION = 30 * 24 * 3600
 
 
 def duration(text: str) -> int:
@@ -152,7 +146,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     if args.from_stripe:
         if args.event or args.status:
             raise UsageError("--from-stripe takes only --since")
-        window = min(args.since or 72 * 3600, STRIPE_EVENT_RETENTION)
+        window = min(args.since or 72 * 3600, stripe_api.EVENTS_KEPT_SECONDS)
         client = stripe_api.make_client(settings)
         return _finish(replay_from_stripe(engine, settings, client, since=int(time.time()) - window))
     if args.event and (args.status or args.since):

@@ -36,7 +36,6 @@ STATE = jobs_store.HEAL_STATE
 # this far behind where the last one started.
 OVERLAP_SECONDS = 600
 FIRST_WINDOW_SECONDS = 72 * 3600  # no cursor yet; `replay --from-stripe --since 30d` goes further
-STRIPE_KEEPS_SECONDS = 30 * 86400 - 3600
 PRUNE_EVERY_SECONDS = 86400
 
 
@@ -126,7 +125,7 @@ class Healer:
     def _recover(self, started: float, result: Round, stop: threading.Event) -> None:
         cursor = jobs_store.saved_cursor(self.engine, EVENTS_CURSOR)
         since = int(cursor) - OVERLAP_SECONDS if cursor else int(started) - FIRST_WINDOW_SECONDS
-        floor = int(started) - STRIPE_KEEPS_SECONDS
+        floor = int(started) - stripe_api.EVENTS_KEPT_SECONDS + 3600  # an hour inside what Stripe still has
         if self.settings.event_retention_days:  # older ones may have been pruned: not missing
             floor = max(floor, int(started) - self.settings.event_retention_days * 86400)
         summary = replay_from_stripe(self.engine, self.settings, self.client, since=max(since, floor), stop=stop)

@@ -24,7 +24,7 @@ from webhook.logs import configure_logging
 from webhook.prune import PruneRefused, prune
 from webhook.store import make_engine
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2  # CONTRACT §5, for every command
 
 
 def engine_for(settings: Settings) -> Engine:

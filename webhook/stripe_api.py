@@ -20,6 +20,7 @@ from webhook.config import ConfigError, Settings
 NETWORK_RETRIES = 2
 TIMEOUT_SECONDS = 10
 PAGE = 100  # the most Stripe's list endpoints give at once
+EVENTS_KEPT_SECONDS = 30 * 86400  # Stripe's Events API keeps 30 days
 # The library does not retry 429, which Stripe answers when the account's request rate is exceeded
 # and asks clients to back off and try again; a request refused with 429 did nothing, so repeating
 # it (a POST too) is safe. urllib3 waits 0, 1, 2, 4, 8 s between tries (or as Retry-After says).
