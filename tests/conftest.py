@@ -12,6 +12,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
+from tests.fake_stripe import FakeStripe
 from tests.support import settings_for
 from webhook import migrations
 from webhook.app import create_app
@@ -49,6 +50,12 @@ def own_postgres() -> Any:
     engine = make_engine(str(server.get_uri()), 2)
     migrations.migrate(engine, shim=True)
     return server, engine
+
+
+@pytest.fixture
+def fake() -> FakeStripe:
+    """A fake Stripe API (tests/fake_stripe.py); test_ties.py serves its own over HTTP."""
+    return FakeStripe()
 
 
 @pytest.fixture(autouse=True)

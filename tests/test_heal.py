@@ -3,7 +3,6 @@ reconciliation; against a fake Stripe over real HTTP and `heal` as a subprocess.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,16 +15,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
-from tests.support import SECRET, cli, count, customer_row, deliver, now, settings_for
+from tests.support import SECRET, cli, configured, count, customer_row, deliver, now, settings_for
 from webhook import samples, stripe_api
 from webhook.heal import Healer
 
 KEY = "sk_test_fake"
-
-
-@pytest.fixture
-def fake() -> FakeStripe:
-    return FakeStripe()
 
 
 @pytest.fixture
@@ -58,10 +52,9 @@ def _missed(fake: FakeStripe, how_many: int, start: int | None = None) -> list[d
 def _heal(*args: str, **env: str) -> subprocess.Popen[str]:
     """`heal` in the background; its log (a line per event) goes nowhere, so it never blocks on a
     full pipe; what it prints on stdout is read at the end."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_") and k != "DATABASE_URL"}
     return subprocess.Popen(
         [sys.executable, "-m", "webhook", "heal", *args],
-        env={**base, **env},
+        env=configured(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

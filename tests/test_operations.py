@@ -35,11 +35,6 @@ SOURCE_COUNT = "SELECT count(*) FROM stripe_customers WHERE customer_metadata #>
 
 
 @pytest.fixture
-def fake() -> FakeStripe:
-    return FakeStripe()
-
-
-@pytest.fixture
 def api_settings(database_url: str) -> Any:
     return settings_for(database_url, STRIPE_API_KEY=API_KEY)
 
