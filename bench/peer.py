@@ -1,11 +1,11 @@
-"""stripe-sync-engine, the peer `bench.run` measures in the same run (issue 12): npm-installed into a
-scratch folder (Node from Debian's packages when missing), run by bench/peers/server.cjs on a
-database of its own. Skipped, with the reason, when any of that fails. 1.0.32 (`@stripe/sync-engine`)
-is not wired yet: it calls the Stripe API at start and its migrations download Stripe's OpenAPI spec.
-"""
+"""stripe-sync-engine, the peer `bench.run` measures in the same run (issue 12), in both of its
+lines: 0.48.5 (`@supabase/stripe-sync-engine`) and 1.0.32 (`@stripe/sync-engine`). npm-installed
+into a scratch folder (Node from Debian's packages when missing) and run by bench/peers/server.cjs,
+each on a database of its own. Skipped, with the reason, when any of that fails."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,18 +13,39 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-PACKAGE = "@supabase/stripe-sync-engine@0.48.5"
-NAME = "stripe-sync-engine 0.48.5"
 SCRATCH = Path(tempfile.gettempdir()) / "stripe-webhook-bench-peers"
-SERVER = Path(__file__).resolve().parent / "peers" / "server.cjs"
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+
+
+@dataclass(frozen=True)
+class Peer:
+    package: str
+    version: str
+
+    @property
+    def name(self) -> str:
+        return f"stripe-sync-engine {self.version}"
+
+    @property
+    def database(self) -> str:
+        return "bench_peer_" + self.version.replace(".", "_")
+
+
+PEERS = (Peer("@supabase/stripe-sync-engine", "0.48.5"), Peer("@stripe/sync-engine", "1.0.32"))
+
+
+def _installed(peer: Peer) -> bool:
+    manifest = SCRATCH / "node_modules" / peer.package / "package.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("version") == peer.version
 
 
 def install() -> Path | str:
-    """The scratch folder's node_modules, or why the peer is skipped."""
+    """The scratch folder's node_modules with every peer in it, or why the peers are skipped."""
     if not (shutil.which("node") and shutil.which("npm")):
         try:
             subprocess.run(
@@ -32,27 +53,29 @@ def install() -> Path | str:
             )
         except (OSError, subprocess.SubprocessError) as error:
             return f"no Node (apt-get install nodejs npm failed: {type(error).__name__})"
-    modules = SCRATCH / "node_modules"
-    if not (modules / "@supabase" / "stripe-sync-engine").exists():
+    if not all(_installed(peer) for peer in PEERS):
         SCRATCH.mkdir(parents=True, exist_ok=True)
+        packages = [f"{peer.package}@{peer.version}" for peer in PEERS]
         try:
             subprocess.run(
-                ["npm", "install", "--silent", "--prefix", str(SCRATCH), PACKAGE, "stripe"],
+                ["npm", "install", "--silent", "--prefix", str(SCRATCH), *packages, "stripe"],
                 check=True,
                 capture_output=True,
                 timeout=600,
             )
         except (OSError, subprocess.SubprocessError) as error:
-            return f"npm install {PACKAGE} failed ({type(error).__name__})"
-    return modules
+            return f"npm install {' '.join(packages)} failed ({type(error).__name__})"
+    return SCRATCH / "node_modules"
 
 
-def serve(modules: Path, database_url: str, secret: str, port: int) -> subprocess.Popen[bytes]:
+def serve(peer: Peer, modules: Path, database_url: str, secret: str, port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        ["node", str(SERVER)],
+        ["node", str(PEERS_DIR / "server.cjs")],
         env={
             **os.environ,
             "NODE_PATH": str(modules),
+            "PEER_PACKAGE": peer.package,
+            "OPENAPI_SPEC": str(PEERS_DIR / "customer-openapi.json"),
             "DATABASE_URL": database_url,
             "STRIPE_WEBHOOK_SECRET": secret,
             "PORT": str(port),
@@ -69,7 +92,7 @@ def serve(modules: Path, database_url: str, secret: str, port: int) -> subproces
         except OSError:
             time.sleep(0.3)
     process.terminate()
-    raise RuntimeError(f"{NAME} did not start")
+    raise RuntimeError(f"{peer.name} did not start")
 
 
 def customers_written(engine: Engine) -> int:

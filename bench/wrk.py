@@ -77,6 +77,7 @@ def run(port: int, bodies: list[tuple[bytes, str]], connections: int, seconds: f
     }
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return {
+        "requests": float(re.search(r"(\d+) requests in", output).group(1)),  # type: ignore[union-attr]
         "events/s": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
         "p50 ms": percentiles["50"],
         "p99 ms": percentiles["99"],

