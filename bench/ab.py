@@ -73,15 +73,10 @@ def main() -> None:
         ]
         print(f"\nmedian of {args.rounds} rounds, {args.seconds:.0f} s each, {args.connections} connections (wrk)")
         # The machine drifts between rounds: each round's new side against the old side of the same round.
-        paired = {
-            key: statistics.median(
-                new[key] / old[key] - 1 for old, new in zip(sides["old"]["rows"], sides["new"]["rows"])
-            )
-            for key in keys
-        }
-        medians.append(
-            {"side": "new vs old, median of the rounds' ratios"} | {k: f"{v:+.1%}" for k, v in paired.items()}
-        )
+        pairs = list(zip(sides["old"]["rows"], sides["new"]["rows"], strict=True))
+        paired = {key: statistics.median(new[key] / old[key] - 1 for old, new in pairs) for key in keys}
+        ratios = {key: f"{value:+.1%}" for key, value in paired.items()}
+        medians.append({"side": "new vs old, median of the rounds' ratios"} | ratios)
         print(_table(medians))
     finally:
         subprocess.run([*git, "remove", "--force", str(old_tree)], check=False)
