@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 from sqlalchemy import Engine, text
 
+from bench import cluster
 from tests.support import add_user, count
-from webhook import migrations
+from webhook import migrations, samples, store
+from webhook.verify import parse_event
 
 
 def _indexes(engine: Engine, table: str) -> dict[str, str]:
@@ -141,3 +147,28 @@ def test_the_events_customer_column_is_added_and_filled_keeping_every_row(engine
     )
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE stripe_customer_id IS NULL") == 3000
     assert "stripe_webhook_events_customer_idx" in _indexes(engine, "stripe_webhook_events")
+
+
+SYSTEM_POSTGRES = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.mark.skipif(
+    not (SYSTEM_POSTGRES / "initdb").exists(), reason="no Debian PostgreSQL 15 (apt-get install postgresql-15)"
+)
+def test_large_values_use_lz4_where_the_server_has_it(engine: Engine) -> None:
+    # The embedded server is built without lz4 (the suite's migrations show it keeps pglz); Debian's
+    # and Supabase's have it.
+    with engine.connect() as connection:
+        assert connection.execute(text("SHOW default_toast_compression")).scalar_one() == "pglz"
+    system = store.make_engine(cluster.start(SYSTEM_POSTGRES), pool_size=1)
+    migrations.migrate(system, shim=True)
+    migrations.migrate(system, shim=False)  # nothing left to change: no lock wanted
+    assert count(system, "SELECT count(*) FROM pg_attribute WHERE attcompression = 'l'") == 3
+    body = json.dumps(samples.event("customer.updated", samples.customer(metadata={"notes": "x" * 3000})))
+    connection = system.raw_connection()
+    try:
+        store.apply_event(connection, parse_event(body).payload, None, "webhook", None)
+    finally:
+        connection.close()
+    assert count(system, "SELECT count(*) FROM stripe_webhook_events WHERE pg_column_compression(payload) = 'lz4'") == 1
+    system.dispose()
