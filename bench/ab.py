@@ -52,11 +52,13 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(tree), "DATABASE_URL": url, "STRIPE_WEBHOOK_SECRET": SECRET}
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             subprocess.run([sys.executable, "-m", "webhook", "db", "migrate", "--shim"], env=env, cwd=tree, check=True)
-            sides[side] = {"env": env, "engine": make_engine(url, 1), "rows": []}
+            sides[side] = {"env": env, "engine": make_engine(url, 1), "rows": [], "tree": tree}
         for round_number in range(args.rounds):
             for side in ("old", "new") if round_number % 2 == 0 else ("new", "old"):
                 port = _free_port()
-                process = _serve("webhook.app:create_app()", port, sides[side]["env"], args.workers)
+                process = _serve(
+                    "webhook.app:create_app()", port, sides[side]["env"], args.workers, sides[side]["tree"]
+                )
                 try:
                     row = _full_load(port, process, args, sides[side]["engine"])
                 finally:

@@ -64,10 +64,11 @@ def _signed_events(count: int, customers: int) -> list[tuple[bytes, str]]:
     return bodies
 
 
-def _serve(app: str, port: int, env: dict[str, str], workers: int) -> subprocess.Popen[bytes]:
+def _serve(app: str, port: int, env: dict[str, str], workers: int, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         gunicorn_command(f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "warning", app=app),
         env=env,
+        cwd=cwd,  # `python -m` puts the working directory first on sys.path, before PYTHONPATH
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

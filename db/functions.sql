@@ -282,11 +282,37 @@ BEGIN
   RETURN v_status || coalesce('/' || split_part(v_tie, ':', 2), '');
 END $$;
 
+-- Several events in one statement and one transaction (webhook/batch.py: the deliveries one worker
+-- received while its previous statement ran), each in a subtransaction of its own, so that one
+-- event's error (a fault, a lock timeout, a payload jsonb cannot hold: cast here, not by the caller)
+-- fails that event alone: 'error:<SQLSTATE>:<message>' in its place. A statement timeout is not
+-- caught (query_canceled is not OTHERS): it ends the whole statement, and nothing is written.
+-- p_actors NULL: nobody acting from the console (the audit names the database user).
+CREATE OR REPLACE FUNCTION public.stripe_apply_events(
+  p_events text[], p_changes text[], p_sources text[], p_actors text[]
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+  v_outcomes text[] := '{}';
+BEGIN
+  FOR i IN 1 .. coalesce(array_length(p_events, 1), 0) LOOP
+    BEGIN
+      IF p_actors IS NOT NULL THEN
+        PERFORM set_config('stripe_webhook.actor', coalesce(p_actors[i], ''), true);
+      END IF;
+      v_outcomes := v_outcomes || public.stripe_apply_event(p_events[i]::jsonb, p_changes[i]::jsonb, p_sources[i]);
+    EXCEPTION WHEN OTHERS THEN
+      v_outcomes := v_outcomes || ('error:' || SQLSTATE || ':' || SQLERRM);
+    END;
+  END LOOP;
+  RETURN v_outcomes;
+END $$;
+
 -- The API roles may not call what only the consumer should.
 DO $$
 BEGIN
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
     REVOKE EXECUTE ON FUNCTION public.stripe_apply_event(jsonb, jsonb, text),
+      public.stripe_apply_events(text[], text[], text[], text[]),
       public.stripe_apply_customer(jsonb, text, text, bigint, jsonb),
       public.stripe_tie_order(jsonb, text), public.stripe_create_trigger(text, text) FROM PUBLIC, anon, authenticated;
   END IF;

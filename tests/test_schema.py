@@ -167,7 +167,7 @@ def test_large_values_use_lz4_where_the_server_has_it(engine: Engine) -> None:
     body = json.dumps(samples.event("customer.updated", samples.customer(metadata={"notes": "x" * 3000})))
     connection = system.raw_connection()
     try:
-        store.apply_event(connection, parse_event(body).payload, None, "webhook", None)
+        store.apply_events(connection, [store.EventToApply(parse_event(body).payload, None, "webhook")])
     finally:
         connection.close()
     assert count(system, "SELECT count(*) FROM stripe_webhook_events WHERE pg_column_compression(payload) = 'lz4'") == 1

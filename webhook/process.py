@@ -11,9 +11,8 @@ from enum import StrEnum
 import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.pool import PoolProxiedConnection
 
-from webhook import metrics, refetch, store
+from webhook import batch, metrics, refetch, store
 from webhook.config import Settings
 from webhook.handlers import HANDLERS, CustomerChange
 from webhook.logs import log
@@ -51,6 +50,8 @@ def change_for(event: Event, settings: Settings) -> CustomerChange | None:
 def describe(error: BaseException) -> str:
     """An error as last_error and log text: the primary message only. Postgres' DETAIL would
     repeat the failing row, customer email included."""
+    if isinstance(error, batch.EventFailed):
+        return error.describe()
     cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
     if isinstance(cause, psycopg2.Error) and cause.diag.message_primary:
         return f"{type(cause).__name__}: {cause.diag.message_primary}"
@@ -119,38 +120,29 @@ def process_event(
 
 
 def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: str, actor: str | None) -> str:
-    """One call of stripe_apply_event. A pooled connection that the server dropped (a restart, a
-    failover) is not an outage: the pool forgets every connection that old and the event is tried
-    once more on a new one. Only when that fails too is the database unreachable."""
-    change_json = None if change is None else change.as_json()
-    for attempt in (1, 2):
-        try:
-            connection = engine.raw_connection()
-        except (psycopg2.Error, SQLAlchemyError) as error:  # no connection, or the pool stayed full for pool_timeout
-            raise unavailable(engine, error, "connect") from error
-        try:
-            return store.apply_event(connection, event.payload, change_json, source, actor)
-        except Exception as error:
-            if store.connection_lost(engine, connection, error):
-                if attempt == 1:
-                    metrics.DB_ERRORS.labels(kind="disconnect").inc()
-                    continue
-                raise unavailable(engine, error, "disconnect") from error
-            if store.busy(error):
-                # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
-                raise unavailable(engine, error, "busy") from error
-            _record_failure(engine, connection, event, error)
-            raise ProcessingFailed(event.id, describe(error)) from error
-        finally:
-            connection.close()  # back to the pool
-    raise AssertionError("unreachable")
+    """The event through its process' batches (webhook/batch.py): its outcome, or the answer its error asks for."""
+    to_apply = store.EventToApply(event.payload, None if change is None else change.as_json(), source, actor)
+    try:
+        return batch.batches(engine).apply(event.id, to_apply)
+    except batch.Unreachable as unreachable:
+        raise unavailable(engine, unreachable.error, unreachable.kind) from unreachable.error
+    except Exception as error:
+        if store.busy(error):
+            # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
+            raise unavailable(engine, error, "busy") from error
+        _record_failure(engine, event, error)
+        raise ProcessingFailed(event.id, describe(error)) from error
 
 
-def _record_failure(engine: Engine, connection: PoolProxiedConnection, event: Event, error: Exception) -> None:
+def _record_failure(engine: Engine, event: Event, error: Exception) -> None:
     metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
-    if isinstance(error, psycopg2.Error):
+    if isinstance(error, psycopg2.Error | batch.EventFailed):
         metrics.DB_ERRORS.labels(kind="statement").inc()
     log(logging.ERROR, "event failed", event_id=event.id, type=event.type, error=describe(error))
+    try:
+        connection = engine.raw_connection()
+    except (psycopg2.Error, SQLAlchemyError) as connect_error:
+        raise unavailable(engine, connect_error, "connect") from connect_error
     try:
         store.record_failure(connection, event, describe(error))
     except psycopg2.Error as record_error:
@@ -158,3 +150,5 @@ def _record_failure(engine: Engine, connection: PoolProxiedConnection, event: Ev
         store.connection_lost(engine, connection, record_error)
         metrics.DB_ERRORS.labels(kind="record_failure").inc()
         raise DatabaseUnavailable(describe(record_error)) from record_error
+    finally:
+        connection.close()

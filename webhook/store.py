@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,16 @@ from sqlalchemy.pool import PoolProxiedConnection
 from webhook.verify import Event
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
+
+
+@dataclass(frozen=True)
+class EventToApply:
+    payload: str  # the verified event as JSON text
+    change: dict[str, Any] | None  # what it asks of stripe_customers; None: only logged
+    source: str  # webhook | replay | api
+    actor: str | None = None  # support:<name>, for the audit, when a person acts from the console
+
+
 DEADLOCK_RETRIES = 3
 
 
@@ -87,26 +99,30 @@ STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = '5s'; "
 # deadlock and serialization victims, a server refusing connections. Nothing was written.
 BUSY = {"55P03", "57014", "40P01", "40001", "53300", "57P03"}
 
-# The two per-event statements run on the pool's psycopg2 connection itself. Under load,
-# SQLAlchemy's statement layer (Connection, compiled text(), CursorResult) was a quarter of a
-# worker's CPU per event (py-spy; README, Performance); the pool, its limits and recovery stay.
-_APPLY_EVENT = STATEMENT_TIMEOUT + "SELECT public.stripe_apply_event(%s::jsonb, %s::jsonb, %s)"
-# A person acting from the support console: the audit trigger names them (transaction-local).
-_ACTING = "SELECT set_config('stripe_webhook.actor', %s, true); "
+# The per-event statements run on the pool's psycopg2 connection itself. Under load, SQLAlchemy's
+# statement layer (Connection, compiled text(), CursorResult) was a quarter of a worker's CPU per
+# event (py-spy; README, Performance); the pool, its limits and recovery stay. The events go as
+# text and are cast to jsonb inside stripe_apply_events, one subtransaction each: one that jsonb
+# cannot hold fails alone, not the statement it shares.
+_APPLY_EVENTS = STATEMENT_TIMEOUT + "SELECT public.stripe_apply_events(%s::text[], %s::text[], %s::text[], %s::text[])"
 
 
-def apply_event(
-    connection: PoolProxiedConnection, payload: str, change: dict[str, Any] | None, source: str, actor: str | None
-) -> str:
-    """Log, deduplicate and apply one event in one statement; returns the outcome's name."""
-    change_json = None if change is None else _jsonb_text(json.dumps(change))
+def apply_events(connection: PoolProxiedConnection, events: Sequence[EventToApply]) -> list[str]:
+    """Log, deduplicate and apply the events in one statement and one transaction, each in its own
+    subtransaction; each one's outcome name, or 'error:<SQLSTATE>:<message>' for one that failed."""
+    actors = [event.actor for event in events]
     cursor = connection.cursor()
     try:
-        if actor:
-            cursor.execute(_ACTING + _APPLY_EVENT, (actor, _jsonb_text(payload), change_json, source))
-        else:
-            cursor.execute(_APPLY_EVENT, (_jsonb_text(payload), change_json, source))
-        return str(cursor.fetchall()[0][0])
+        cursor.execute(
+            _APPLY_EVENTS,
+            (
+                [_jsonb_text(event.payload) for event in events],
+                [None if event.change is None else _jsonb_text(json.dumps(event.change)) for event in events],
+                [event.source for event in events],
+                actors if any(actors) else None,
+            ),
+        )
+        return [str(outcome) for outcome in cursor.fetchall()[0][0]]
     finally:
         cursor.close()
 
@@ -163,7 +179,7 @@ def busy(error: BaseException) -> bool:
     return getattr(error, "pgcode", None) in BUSY
 
 
-_SCHEMA_READY = text("SELECT to_regprocedure('public.stripe_apply_event(jsonb, jsonb, text)') IS NOT NULL")
+_SCHEMA_READY = text("SELECT to_regprocedure('public.stripe_apply_events(text[], text[], text[], text[])') IS NOT NULL")
 
 
 def schema_ready(connection: Connection) -> bool:

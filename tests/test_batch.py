@@ -1,0 +1,182 @@
+"""Issue 12: the deliveries a worker receives while its statement runs share the next statement
+(webhook/batch.py), each still with its own outcome, and one event's failure fails it alone."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg2
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.support import customer_row, event_row, failing_writes
+from webhook import batch, samples, store
+from webhook.config import Settings
+from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event
+from webhook.verify import parse_event
+
+
+def _customer_lock(customer_id: str) -> str:
+    return f"pg_advisory_lock(hashtextextended('stripe_customer:{customer_id}', 0))"
+
+
+@contextmanager
+def _holding(engine: Engine, customer_id: str) -> Iterator[None]:
+    """Another session holds the customer's lock, as a transaction applying an event to it would."""
+    with engine.connect() as connection:
+        connection.execute(text(f"SELECT {_customer_lock(customer_id)}"))
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock_all()"))
+
+
+def _in_thread(engine: Engine, settings: Settings, event: dict[str, Any], outcomes: dict[str, Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            outcomes[event["id"]] = process_event(engine, parse_event(json.dumps(event)), settings).value
+        except Exception as error:
+            outcomes[event["id"]] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _wait(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _waiting_on_a_lock(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        return bool(
+            connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one()
+        )
+
+
+def _run_behind_a_held_statement(
+    engine: Engine, settings: Settings, queued: list[dict[str, Any]], hold_also: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One event whose statement waits for a held customer lock, and `queued` sent while it waits:
+    they queue in the process and go together once the lock is released."""
+    first = samples.event("customer.created", samples.customer())
+    outcomes: dict[str, Any] = {}
+    queue = batch.batches(engine)
+    with _holding(engine, first["data"]["object"]["id"]):
+        threads = [_in_thread(engine, settings, first, outcomes)]
+        _wait(lambda: _waiting_on_a_lock(engine), "the first statement waits for the held lock")
+        threads += [_in_thread(engine, settings, event, outcomes) for event in queued]
+        _wait(lambda: len(queue._queue) == len(queued), "the others queue behind it")
+    with _holding(engine, hold_also) if hold_also else _nothing():
+        for thread in threads:
+            thread.join(15)
+    return first, outcomes
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _received_at(engine: Engine, event_id: str) -> Any:
+    row = event_row(engine, event_id)
+    assert row is not None, event_id
+    return row["received_at"]
+
+
+def test_deliveries_that_arrive_while_a_statement_runs_share_the_next_one(engine: Engine, settings: Settings) -> None:
+    queued = [samples.event("customer.created", samples.customer()) for _ in range(3)]
+    first, outcomes = _run_behind_a_held_statement(engine, settings, queued)
+
+    assert outcomes == {event["id"]: "processed" for event in [first, *queued]}
+    for event in [first, *queued]:
+        assert customer_row(engine, event["data"]["object"]["id"]) is not None
+    # now() is the transaction's start: one value for the three that shared a statement.
+    shared = {_received_at(engine, event["id"]) for event in queued}
+    assert len(shared) == 1 and _received_at(engine, first["id"]) not in shared
+
+
+def test_an_event_that_fails_in_a_shared_statement_fails_alone(engine: Engine, settings: Settings) -> None:
+    good = [samples.event("customer.created", samples.customer()) for _ in range(2)]
+    bad = samples.event("customer.created", samples.customer())
+    locked = samples.event("customer.created", samples.customer())
+    bad_id, locked_id = bad["data"]["object"]["id"], locked["data"]["object"]["id"]
+
+    condition = f"NEW.stripe_customer_id = '{bad_id}'"
+    with failing_writes(engine, "public.stripe_customers_audit", "AFTER", condition):
+        _, outcomes = _run_behind_a_held_statement(engine, settings, [good[0], bad, locked, good[1]], locked_id)
+
+    assert [outcomes[event["id"]] for event in good] == ["processed", "processed"]
+    assert all(customer_row(engine, event["data"]["object"]["id"]) is not None for event in good)
+    # The fault: answered 500, kept as failed with its error, its customer write undone.
+    assert isinstance(outcomes[bad["id"]], ProcessingFailed)
+    logged = event_row(engine, bad["id"])
+    assert logged is not None and logged["status"] == "failed" and "injected failure" in logged["last_error"]
+    assert customer_row(engine, bad_id) is None
+    # The lock that stayed held past lock_timeout: answered 503, nothing written, for Stripe to retry.
+    assert isinstance(outcomes[locked["id"]], DatabaseUnavailable)
+    assert event_row(engine, locked["id"]) is None and customer_row(engine, locked_id) is None
+
+
+@pytest.mark.parametrize("poison", ['"\\ud800"', "1e1000000"])
+def test_a_payload_jsonb_cannot_hold_fails_alone(engine: Engine, settings: Settings, poison: str) -> None:
+    good = samples.event("customer.created", samples.customer())
+    bad = samples.event("customer.updated", samples.customer())
+    body = json.dumps(bad).replace('"Jenny Rosen"', poison)
+    assert body != json.dumps(bad)
+    outcomes: dict[str, Any] = {}
+    first = samples.event("customer.created", samples.customer())
+    with _holding(engine, first["data"]["object"]["id"]):
+        threads = [_in_thread(engine, settings, first, outcomes)]
+        _wait(lambda: _waiting_on_a_lock(engine), "the first statement waits for the held lock")
+        threads.append(_in_thread(engine, settings, good, outcomes))
+
+        def poisoned() -> None:
+            try:
+                outcomes[bad["id"]] = process_event(engine, parse_event(body), settings).value
+            except Exception as error:
+                outcomes[bad["id"]] = error
+
+        threads.append(threading.Thread(target=poisoned))
+        threads[-1].start()
+        _wait(lambda: len(batch.batches(engine)._queue) == 2, "both queue behind the first")
+    for thread in threads:
+        thread.join(15)
+
+    assert outcomes[good["id"]] == "processed" and outcomes[first["id"]] == "processed"
+    assert isinstance(outcomes[bad["id"]], ProcessingFailed)
+    logged = event_row(engine, bad["id"])
+    assert logged is not None and logged["status"] == "failed"
+
+
+def test_a_statement_that_fails_as_a_whole_is_retried_event_by_event(
+    engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # stripe_apply_events catches each event's error itself; should a statement still fail as a
+    # whole, the events are sent alone rather than all answered 500.
+    real = store.apply_events
+
+    def refusing_shared(connection: Any, events: Any) -> list[str]:
+        if len(events) > 1:
+            raise psycopg2.ProgrammingError("a statement that fails as a whole")
+        return real(connection, events)
+
+    monkeypatch.setattr(store, "apply_events", refusing_shared)
+    queued = [samples.event("customer.created", samples.customer()) for _ in range(3)]
+    first, outcomes = _run_behind_a_held_statement(engine, settings, queued)
+
+    assert outcomes == {event["id"]: "processed" for event in [first, *queued]}
+    assert len({_received_at(engine, event["id"]) for event in queued}) == 3
