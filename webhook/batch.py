@@ -12,6 +12,7 @@ more in flight, the batches shrink and both Postgres and the workers spent more 
 
 from __future__ import annotations
 
+import _thread
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -54,11 +55,19 @@ class Unreachable(Exception):
         self.error = error
 
 
+def _taken_lock() -> _thread.LockType:
+    lock = _thread.allocate_lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class _Queued:
     event: EventToApply
     order: tuple[str, str]  # customer, then event id: every statement takes its locks in one order
-    turn: threading.Event = field(default_factory=threading.Event)
+    # Released when the outcome is in, or when it is this event's turn to send: a bare lock, taken
+    # at birth, is the cheapest wait threading has (Event adds a Condition and a lock per wait).
+    turn: _thread.LockType = field(default_factory=_taken_lock)
     outcome: str | Exception | None = None
 
 
@@ -78,7 +87,7 @@ class Batches:
             self._queue.append(queued)
             sends, self._sending = not self._sending, True
         if not sends:
-            queued.turn.wait()
+            queued.turn.acquire()
         if queued.outcome is None:  # its turn to send: it is first in the queue
             self._send()
         if isinstance(queued.outcome, Exception):
@@ -101,11 +110,12 @@ class Batches:
                     queued.outcome = RuntimeError("the statement was interrupted")
             with self._lock:
                 if self._queue:
-                    self._queue[0].turn.set()  # outcome still None: it sends next
+                    self._queue[0].turn.release()  # outcome still None: it sends next
                 else:
                     self._sending = False
             for queued in batch:
-                queued.turn.set()
+                if queued.turn.locked():
+                    queued.turn.release()
 
     def _statement(self, batch: list[_Queued]) -> list[str | Exception]:
         try:
