@@ -1,7 +1,7 @@
 """What one event costs Postgres (figures, not assertions): `python -m bench.pgcost [REV]`.
 
 The same realistic events (bench.run's signed customer.updated, ~2.5 KB, 3,000 customers) through
-the consumer's own statement (store.apply_event), on one connection, with nothing else running:
+the consumer's own statement (store.apply_events, one event a statement), on one connection, with nothing else running:
 the backend's own CPU per event (from /proc, so it needs the server on this machine), WAL bytes per
 event, and table + index bytes per event afterwards. With REV, the schema and functions of that git
 revision on a database of their own beside the working tree's, batches alternating so that the

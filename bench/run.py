@@ -1,15 +1,16 @@
 """Benchmarks (figures, not assertions): `python -m bench.run`.
 
 1. end to end: signed customer.updated events (~2.5 KB, 3,000 customers) posted by a load generator
-   in other processes (wrk when installed) to the consumer under gunicorn, and to a bare verify-only
-   app with the same gunicorn settings: all each can take (median of 3 rounds), then paced at
-   500 events/s.
-2. the database ceiling: the same stripe_apply_event call driven by pgbench.
+   in other processes (wrk when installed) to the consumer under gunicorn, to a bare verify-only
+   app with the same gunicorn settings, and to both lines of stripe-sync-engine (bench/peer.py),
+   each on a database of its own: all each can take (median of 3 rounds, with CPU, WAL and database
+   bytes per event and the rows written counted afterwards), then the two apps paced at 500/s.
+2. the database ceiling: stripe_apply_event called directly by pgbench.
 3. lookups on 1,000,000 rows by user_id, stripe_customer_id and lower(customer_email), with EXPLAIN.
 4. backfill: 100,000 customers through the batched upsert (the database work of `backfill`).
 
-Runs on the embedded Postgres in a temporary folder unless DATABASE_URL is set (its tables are
-truncated: use a scratch database).
+Runs on the embedded Postgres in a temporary folder, on a scratch cluster of the server binaries
+given with --postgres-bin, or on DATABASE_URL (its tables are truncated: use a scratch server).
 """
 
 from __future__ import annotations
