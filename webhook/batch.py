@@ -73,7 +73,8 @@ class _Queued:
 
 class Batches:
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+        # Weak: _BATCHES is keyed by the engine, and a strong reference here would keep both alive.
+        self._engine = weakref.ref(engine)
         self._lock = threading.Lock()
         self._queue: list[_Queued] = []
         self._sending = False
@@ -136,19 +137,21 @@ class Batches:
             return error
 
     def _one_statement(self, batch: list[_Queued]) -> list[str | Exception]:
+        engine = self._engine()
+        assert engine is not None  # its caller holds it
         ordered = sorted(batch, key=lambda queued: queued.order)
         # A pooled connection that the server dropped (a restart, a failover) is not an outage:
         # the pool forgets every connection that old and the statement is tried once more on a new
         # one. Only when that fails too is the database unreachable.
         for attempt in (1, 2):
             try:
-                connection = self.engine.raw_connection()
+                connection = engine.raw_connection()
             except (psycopg2.Error, SQLAlchemyError) as error:  # none, or the pool stayed full for pool_timeout
                 raise Unreachable("connect", error) from error
             try:
                 outcomes = store.apply_events(connection, [queued.event for queued in ordered])
             except Exception as error:
-                if not store.connection_lost(self.engine, connection, error):
+                if not store.connection_lost(engine, connection, error):
                     raise
                 if attempt == 2:
                     raise Unreachable("disconnect", error) from error
