@@ -69,7 +69,7 @@ def test_a_restart_while_idle_costs_no_delivery(own_postgres: Any) -> None:
     warmup = [samples.event("customer.created", samples.customer()) for _ in range(64)]
     events = [samples.event("customer.created", samples.customer()) for _ in range(12)]
     with gunicorn(str(server.get_uri()), workers=2) as (port, _):
-        with ThreadPoolExecutor(max_workers=16) as pool:  # 2 workers x 4 threads: every pool opens up
+        with ThreadPoolExecutor(max_workers=16) as pool:  # each worker's pool holds the connection its events share
             assert set(pool.map(lambda event: _try_post(port, event), warmup)) == {200}
         server.stop()
         server.ensure_postgres_running()
