@@ -69,30 +69,37 @@ def install() -> Path | str:
 
 
 def serve(peer: Peer, modules: Path, database_url: str, secret: str, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        ["node", str(PEERS_DIR / "server.cjs")],
-        env={
-            **os.environ,
-            "NODE_PATH": str(modules),
-            "PEER_PACKAGE": peer.package,
-            "OPENAPI_SPEC": str(PEERS_DIR / "customer-openapi.json"),
-            "DATABASE_URL": database_url,
-            "STRIPE_WEBHOOK_SECRET": secret,
-            "PORT": str(port),
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60  # the first start runs its migrations
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", data=b"{}", timeout=1)
-        except urllib.error.HTTPError:
-            return process  # it answers (400: no signature)
-        except OSError:
-            time.sleep(0.3)
-    process.terminate()
-    raise RuntimeError(f"{peer.name} did not start")
+    """The peer, answering on port; RuntimeError with its last error line when it does not start
+    (1.0.32's migrations need the btree_gist extension, which the embedded Postgres lacks)."""
+    # The child keeps its own descriptor of the file: ours may close once it answers.
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(
+            ["node", str(PEERS_DIR / "server.cjs")],
+            env={
+                **os.environ,
+                "NODE_PATH": str(modules),
+                "PEER_PACKAGE": peer.package,
+                "OPENAPI_SPEC": str(PEERS_DIR / "customer-openapi.json"),
+                "DATABASE_URL": database_url,
+                "STRIPE_WEBHOOK_SECRET": secret,
+                "PORT": str(port),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
+        deadline = time.monotonic() + 60  # the first start runs its migrations
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", data=b"{}", timeout=1)
+            except urllib.error.HTTPError:
+                return process  # it answers (400: no signature)
+            except OSError:
+                time.sleep(0.3)
+        process.terminate()
+        process.wait()
+        errors.seek(0)
+        said = [line.strip() for line in errors.read().decode(errors="replace").splitlines() if "error" in line.lower()]
+    raise RuntimeError(f"{peer.name} did not start" + (f": {said[0][:200]}" if said else ""))
 
 
 def customers_written(engine: Engine) -> int:

@@ -249,7 +249,12 @@ def peers_end_to_end(database_url: str, args: argparse.Namespace) -> list[dict[s
         peer_url = _scratch_database(database_url, each.database)
         engine = store.make_engine(peer_url, pool_size=1)
         port = _free_port()
-        server = peer.serve(each, modules, peer_url, SECRET, port)
+        try:
+            server = peer.serve(each, modules, peer_url, SECRET, port)
+        except RuntimeError as error:
+            rows.append({"what": f"{each.name}: skipped ({error})"})
+            engine.dispose()
+            continue
         try:
             rows.append(_saturate(each.name, port, server, args, engine))
         finally:
