@@ -46,3 +46,19 @@ def test_metrics_add_up_across_workers(database_url: str, engine: Engine) -> Non
 
     line = next(line for line in metrics.splitlines() if line.startswith("stripe_webhook_events_total{"))
     assert 'outcome="ignored"' in line and 'type="invoice.paid"' in line and float(line.split()[-1]) == 40
+
+
+def test_answers_carry_the_current_date(database_url: str) -> None:
+    # webhook/worker.py formats gunicorn's Date header once a second instead of per answer.
+    import email.utils
+    import time
+    import urllib.request
+
+    with gunicorn(database_url, workers=1) as (port, _):
+        dates = []
+        for _ in range(3):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+                dates.append(email.utils.parsedate_to_datetime(answer.headers["Date"]).timestamp())
+            time.sleep(1.1)
+    assert all(abs(date - time.time()) < 6 for date in dates)
+    assert len(set(dates)) == 3  # it moves on with the clock
