@@ -36,10 +36,13 @@ def _holding(engine: Engine, customer_id: str) -> Iterator[None]:
             connection.execute(text("SELECT pg_advisory_unlock_all()"))
 
 
-def _in_thread(engine: Engine, settings: Settings, event: dict[str, Any], outcomes: dict[str, Any]) -> threading.Thread:
+def _in_thread(
+    engine: Engine, settings: Settings, event: dict[str, Any], outcomes: dict[str, Any], actor: str | None = None
+) -> threading.Thread:
     def run() -> None:
         try:
-            outcomes[event["id"]] = process_event(engine, parse_event(json.dumps(event)), settings).value
+            parsed = parse_event(json.dumps(event))
+            outcomes[event["id"]] = process_event(engine, parsed, settings, actor=actor).value
         except Exception as error:
             outcomes[event["id"]] = error
 
@@ -68,7 +71,11 @@ def _waiting_on_a_lock(engine: Engine) -> bool:
 
 
 def _run_behind_a_held_statement(
-    engine: Engine, settings: Settings, queued: list[dict[str, Any]], hold_also: str | None = None
+    engine: Engine,
+    settings: Settings,
+    queued: list[dict[str, Any]],
+    hold_also: str | None = None,
+    actors: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One event whose statement waits for a held customer lock, and `queued` sent while it waits:
     they queue in the process and go together once the lock is released."""
@@ -78,7 +85,7 @@ def _run_behind_a_held_statement(
     with _holding(engine, first["data"]["object"]["id"]):
         threads = [_in_thread(engine, settings, first, outcomes)]
         _wait(lambda: _waiting_on_a_lock(engine), "the first statement waits for the held lock")
-        threads += [_in_thread(engine, settings, event, outcomes) for event in queued]
+        threads += [_in_thread(engine, settings, event, outcomes, (actors or {}).get(event["id"])) for event in queued]
         _wait(lambda: len(queue._queue) == len(queued), "the others queue behind it")
     with _holding(engine, hold_also) if hold_also else _nothing():
         for thread in threads:
@@ -180,3 +187,23 @@ def test_a_statement_that_fails_as_a_whole_is_retried_event_by_event(
 
     assert outcomes == {event["id"]: "processed" for event in [first, *queued]}
     assert len({_received_at(engine, event["id"]) for event in queued}) == 3
+
+
+def test_a_person_acting_in_a_shared_statement_is_named_for_their_event_only(
+    engine: Engine, settings: Settings
+) -> None:
+    # A statement applies its events in customer order: the acting one goes first, so a name that
+    # stayed set would show on the two after it.
+    queued = [
+        samples.event("customer.created", samples.customer(f"cus_{n}{samples.stripe_id('x')[2:]}")) for n in "abc"
+    ]
+    acting = queued[0]["id"]
+    _, outcomes = _run_behind_a_held_statement(engine, settings, queued, actors={acting: "support:alice"})
+
+    assert set(outcomes.values()) == {"processed"}
+    with engine.connect() as connection:
+        current_user = connection.execute(text("SELECT current_user")).scalar_one()
+        named = dict(connection.execute(text("SELECT event_id, changed_by FROM stripe_customers_audit")).all())
+    assert named[acting] == "support:alice"
+    assert [named[event["id"]] for event in queued if event["id"] != acting] == [current_user, current_user]
+    assert len({_received_at(engine, event["id"]) for event in queued}) == 1
