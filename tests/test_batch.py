@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import psycopg2
@@ -25,7 +25,7 @@ def _customer_lock(customer_id: str) -> str:
     return f"pg_advisory_lock(hashtextextended('stripe_customer:{customer_id}', 0))"
 
 
-@contextmanager
+@contextlib.contextmanager
 def _holding(engine: Engine, customer_id: str) -> Iterator[None]:
     """Another session holds the customer's lock, as a transaction applying an event to it would."""
     with engine.connect() as connection:
@@ -37,11 +37,19 @@ def _holding(engine: Engine, customer_id: str) -> Iterator[None]:
 
 
 def _in_thread(
-    engine: Engine, settings: Settings, event: dict[str, Any], outcomes: dict[str, Any], actor: str | None = None
+    engine: Engine,
+    settings: Settings,
+    event: dict[str, Any],
+    outcomes: dict[str, Any],
+    actor: str | None = None,
+    body: str | None = None,
 ) -> threading.Thread:
+    """The event (or `body`, its delivered text) processed in a thread of its own, as a worker's
+    thread would."""
+
     def run() -> None:
         try:
-            parsed = parse_event(json.dumps(event))
+            parsed = parse_event(body or json.dumps(event))
             outcomes[event["id"]] = process_event(engine, parsed, settings, actor=actor).value
         except Exception as error:
             outcomes[event["id"]] = error
@@ -76,6 +84,7 @@ def _run_behind_a_held_statement(
     queued: list[dict[str, Any]],
     hold_also: str | None = None,
     actors: dict[str, str] | None = None,
+    bodies: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One event whose statement waits for a held customer lock, and `queued` sent while it waits:
     they queue in the process and go together once the lock is released."""
@@ -85,17 +94,17 @@ def _run_behind_a_held_statement(
     with _holding(engine, first["data"]["object"]["id"]):
         threads = [_in_thread(engine, settings, first, outcomes)]
         _wait(lambda: _waiting_on_a_lock(engine), "the first statement waits for the held lock")
-        threads += [_in_thread(engine, settings, event, outcomes, (actors or {}).get(event["id"])) for event in queued]
+        threads += [
+            _in_thread(
+                engine, settings, event, outcomes, (actors or {}).get(event["id"]), (bodies or {}).get(event["id"])
+            )
+            for event in queued
+        ]
         _wait(lambda: len(queue._queue) == len(queued), "the others queue behind it")
-    with _holding(engine, hold_also) if hold_also else _nothing():
+    with _holding(engine, hold_also) if hold_also else contextlib.nullcontext():
         for thread in threads:
             thread.join(15)
     return first, outcomes
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _received_at(engine: Engine, event_id: str) -> Any:
@@ -144,24 +153,7 @@ def test_a_payload_jsonb_cannot_hold_fails_alone(engine: Engine, settings: Setti
     bad = samples.event("customer.updated", samples.customer())
     body = json.dumps(bad).replace('"Jenny Rosen"', poison)
     assert body != json.dumps(bad)
-    outcomes: dict[str, Any] = {}
-    first = samples.event("customer.created", samples.customer())
-    with _holding(engine, first["data"]["object"]["id"]):
-        threads = [_in_thread(engine, settings, first, outcomes)]
-        _wait(lambda: _waiting_on_a_lock(engine), "the first statement waits for the held lock")
-        threads.append(_in_thread(engine, settings, good, outcomes))
-
-        def poisoned() -> None:
-            try:
-                outcomes[bad["id"]] = process_event(engine, parse_event(body), settings).value
-            except Exception as error:
-                outcomes[bad["id"]] = error
-
-        threads.append(threading.Thread(target=poisoned))
-        threads[-1].start()
-        _wait(lambda: len(batch.batches(engine)._queue) == 2, "both queue behind the first")
-    for thread in threads:
-        thread.join(15)
+    first, outcomes = _run_behind_a_held_statement(engine, settings, [good, bad], bodies={bad["id"]: body})
 
     assert outcomes[good["id"]] == "processed" and outcomes[first["id"]] == "processed"
     assert isinstance(outcomes[bad["id"]], ProcessingFailed)
