@@ -29,23 +29,33 @@ CREATE TABLE IF NOT EXISTS auth.users (
 );
 
 -- Supabase's PostgREST puts the verified JWT's claims into request.jwt.claims for each
--- transaction; these read them the same way Supabase's own functions do.
+-- transaction (older versions: request.jwt.claim.sub, .role, …); these read them as Supabase's own
+-- functions do. After a transaction that set one locally, the setting reads '' on that connection
+-- for the rest of its life, so '' means "unset" here too (nullif), never a cast error for whoever
+-- uses the pooled connection next.
 CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
-  SELECT nullif(
-    coalesce(current_setting('request.jwt.claim.sub', true),
-             current_setting('request.jwt.claims', true)::jsonb ->> 'sub'),
-    '')::uuid
+  SELECT coalesce(
+    nullif(current_setting('request.jwt.claim.sub', true), ''),
+    nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'
+  )::uuid
 $$;
 
 CREATE OR REPLACE FUNCTION auth.role() RETURNS text LANGUAGE sql STABLE AS $$
-  SELECT nullif(
-    coalesce(current_setting('request.jwt.claim.role', true),
-             current_setting('request.jwt.claims', true)::jsonb ->> 'role'),
-    '')::text
+  SELECT coalesce(
+    nullif(current_setting('request.jwt.claim.role', true), ''),
+    nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role'
+  )::text
+$$;
+
+CREATE OR REPLACE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE AS $$
+  SELECT coalesce(
+    nullif(current_setting('request.jwt.claim', true), ''),
+    nullif(current_setting('request.jwt.claims', true), '')
+  )::jsonb
 $$;
 
 GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION auth.uid(), auth.role() TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION auth.uid(), auth.role(), auth.jwt() TO anon, authenticated, service_role;
 GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
 
 -- Supabase grants table privileges in public to its API roles by default and leaves access
