@@ -54,7 +54,7 @@ def test_claims_set_once_then_unset_read_as_null(one_connection: Connection, rol
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_the_older_per_claim_settings_and_the_newer_one_take_turns(one_connection: Connection, role: str | None) -> None:
+def test_older_per_claim_settings_and_the_claims_take_turns(one_connection: Connection, role: str | None) -> None:
     old_style, new_style = str(uuid.uuid4()), str(uuid.uuid4())
     older = {"request.jwt.claim.sub": old_style, "request.jwt.claim.role": "authenticated"}
     assert _request(one_connection, role, **older) == {"uid": old_style, "role": "authenticated", "jwt": None}
