@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from sqlalchemy import Engine
 
 from tests.server import gunicorn, post_event
@@ -75,3 +77,112 @@ def test_a_slow_honest_client_and_one_expecting_100_continue_are_served(database
             answer += expecting.recv(4096)
             assert answer, "closed without an answer"
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed'") == 2
+
+
+# Requests a byte-pattern check took for whole, which then held a thread reading with no timeout.
+FOOLING = {
+    # A chunked body whose bytes so far end like the last chunk: "5\r\n[10\r\n" is one 5-byte chunk,
+    # then "\r\n" opens the next chunk's size line.
+    "chunked look-alike": b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\n[10\r\n\r\n",
+    "64 KiB of headers, no end": b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-Filler-%d: %s\r\n" % (n, b"a" * 100) for n in range(700)),
+    "2 MB declared, not sent": b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n",
+}
+
+
+def _deliver_beside(port: int, hostile: bytes, sockets: int) -> tuple[list[socket.socket], list[int], float]:
+    opened = [_open(port, hostile) for _ in range(sockets)]
+    time.sleep(0.5)
+    events = [samples.event("customer.created", samples.customer()) for _ in range(6)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda event: post_event(port, event, timeout=5), events))
+    return opened, [status for status, _ in answers], time.monotonic() - started
+
+
+def _answer_of(connection: socket.socket) -> bytes:
+    connection.settimeout(3)
+    answer = b""
+    while chunk := connection.recv(4096):
+        answer += chunk
+    return answer
+
+
+def test_crafted_requests_cannot_hold_the_threads(database_url: str, engine: Engine) -> None:
+    with gunicorn(database_url, workers=2) as (port, _):
+        for kind, hostile in FOOLING.items():
+            opened, statuses, took = _deliver_beside(port, hostile, 24)
+            print(f"\n{kind}: 6 deliveries beside 24 sockets answered {statuses} in {took:.2f} s")
+            assert statuses == [200] * 6, kind
+            if kind == "chunked look-alike":
+                # Still being read (not whole): no answer yet, dropped after REQUEST_SECONDS.
+                opened[0].settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    opened[0].recv(100)
+            else:
+                # Refused from the event loop at once, each with its status, never given a thread.
+                expected = b"HTTP/1.1 431 " if kind.startswith("64 KiB") else b"HTTP/1.1 413 "
+                assert all(_answer_of(connection).startswith(expected) for connection in opened), kind
+            for connection in opened:
+                connection.close()
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed'") == 18
+
+
+def _chunked(body: bytes, trailer: bytes = b"") -> bytes:
+    middle = len(body) // 2
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:middle], body[middle:]))
+    return chunks + b"0\r\n" + trailer + b"\r\n"
+
+
+def _signed_head(body: str, framing: str) -> bytes:
+    return (
+        f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Stripe-Signature: {sign(body)}\r\n{framing}\r\n\r\n"
+    ).encode()
+
+
+def _answers(connection: socket.socket, wanted: int) -> list[bytes]:
+    """The status lines of `wanted` answers read from one connection."""
+    connection.settimeout(5)
+    received = b""
+    while received.count(b"HTTP/1.1 ") < wanted:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed after {received.count(b'HTTP/1.1 ')} answers"
+        received += chunk
+    return re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", received)
+
+
+def test_chunked_with_a_trailer_and_pipelined_requests_are_answered(database_url: str, engine: Engine) -> None:
+    bodies = [json.dumps(samples.event("customer.created", samples.customer())) for _ in range(4)]
+    with gunicorn(database_url, workers=1) as (port, _):
+        with_trailer = _signed_head(bodies[0], "Transfer-Encoding: chunked") + _chunked(
+            bodies[0].encode(), b"X-Trailer: yes\r\n"
+        )
+        assert _answers(_open(port, with_trailer), 1) == [b"HTTP/1.1 200 OK"]
+
+        # A chunked request with another behind it in the same packet, then a third sent later on
+        # the same connection: all three answered in order.
+        pipelined = _open(
+            port,
+            _signed_head(bodies[1], "Transfer-Encoding: chunked")
+            + _chunked(bodies[1].encode())
+            + _signed_head(bodies[2], f"Content-Length: {len(bodies[2])}")
+            + bodies[2].encode(),
+        )
+        assert _answers(pipelined, 2) == [b"HTTP/1.1 200 OK"] * 2
+        pipelined.sendall(_signed_head(bodies[3], f"Content-Length: {len(bodies[3])}") + bodies[3].encode())
+        assert _answers(pipelined, 1) == [b"HTTP/1.1 200 OK"]
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed'") == 4
+
+
+def test_what_the_parser_refuses_is_answered_400_from_the_loop(database_url: str, engine: Engine) -> None:
+    with gunicorn(database_url, workers=1) as (port, _):
+        for refused in (
+            b"GARBAGE\r\n\r\n",
+            b"POST /webhooks/stripe HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /webhooks/stripe HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ):
+            answer = _answer_of(_open(port, refused))
+            assert answer.startswith(b"HTTP/1.1 400 "), refused
+            assert answer.endswith(b'{"error": "bad request"}')

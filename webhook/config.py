@@ -144,6 +144,11 @@ def embedded_secret(data_dir: Path) -> str:
     return secret
 
 
+def max_webhook_bytes(env: Mapping[str, str]) -> int:
+    """MAX_WEBHOOK_BYTES: the app answers 413 above it, and the HTTP worker reads no more."""
+    return _int(env, "MAX_WEBHOOK_BYTES", 1_048_576, minimum=1)
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     database_url = _database_url(env)
@@ -182,7 +187,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stripe_api_base=api_base.rstrip("/"),
         user_id_metadata_key=env.get("STRIPE_USER_ID_METADATA_KEY", "").strip() or "user_id",
         expect_livemode=None if not livemode_raw else livemode_raw == "true",
-        max_webhook_bytes=_int(env, "MAX_WEBHOOK_BYTES", 1_048_576, minimum=1),
+        max_webhook_bytes=max_webhook_bytes(env),
         port=_int(env, "PORT", 8000, minimum=1),
         db_pool_size=_int(env, "DB_POOL_SIZE", 5, minimum=1),
         data_dir=data_dir,
