@@ -19,7 +19,7 @@ from webhook.config import Settings, load_settings
 from webhook.logs import configure_logging, log
 from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
 from webhook.readiness import Readiness
-from webhook.store import make_engine, schema_ready
+from webhook.store import make_engine, schema_ready, side_engine
 from webhook.verify import RejectedDelivery, parse_event, verify_signature
 
 WEBHOOK_PATH = "/webhooks/stripe"
@@ -94,12 +94,14 @@ def _check_database(engine: Engine) -> None:
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
     """The WSGI app. With no arguments (gunicorn's `webhook.app:create_app()`) it reads the
-    environment; in embedded mode it starts (or joins) the embedded Postgres."""
+    environment; in embedded mode it starts (or joins) the embedded Postgres. Deliveries use
+    `engine` (DB_POOL_SIZE connections); the console and /metrics a small pool of their own."""
     settings = settings or load_settings()
     if engine is None:
         from webhook.embedded import database_url
 
         engine = make_engine(database_url(settings), settings.db_pool_size)
+    side = side_engine(engine.url.render_as_string(hide_password=False))
     configure_logging()
     _check_database(engine)
 
@@ -128,7 +130,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        payload, content_type = metrics.render(engine)
+        payload, content_type = metrics.render(side)
         return Response(payload, content_type=content_type)
 
     @app.errorhandler(HTTPException)
@@ -138,6 +140,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             metrics.REJECTED.labels(status="413").inc()
         return _answer(status, error=error.name.lower())
 
-    console.install(app, engine, settings)
+    console.install(app, side, settings)
     app.wsgi_app = webhook_fast_lane(app.wsgi_app, engine, settings)  # type: ignore[method-assign,assignment]
     return app

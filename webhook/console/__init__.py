@@ -9,6 +9,7 @@ from typing import Any
 import stripe
 from flask import Blueprint, Flask, Response, abort, flash, redirect, render_template, request, session, url_for
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response as BaseResponse
 
 from webhook import console_store, stripe_api
@@ -49,6 +50,11 @@ def _blueprint(engine: Engine, settings: Settings) -> Blueprint:
         )
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
+
+    @console.errorhandler(SQLAlchemyError)
+    def database_busy(error: SQLAlchemyError) -> tuple[str, int]:
+        # A locked table or a full console pool: the page gives up within seconds, and says so.
+        return render_template("console/busy.html"), 503
 
     @console.context_processor
     def who() -> dict[str, Any]:

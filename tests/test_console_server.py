@@ -1,0 +1,92 @@
+"""The support console under gunicorn, as people and attackers use it at once with deliveries:
+its own bounded pool, the sign-in throttle under parallel guesses, and sessions that end."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from sqlalchemy import Engine
+from werkzeug.security import generate_password_hash
+
+from tests.server import gunicorn, post_event
+from tests.support import count
+from webhook import samples
+
+PASSWORD = "correct horse battery staple"
+USERS = f"alice:{generate_password_hash(PASSWORD)}"
+
+
+def signed_in_session(base: str, name: str = "alice", password: str = PASSWORD) -> requests.Session:
+    session = requests.Session()
+    session.post(f"{base}/support/signin", data={"name": name, "password": password, "csrf_token": csrf(session, base)})
+    return session
+
+
+def csrf(session: requests.Session, base: str, path: str = "/support/signin") -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', session.get(f"{base}{path}", timeout=10).text)
+    assert found
+    return found.group(1)
+
+
+@pytest.fixture
+def console_server(database_url: str, engine: Engine) -> Iterator[str]:
+    with gunicorn(database_url, workers=2, SUPPORT_USERS=USERS) as (port, _):
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_a_locked_table_slows_the_console_never_a_delivery(console_server: str, engine: Engine) -> None:
+    session = signed_in_session(console_server)
+    assert session.get(f"{console_server}/support/failed", timeout=10).status_code == 200
+    released = threading.Event()
+    locked = threading.Event()
+
+    def hold_lock() -> None:
+        # An auth migration or VACUUM FULL: auth.users locked for 8 s.
+        with engine.connect() as connection:
+            connection = connection.execution_options(isolation_level="READ COMMITTED")
+            connection.begin()
+            connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
+            connection.exec_driver_sql("LOCK TABLE auth.users IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            time.sleep(8)
+            connection.rollback()
+        released.set()
+
+    def page(_: int) -> tuple[int, bool]:
+        answer = session.get(f"{console_server}/support/?q=nobody@example.com", timeout=30)
+        return answer.status_code, released.is_set()
+
+    port = int(console_server.rsplit(":", 1)[1])
+    # Customers with no user: an update of one touches nothing of auth.users. (Creating one does:
+    # the foreign key's check takes a share lock on auth.users even for a NULL user_id.)
+    customers = [samples.customer() for _ in range(6)]
+    assert [post_event(port, samples.event("customer.created", customer))[0] for customer in customers] == [200] * 6
+
+    def delivery(customer: dict[str, object]) -> tuple[int, float, bool]:
+        started = time.monotonic()
+        status, _ = post_event(port, samples.event("customer.updated", {**customer, "name": "Changed"}))
+        return status, time.monotonic() - started, released.is_set()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    assert locked.wait(10)
+    with ThreadPoolExecutor(max_workers=18) as pool:
+        pages = [pool.submit(page, n) for n in range(12)]
+        time.sleep(0.5)  # the pages are waiting on the lock
+        deliveries = list(pool.map(delivery, customers))
+        page_answers = [future.result() for future in pages]
+    holder.join()
+    print(f"\nlongest delivery while 12 console pages waited on a lock: {max(d[1] for d in deliveries):.2f} s")
+    # Every delivery answered 200 while the lock was still held; every page gave up (503) before it
+    # was released, rather than waiting for it.
+    assert [(status, late) for status, _, late in deliveries] == [(200, False)] * 6
+    assert page_answers == [(503, False)] * 12
+    assert count(engine, "SELECT count(*) FROM stripe_customers WHERE customer_name = 'Changed'") == 6
+    # And once the lock is gone, the console answers again.
+    assert session.get(f"{console_server}/support/?q=nobody@example.com", timeout=10).status_code == 200
