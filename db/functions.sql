@@ -255,9 +255,6 @@ DECLARE
   v_tie text;
   v_applied record;
 BEGIN
-  -- A held lock (a migration, a stuck transaction) turns into a quick error, answered 503, rather
-  -- than a delivery that waits as long as the lock is held. Transaction-local: pooler-safe.
-  PERFORM set_config('lock_timeout', '2s', true);
   -- Deliveries of one event id queue here; the later one then finds it finished: a duplicate.
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_event:' || v_id, 0));
   IF EXISTS (SELECT 1 FROM public.stripe_webhook_events WHERE id = v_id AND status NOT IN ('received', 'failed')
@@ -282,27 +279,52 @@ BEGIN
   RETURN v_status || coalesce('/' || split_part(v_tie, ':', 2), '');
 END $$;
 
+-- One event of a shared statement in a subtransaction of its own, so that its error (a fault, a
+-- lock timeout, a payload jsonb cannot hold: cast here, not by the caller) fails it alone:
+-- 'error:<SQLSTATE>:<message>' in its place, or 'wait' when p_defer and its lock is held elsewhere.
+-- A statement timeout is not caught (query_canceled is not OTHERS): it ends the whole statement.
+-- p_actor: the console's person ('' for nobody), NULL when nobody in the statement is acting.
+CREATE OR REPLACE FUNCTION public.stripe_apply_caught(
+  p_event text, p_change text, p_source text, p_actor text, p_defer boolean
+) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+  IF p_actor IS NOT NULL THEN
+    PERFORM set_config('stripe_webhook.actor', p_actor, true);
+  END IF;
+  RETURN public.stripe_apply_event(p_event::jsonb, p_change::jsonb, p_source);
+EXCEPTION WHEN OTHERS THEN
+  IF p_defer AND SQLSTATE = '55P03' THEN RETURN 'wait'; END IF;
+  RETURN 'error:' || SQLSTATE || ':' || SQLERRM;
+END $$;
+
 -- Several events in one statement and one transaction (webhook/batch.py: the deliveries one worker
--- received while its previous statement ran), each in a subtransaction of its own, so that one
--- event's error (a fault, a lock timeout, a payload jsonb cannot hold: cast here, not by the caller)
--- fails that event alone: 'error:<SQLSTATE>:<message>' in its place. A statement timeout is not
--- caught (query_canceled is not OTHERS): it ends the whole statement, and nothing is written.
--- p_actors NULL: nobody acting from the console (the audit names the database user).
+-- received while its previous statement ran), each in a subtransaction of its own. A lock held
+-- elsewhere (a migration, a stuck transaction, another worker's event of the same customer) must
+-- hold up only the events that need it: first every event whose locks are free now, then those
+-- that found theirs held, sharing one lock timeout between them. So an event that waits in vain
+-- fails alone (answered 503, Stripe retries), and the others of its statement wait at most that
+-- long for their commit. All settings are transaction-local: pooler-safe.
 CREATE OR REPLACE FUNCTION public.stripe_apply_events(
   p_events text[], p_changes text[], p_sources text[], p_actors text[]
 ) RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
-  v_outcomes text[] := '{}';
+  v_count int := coalesce(array_length(p_events, 1), 0);
+  v_outcomes text[] := array_fill(NULL::text, ARRAY[v_count]);
+  v_waiting int[] := '{}';
+  v_deadline timestamptz := clock_timestamp() + interval '2 seconds';
+  i int;
 BEGIN
-  FOR i IN 1 .. coalesce(array_length(p_events, 1), 0) LOOP
-    BEGIN
-      IF p_actors IS NOT NULL THEN
-        PERFORM set_config('stripe_webhook.actor', coalesce(p_actors[i], ''), true);
-      END IF;
-      v_outcomes := v_outcomes || public.stripe_apply_event(p_events[i]::jsonb, p_changes[i]::jsonb, p_sources[i]);
-    EXCEPTION WHEN OTHERS THEN
-      v_outcomes := v_outcomes || ('error:' || SQLSTATE || ':' || SQLERRM);
-    END;
+  PERFORM set_config('lock_timeout', '10ms', true);
+  FOR i IN 1 .. v_count LOOP
+    v_outcomes[i] := public.stripe_apply_caught(p_events[i], p_changes[i], p_sources[i],
+      CASE WHEN p_actors IS NOT NULL THEN coalesce(p_actors[i], '') END, true);
+    IF v_outcomes[i] = 'wait' THEN v_waiting := v_waiting || i; END IF;
+  END LOOP;
+  FOREACH i IN ARRAY v_waiting LOOP
+    PERFORM set_config('lock_timeout',
+      greatest(1, ceil(extract(epoch FROM v_deadline - clock_timestamp()) * 1000))::int || 'ms', true);
+    v_outcomes[i] := public.stripe_apply_caught(p_events[i], p_changes[i], p_sources[i],
+      CASE WHEN p_actors IS NOT NULL THEN coalesce(p_actors[i], '') END, false);
   END LOOP;
   RETURN v_outcomes;
 END $$;
@@ -313,6 +335,7 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
     REVOKE EXECUTE ON FUNCTION public.stripe_apply_event(jsonb, jsonb, text),
       public.stripe_apply_events(text[], text[], text[], text[]),
+      public.stripe_apply_caught(text, text, text, text, boolean),
       public.stripe_apply_customer(jsonb, text, text, bigint, jsonb),
       public.stripe_tie_order(jsonb, text), public.stripe_create_trigger(text, text) FROM PUBLIC, anon, authenticated;
   END IF;

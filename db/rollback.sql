@@ -4,6 +4,7 @@
 -- auth.* and the API roles are left alone: they belong to Supabase (or db/supabase_shim.sql).
 
 DROP FUNCTION IF EXISTS public.stripe_apply_events(text[], text[], text[], text[]);
+DROP FUNCTION IF EXISTS public.stripe_apply_caught(text, text, text, text, boolean);
 DROP FUNCTION IF EXISTS public.stripe_apply_event(jsonb, jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);

@@ -199,3 +199,35 @@ def test_a_person_acting_in_a_shared_statement_is_named_for_their_event_only(
     assert named[acting] == "support:alice"
     assert [named[event["id"]] for event in queued if event["id"] != acting] == [current_user, current_user]
     assert len({_received_at(engine, event["id"]) for event in queued}) == 1
+
+
+def test_a_held_lock_fails_only_the_events_that_wait_for_it(database_url: str, engine: Engine) -> None:
+    """16 concurrent deliveries to one worker, 6 of them for customers whose lock another session
+    holds for 8 s: those 6 fail (503, Stripe retries), and the 10 others are applied and answered
+    while the lock is still held, however the worker grouped them into statements."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.server import gunicorn, post_event
+
+    locked = [samples.customer() for _ in range(6)]
+    free = [samples.customer() for _ in range(10)]
+    with gunicorn(database_url, workers=1) as (port, _), engine.connect() as holder:
+        holder.execute(text("SELECT " + ", ".join(_customer_lock(customer["id"]) for customer in locked)))
+        release_at = time.monotonic() + 8
+        try:
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                answers = list(
+                    pool.map(
+                        lambda customer: (
+                            post_event(port, samples.event("customer.created", customer))[0],
+                            time.monotonic(),
+                        ),
+                        locked + free,
+                    )
+                )
+        finally:
+            holder.execute(text("SELECT pg_advisory_unlock_all()"))
+    assert [status for status, _ in answers] == [503] * 6 + [200] * 10
+    assert all(answered < release_at for _, answered in answers)
+    assert all(customer_row(engine, customer["id"]) is not None for customer in free)
+    assert all(customer_row(engine, customer["id"]) is None for customer in locked)
