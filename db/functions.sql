@@ -40,15 +40,47 @@ END $$;
 SELECT public.stripe_create_trigger('stripe_customers_audit',
   'AFTER INSERT OR UPDATE OR DELETE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_audit_row()');
 
--- However a row leaves (customer.deleted, verify --fix, the auth.users cascade, by hand): remember
--- the newest event time it reflected, and hand its user to the newest other customer that names
--- them, so a user is never left without a customer while one names them.
+-- A user is never left without a customer while one names them: when a customer lets go of its
+-- user (its row leaves, or a newer event points it at another user), the newest other customer
+-- whose metadata names that user and that could not be linked for it takes the user over. Returns
+-- that customer, if any. Also reconciliation's mend for a user left unlinked (stripe_relink_users).
 -- SECURITY DEFINER: whoever deletes (service_role from the dashboard or the API) may not read
 -- auth.users, and once plpgsql caches a generic plan the check below is made as the deleter.
-CREATE OR REPLACE FUNCTION public.stripe_customers_gone() RETURNS trigger LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = '' AS $$
+CREATE OR REPLACE FUNCTION public.stripe_hand_on_user(p_user uuid, p_note text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
   v_heir text;
+BEGIN
+  -- In the auth.users cascade the user itself is gone: nobody to hand on.
+  IF p_user IS NULL OR NOT EXISTS (SELECT 1 FROM auth.users WHERE id = p_user) THEN
+    RETURN NULL;
+  END IF;
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_user:' || p_user, 0));
+  IF EXISTS (SELECT 1 FROM public.stripe_customers WHERE user_id = p_user) THEN
+    RETURN NULL;
+  END IF;
+  -- A candidate locked by a transaction applying an event to it is left to that event, which
+  -- takes the user lock after this transaction and then finds the user free.
+  SELECT s.stripe_customer_id INTO v_heir
+  FROM public.stripe_customer_claims c JOIN public.stripe_customers s USING (stripe_customer_id)
+  WHERE c.user_id = p_user AND s.user_id IS NULL
+    AND s.customer_metadata #>> '{sync,named_user_id}' = p_user::text
+  ORDER BY (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
+  LIMIT 1 FOR UPDATE OF s SKIP LOCKED;
+  IF v_heir IS NOT NULL THEN
+    DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = v_heir;
+    UPDATE public.stripe_customers SET user_id = p_user,
+      customer_metadata = jsonb_set(customer_metadata, '{sync}', (customer_metadata -> 'sync') - 'named_user_id'
+        || jsonb_build_object('status', 'synced', 'note', p_note))
+    WHERE stripe_customer_id = v_heir;
+  END IF;
+  RETURN v_heir;
+END $$;
+
+-- However a row leaves (customer.deleted, verify --fix, the auth.users cascade, by hand): remember
+-- the newest event time it reflected, and hand its user on.
+CREATE OR REPLACE FUNCTION public.stripe_customers_gone() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = '' AS $$
 BEGIN
   INSERT INTO public.stripe_customer_tombstones AS t (stripe_customer_id, event_id, event_created)
   VALUES (OLD.stripe_customer_id, OLD.customer_metadata #>> '{sync,event_id}',
@@ -57,31 +89,48 @@ BEGIN
     event_created = EXCLUDED.event_created, deleted_at = now()
     WHERE t.event_created < EXCLUDED.event_created;
   DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = OLD.stripe_customer_id;
-  -- In the auth.users cascade the user itself is gone: nobody to hand on.
-  IF OLD.user_id IS NULL OR NOT EXISTS (SELECT 1 FROM auth.users WHERE id = OLD.user_id) THEN
-    RETURN NULL;
-  END IF;
-  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_user:' || OLD.user_id, 0));
-  -- A candidate locked by a transaction applying an event to it is left to that event, which
-  -- takes the user lock after this transaction and then finds the user free.
-  SELECT s.stripe_customer_id INTO v_heir
-  FROM public.stripe_customer_claims c JOIN public.stripe_customers s USING (stripe_customer_id)
-  WHERE c.user_id = OLD.user_id AND s.user_id IS NULL
-    AND s.customer_metadata #>> '{sync,named_user_id}' = OLD.user_id::text
-  ORDER BY (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
-  LIMIT 1 FOR UPDATE OF s SKIP LOCKED;
-  IF v_heir IS NOT NULL THEN
-    DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = v_heir;
-    UPDATE public.stripe_customers SET user_id = OLD.user_id,
-      customer_metadata = jsonb_set(customer_metadata, '{sync}', (customer_metadata -> 'sync') - 'named_user_id'
-        || jsonb_build_object('status', 'synced', 'note',
-             'linked to its user when customer ' || OLD.stripe_customer_id || ', which held the user, was removed'))
-    WHERE stripe_customer_id = v_heir;
-  END IF;
+  PERFORM public.stripe_hand_on_user(OLD.user_id,
+    'linked to its user when customer ' || OLD.stripe_customer_id || ', which held the user, was removed');
   RETURN NULL;
 END $$;
 SELECT public.stripe_create_trigger('stripe_customers_gone',
   'AFTER DELETE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_gone()');
+
+-- A link that moves (a newer event names another user) hands the user it left on, as a deletion does.
+CREATE OR REPLACE FUNCTION public.stripe_customers_moved() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = '' AS $$
+BEGIN
+  PERFORM public.stripe_hand_on_user(OLD.user_id,
+    'linked to its user when customer ' || OLD.stripe_customer_id || ', which held the user, moved to another user');
+  RETURN NULL;
+END $$;
+SELECT public.stripe_create_trigger('stripe_customers_moved',
+  'AFTER UPDATE OF user_id ON public.stripe_customers FOR EACH ROW '
+  'WHEN (OLD.user_id IS NOT NULL AND OLD.user_id IS DISTINCT FROM NEW.user_id) '
+  'EXECUTE FUNCTION public.stripe_customers_moved()');
+
+-- Users that no customer holds while an unlinked customer names them (left so by a change made
+-- outside the consumer, or before the triggers above): reconciliation lists them and, with
+-- p_fix, links each to the newest such customer.
+CREATE OR REPLACE FUNCTION public.stripe_relink_users(p_fix boolean)
+RETURNS TABLE (user_id uuid, stripe_customer_id text) LANGUAGE plpgsql AS $$
+BEGIN
+  FOR user_id, stripe_customer_id IN
+    SELECT DISTINCT ON (c.user_id) c.user_id, c.stripe_customer_id
+    FROM public.stripe_customer_claims c JOIN public.stripe_customers s ON s.stripe_customer_id = c.stripe_customer_id
+    WHERE s.user_id IS NULL AND s.customer_metadata #>> '{sync,named_user_id}' = c.user_id::text
+      AND NOT EXISTS (SELECT 1 FROM public.stripe_customers o WHERE o.user_id = c.user_id)
+      AND EXISTS (SELECT 1 FROM auth.users u WHERE u.id = c.user_id)
+    ORDER BY c.user_id, (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
+  LOOP
+    IF p_fix THEN
+      stripe_customer_id := public.stripe_hand_on_user(user_id,
+        'linked to its user by reconciliation: no customer held the user');
+      CONTINUE WHEN stripe_customer_id IS NULL;
+    END IF;
+    RETURN NEXT;
+  END LOOP;
+END $$;
 
 -- Whether an update's data.previous_attributes equal another event's object on those fields
 -- (nested objects such as metadata compared key by key; a missing key equals null).
@@ -337,7 +386,8 @@ BEGIN
       public.stripe_apply_events(text[], text[], text[], text[]),
       public.stripe_apply_caught(text, text, text, text, boolean),
       public.stripe_apply_customer(jsonb, text, text, bigint, jsonb),
-      public.stripe_tie_order(jsonb, text), public.stripe_create_trigger(text, text) FROM PUBLIC, anon, authenticated;
+      public.stripe_tie_order(jsonb, text), public.stripe_create_trigger(text, text),
+      public.stripe_hand_on_user(uuid, text), public.stripe_relink_users(boolean) FROM PUBLIC, anon, authenticated;
   END IF;
 END $$;
 

@@ -21,4 +21,7 @@ DROP TABLE IF EXISTS public.stripe_sync_cursors;
 DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
 DROP FUNCTION IF EXISTS public.stripe_customers_touch();
 DROP FUNCTION IF EXISTS public.stripe_customers_gone();
+DROP FUNCTION IF EXISTS public.stripe_customers_moved();
+DROP FUNCTION IF EXISTS public.stripe_relink_users(boolean);
+DROP FUNCTION IF EXISTS public.stripe_hand_on_user(uuid, text);
 DROP FUNCTION IF EXISTS public.stripe_create_trigger(text, text);

@@ -163,6 +163,45 @@ def test_a_user_is_handed_to_the_customer_that_names_them(how: str, port: int, e
     assert post_event(port, stale)[1]["status"] == "stale"
 
 
+def test_a_link_that_moves_hands_the_user_it_left_on(port: int, engine: Engine) -> None:
+    user_id, linked, waiting = _linked_and_waiting(port, engine)
+    other_user = add_user(engine)
+    assert "already linked" in _sync(engine, waiting["id"])["note"]
+
+    moved = {**linked, "metadata": {"user_id": other_user}}
+    assert post_event(port, samples.event("customer.updated", moved, created=T + 10))[1]["status"] == "processed"
+
+    assert str(customer_row(engine, linked["id"])["user_id"]) == other_user  # type: ignore[index]
+    assert str(customer_row(engine, waiting["id"])["user_id"]) == user_id  # type: ignore[index]
+    sync = _sync(engine, waiting["id"])
+    assert sync["status"] == "synced" and linked["id"] in sync["note"] and "moved to another user" in sync["note"]
+    assert count(engine, "SELECT count(*) FROM stripe_customer_claims") == 0
+
+
+def test_verify_finds_and_fix_mends_a_user_left_unlinked(port: int, engine: Engine, database_url: str) -> None:
+    user_id, linked, waiting = _linked_and_waiting(port, engine)
+    with engine.connect() as connection:  # a change made outside the consumer, triggers off
+        connection.execute(text("ALTER TABLE stripe_customers DISABLE TRIGGER stripe_customers_moved"))
+        try:
+            connection.execute(
+                text("UPDATE stripe_customers SET user_id = NULL WHERE stripe_customer_id = :id"), {"id": linked["id"]}
+            )
+        finally:
+            connection.execute(text("ALTER TABLE stripe_customers ENABLE TRIGGER stripe_customers_moved"))
+    stripe = FakeStripe()
+    for customer in (linked, waiting):
+        stripe.customers[customer["id"]] = customer
+    with stripe.serving() as base:
+        env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_API_BASE": base}
+        found = cli("verify", **env, STRIPE_API_KEY="sk_test_fake")
+        assert found.returncode == 1 and f"drift {waiting['id']}: unlinked (user_id differ)" in found.stdout
+        fixed = cli("verify", "--fix", **env, STRIPE_API_KEY="sk_test_fake")
+        assert fixed.returncode == 0, fixed.stderr
+        assert cli("verify", **env, STRIPE_API_KEY="sk_test_fake").returncode == 0
+    assert str(customer_row(engine, waiting["id"])["user_id"]) == user_id  # type: ignore[index]
+    assert "reconciliation" in _sync(engine, waiting["id"])["note"]
+
+
 def test_verify_fix_hands_the_user_on_and_leaves_a_tombstone(port: int, engine: Engine, database_url: str) -> None:
     user_id, linked, waiting = _linked_and_waiting(port, engine)
     others = [samples.customer(created=T) for _ in range(10)]

@@ -75,9 +75,13 @@ def push_profile(
 @dataclass(frozen=True)
 class Drift:
     stripe_customer_id: str
-    kind: str  # missing | deleted | changed
+    kind: str  # missing | deleted | changed | unlinked (a user no customer holds while this one names them)
     fields: tuple[str, ...] = ()
     stripe_state: CustomerChange | None = None
+
+    @property
+    def deletes(self) -> bool:
+        return self.kind in ("missing", "deleted")
 
     def line(self) -> str:
         detail = f" ({', '.join(self.fields)} differ)" if self.fields else ""
@@ -109,6 +113,9 @@ def find_drift(
             differ = tuple(field for field, local in (("email", email), ("name", name)) if remote.get(field) != local)
             if differ:
                 drifts.append(Drift(customer_id, "changed", differ, customer_state(remote, user_id_key)))
+    with engine.connect() as connection:
+        orphans = store.relink_users(connection, fix=False)
+    drifts.extend(Drift(customer_id, "unlinked", ("user_id",)) for _, customer_id in orphans)
     return len(rows), drifts
 
 
@@ -131,7 +138,7 @@ def check_fix(engine: Engine, api_key: str, rows: int, drifts: list[Drift], allo
     if modes and key_livemode not in modes:
         key_mode, data_mode = ("live", "test") if key_livemode else ("test", "live")
         raise FixRefused(f"STRIPE_API_KEY is a {key_mode}-mode key but this database holds {data_mode}-mode events")
-    deletions = sum(1 for drift in drifts if drift.stripe_state is None)
+    deletions = sum(1 for drift in drifts if drift.deletes)
     if not allow_mass_delete and not deletions_plausible(rows, deletions):
         raise FixRefused(
             f"would delete {deletions} of {rows} rows, which looks like a key for another account or mode; "
@@ -139,16 +146,21 @@ def check_fix(engine: Engine, api_key: str, rows: int, drifts: list[Drift], allo
         )
 
 
+def _fix_of(drift: Drift) -> CustomerChange | None:
+    """What applying Stripe's state to the row means; None for an unlinked user (relinked in SQL)."""
+    return CustomerChange(action="delete", id=drift.stripe_customer_id) if drift.deletes else drift.stripe_state
+
+
 def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
     """Apply Stripe's state (sync.source 'api'): changed rows take Stripe's values, rows Stripe
-    no longer has are deleted; a row an event set after `as_of` is left alone."""
-    changes = [
-        drift.stripe_state.as_json()
-        if drift.stripe_state is not None
-        else CustomerChange(action="delete", id=drift.stripe_customer_id).as_json()
-        for drift in drifts
-    ]
-    return store.apply_customers(engine, changes, "api", as_of) if changes else []
+    no longer has are deleted (a row an event set after `as_of` is left alone), and a user left
+    unlinked is linked to the newest customer that names them."""
+    changes = [change.as_json() for change in map(_fix_of, drifts) if change is not None]
+    outcomes = store.apply_customers(engine, changes, "api", as_of) if changes else []
+    if any(drift.kind == "unlinked" for drift in drifts):
+        with engine.connect() as connection:
+            outcomes += ["processed"] * len(store.relink_users(connection, fix=True))
+    return outcomes
 
 
 def resync(engine: Engine, client: stripe.StripeClient, customer_id: str, user_id_key: str, actor: str) -> str:
