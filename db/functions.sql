@@ -285,9 +285,13 @@ BEGIN
   END IF;
 END $$;
 
--- The customer an event concerns: the object itself for customer.*, its `customer` otherwise.
+-- The customer an event concerns: the object itself when it is a customer (customer.created,
+-- .updated, .deleted), else the object's `customer` (customer.subscription.*, customer.source.*,
+-- customer.discount.*, checkout.session.*, …), an id or an expanded object.
 CREATE OR REPLACE FUNCTION public.stripe_event_customer_id(p_event jsonb) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-  SELECT CASE WHEN p_event ->> 'type' LIKE 'customer.%' THEN p_event #>> '{data,object,id}'
+  SELECT CASE WHEN p_event ->> 'type' LIKE 'customer.%'
+               AND coalesce(p_event #>> '{data,object,object}', 'customer') = 'customer'
+    THEN p_event #>> '{data,object,id}'
     ELSE coalesce(p_event #>> '{data,object,customer,id}', p_event #>> '{data,object,customer}') END
 $$;
 
@@ -390,6 +394,15 @@ BEGIN
       public.stripe_hand_on_user(uuid, text), public.stripe_relink_users(boolean) FROM PUBLIC, anon, authenticated;
   END IF;
 END $$;
+
+-- step (repeat): events about a customer's subscription, card, discount or tax id were once filed
+-- under that object's own id; file them under their customer, a batch a transaction
+UPDATE public.stripe_webhook_events SET stripe_customer_id = public.stripe_event_customer_id(payload)
+WHERE id IN (
+  SELECT id FROM public.stripe_webhook_events
+  WHERE type LIKE 'customer.%' AND stripe_customer_id !~ '^cus_'
+    AND stripe_customer_id IS DISTINCT FROM public.stripe_event_customer_id(payload)
+  LIMIT 5000);
 
 -- step: lz4 for the large values
 -- Every event writes a ~2-3 KB payload into the log and two row images into the audit, which

@@ -85,15 +85,15 @@ BEGIN
 END $$;
 
 -- step (repeat): the rows logged before the column, a batch a transaction so deliveries never wait
-UPDATE public.stripe_webhook_events SET stripe_customer_id = CASE
-  WHEN type LIKE 'customer.%' THEN payload #>> '{data,object,id}'
-  ELSE coalesce(payload #>> '{data,object,customer,id}', payload #>> '{data,object,customer}') END
-WHERE id IN (
-  SELECT id FROM public.stripe_webhook_events
-  WHERE stripe_customer_id IS NULL AND CASE
-    WHEN type LIKE 'customer.%' THEN payload #>> '{data,object,id}'
-    ELSE coalesce(payload #>> '{data,object,customer,id}', payload #>> '{data,object,customer}') END IS NOT NULL
-  LIMIT 5000);
+-- (the rule of public.stripe_event_customer_id, which db/functions.sql creates after this)
+UPDATE public.stripe_webhook_events AS e SET stripe_customer_id = filed.customer FROM (
+  SELECT id, customer FROM (SELECT id, CASE
+      WHEN type LIKE 'customer.%' AND coalesce(payload #>> '{data,object,object}', 'customer') = 'customer'
+        THEN payload #>> '{data,object,id}'
+      ELSE coalesce(payload #>> '{data,object,customer,id}', payload #>> '{data,object,customer}') END AS customer
+    FROM public.stripe_webhook_events WHERE stripe_customer_id IS NULL) AS unfiled
+  WHERE customer IS NOT NULL LIMIT 5000) AS filed
+WHERE e.id = filed.id;
 
 -- step: one customer's timeline is an index scan at any size
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_webhook_events_customer_idx

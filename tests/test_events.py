@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -272,3 +273,36 @@ def test_a_failing_write_leaves_no_half_write_and_is_retried(client: FlaskClient
     logged = event_row(engine, event["id"])
     assert logged is not None and logged["attempts"] == 2 and logged["last_error"] is None
     assert customer_row(engine, customer["id"]) is not None
+
+
+def test_events_about_a_customers_objects_are_filed_under_the_customer(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer()
+    subscription = {"id": samples.stripe_id("sub"), "object": "subscription", "customer": customer["id"]}
+    card = {"id": samples.stripe_id("card"), "object": "card", "customer": customer["id"]}
+    discount = {"id": samples.stripe_id("di"), "object": "discount", "customer": {"id": customer["id"]}}
+    events = [
+        samples.event("customer.created", customer),
+        samples.event("customer.subscription.updated", subscription),
+        samples.event("customer.source.created", card),
+        samples.event("customer.discount.created", discount),
+    ]
+    assert [deliver(client, event).get_json()["status"] for event in events] == ["processed"] + ["ignored"] * 3
+    assert [event_row(engine, event["id"])["stripe_customer_id"] for event in events] == [customer["id"]] * 4  # type: ignore[index]
+
+
+def test_migrate_refiles_events_filed_under_their_objects_id(engine: Engine) -> None:
+    from webhook import migrations
+
+    customer_id = samples.stripe_id("cus")
+    subscription = {"id": samples.stripe_id("sub"), "object": "subscription", "customer": customer_id}
+    event = samples.event("customer.subscription.created", subscription)
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO stripe_webhook_events (id, type, created, payload, status, stripe_customer_id) "
+                "VALUES (:id, :type, now(), CAST(:payload AS jsonb), 'ignored', :wrong)"
+            ),
+            {"id": event["id"], "type": event["type"], "payload": json.dumps(event), "wrong": subscription["id"]},
+        )
+    migrations.migrate(engine, shim=False)
+    assert event_row(engine, event["id"])["stripe_customer_id"] == customer_id  # type: ignore[index]

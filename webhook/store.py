@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class EventToApply:
 DEADLOCK_RETRIES = 3
 LOCK_TIMEOUT = "2s"  # a held lock turns into a quick error (503 for a delivery), not a wait
 SIDE_POOL_SIZE = 2
+_OUTSIDE_TRANSACTION = re.compile(r"\s*(VACUUM\b|(CREATE|DROP|REINDEX)\b[^;]*\bCONCURRENTLY\b)", re.IGNORECASE)
 
 
 def make_engine(
@@ -57,8 +59,11 @@ def make_engine(
         connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
     ) -> tuple[str, Any]:
         # Sent with the statement in one simple query: one round trip, one (implicit or open)
-        # transaction, nothing left on the connection (a transaction-mode pooler is fine).
-        return (statement if executemany else bound + statement), parameters
+        # transaction, nothing left on the connection (a transaction-mode pooler is fine). What
+        # cannot run inside a transaction (… CONCURRENTLY, VACUUM) goes as it is.
+        if executemany or _OUTSIDE_TRANSACTION.match(statement):
+            return statement, parameters
+        return bound + statement, parameters
 
     return engine
 
