@@ -131,7 +131,7 @@ def test_search_by_every_kind_of_key(console: FlaskClient, engine: Engine) -> No
     customer = samples.customer(email="Paid.User@example.com", metadata={"user_id": user_id})
     event = samples.event("customer.created", customer)
     deliver(console, event)
-    lonely = add_user(engine, email="lonely@example.com")
+    lonely = add_user(engine, email="Lonely@Example.com")
     assert sign_in(console) == 302
     page = f"/support/customers/{customer['id']}"
     for query in ("paid.user@EXAMPLE.com", user_id, customer["id"]):
@@ -140,6 +140,9 @@ def test_search_by_every_kind_of_key(console: FlaskClient, engine: Engine) -> No
     assert by_event.headers["Location"] == f"{page}#{event['id']}"
     no_customer = console.get("/support/", query_string={"q": lonely}, follow_redirects=True).get_data(as_text=True)
     assert "No Stripe customer is linked" in no_customer
+    # "I paid but have no access": a user without a customer, found whatever the case of the email.
+    found = console.get("/support/", query_string={"q": "lonely@EXAMPLE.com"}).get_data(as_text=True)
+    assert f"/support/users/{lonely}" in found
 
 
 def test_no_email_in_any_log_line(console: FlaskClient, engine: Engine, capfd: pytest.CaptureFixture[str]) -> None:

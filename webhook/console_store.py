@@ -34,7 +34,9 @@ def customers_by_email(engine: Engine, email: str) -> list[dict[str, Any]]:
 
 
 def users_by_email(engine: Engine, email: str) -> list[dict[str, Any]]:
-    return _all(engine, "SELECT id, email FROM auth.users WHERE email = :email LIMIT 50", email=email)
+    # auth.users has no index on lower(email) (Supabase's is on email itself): a scan, bounded by the
+    # console's statement timeout; support looks people up one at a time.
+    return _all(engine, "SELECT id, email FROM auth.users WHERE lower(email) = lower(:email) LIMIT 50", email=email)
 
 
 def user(engine: Engine, user_id: str) -> dict[str, Any] | None:
