@@ -31,7 +31,11 @@ class EventToApply:
 DEADLOCK_RETRIES = 3
 LOCK_TIMEOUT = "2s"  # a held lock turns into a quick error (503 for a delivery), not a wait
 SIDE_POOL_SIZE = 2
-_OUTSIDE_TRANSACTION = re.compile(r"\s*(VACUUM\b|(CREATE|DROP|REINDEX)\b[^;]*\bCONCURRENTLY\b)", re.IGNORECASE)
+# Left as they are: what cannot run inside a transaction, and the transaction's own control
+# (a savepoint's rollback must run in a transaction that already failed).
+_UNBOUNDED = re.compile(
+    r"\s*(VACUUM|SAVEPOINT|RELEASE|ROLLBACK|COMMIT|BEGIN|(CREATE|DROP|REINDEX)\b[^;]*\bCONCURRENTLY)\b", re.IGNORECASE
+)
 
 
 def make_engine(
@@ -59,9 +63,8 @@ def make_engine(
         connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
     ) -> tuple[str, Any]:
         # Sent with the statement in one simple query: one round trip, one (implicit or open)
-        # transaction, nothing left on the connection (a transaction-mode pooler is fine). What
-        # cannot run inside a transaction (… CONCURRENTLY, VACUUM) goes as it is.
-        if executemany or _OUTSIDE_TRANSACTION.match(statement):
+        # transaction, nothing left on the connection (a transaction-mode pooler is fine).
+        if executemany or _UNBOUNDED.match(statement):
             return statement, parameters
         return bound + statement, parameters
 
