@@ -18,6 +18,8 @@ DROP TABLE IF EXISTS public.stripe_customers;
 DROP TABLE IF EXISTS public.stripe_customer_tombstones;
 DROP TABLE IF EXISTS public.stripe_customer_claims;
 DROP TABLE IF EXISTS public.stripe_sync_cursors;
+DROP TABLE IF EXISTS public.stripe_support_sessions;
+DROP TABLE IF EXISTS public.stripe_support_signins;
 DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
 DROP FUNCTION IF EXISTS public.stripe_customers_touch();
 DROP FUNCTION IF EXISTS public.stripe_customers_gone();

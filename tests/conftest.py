@@ -68,7 +68,8 @@ def clean_tables(request: pytest.FixtureRequest) -> None:
             text(
                 "TRUNCATE public.stripe_customers, public.stripe_webhook_events, public.stripe_customer_tombstones, "
                 "public.stripe_customer_claims, public.stripe_sync_cursors, "
-                "public.stripe_customers_audit, auth.users CASCADE"
+                "public.stripe_customers_audit, public.stripe_support_sessions, public.stripe_support_signins, "
+                "auth.users CASCADE"
             )
         )
 

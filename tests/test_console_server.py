@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from werkzeug.security import generate_password_hash
 
 from tests.server import gunicorn, post_event
@@ -90,3 +90,57 @@ def test_a_locked_table_slows_the_console_never_a_delivery(console_server: str, 
     assert count(engine, "SELECT count(*) FROM stripe_customers WHERE customer_name = 'Changed'") == 6
     # And once the lock is gone, the console answers again.
     assert session.get(f"{console_server}/support/?q=nobody@example.com", timeout=10).status_code == 200
+
+
+def test_parallel_guesses_check_at_most_five_passwords(console_server: str) -> None:
+    def guess(_: int) -> int:
+        session = requests.Session()
+        token = csrf(session, console_server)
+        answer = session.post(
+            f"{console_server}/support/signin",
+            data={"name": "alice", "password": "wrong guess", "csrf_token": token},
+            timeout=30,
+        )
+        return answer.status_code
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        statuses = list(pool.map(guess, range(40)))
+    # 401: the password was checked (and was wrong); 429: turned away before any check.
+    assert (statuses.count(401), statuses.count(429)) == (5, 35)
+    # The right password is turned away too, until the window ends.
+    late = requests.Session()
+    answer = late.post(
+        f"{console_server}/support/signin",
+        data={"name": "alice", "password": PASSWORD, "csrf_token": csrf(late, console_server)},
+        timeout=10,
+    )
+    assert answer.status_code == 429
+
+
+def _copied(session: requests.Session) -> requests.Session:
+    copy = requests.Session()
+    copy.cookies.update(session.cookies)
+    return copy
+
+
+def _opens_pages(session: requests.Session, base: str) -> bool:
+    answer = session.get(f"{base}/support/failed", timeout=10, allow_redirects=False)
+    assert answer.status_code in (200, 302)
+    return answer.status_code == 200
+
+
+def test_signing_out_or_expiry_ends_the_session_on_the_server(console_server: str, engine: Engine) -> None:
+    session = signed_in_session(console_server)
+    copy = _copied(session)
+    assert _opens_pages(copy, console_server)
+    signed_out = session.post(
+        f"{console_server}/support/signout", data={"csrf_token": csrf(session, console_server, "/support/")}
+    )
+    assert signed_out.url.endswith("/support/signin")
+    assert not _opens_pages(copy, console_server)  # the cookie copied before sign-out
+
+    expiring = _copied(signed_in_session(console_server))
+    assert _opens_pages(expiring, console_server)
+    with engine.connect() as connection:
+        connection.execute(text("UPDATE stripe_support_sessions SET expires_at = now() - interval '1 second'"))
+    assert not _opens_pages(expiring, console_server)

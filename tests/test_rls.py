@@ -21,6 +21,8 @@ TABLES = (
     "stripe_customer_tombstones",
     "stripe_customer_claims",
     "stripe_sync_cursors",
+    "stripe_support_sessions",
+    "stripe_support_signins",
 )
 
 

@@ -105,33 +105,56 @@ def failed_events(engine: Engine) -> list[dict[str, Any]]:
     )
 
 
-# Failed sign-ins per name, in the database so that every worker and host counts the same ones;
-# a quiet quarter of an hour starts the count again. One statement: no read-then-write.
-_FAILED_SIGNIN = text(
+# Sign-in attempts per name, in the database so that every worker and host counts the same ones,
+# taken before the password is checked: one statement, so parallel guesses each get their own
+# number and at most MAX of them are checked. A window starts at its first attempt.
+_SIGNIN_ATTEMPT = text(
     """
-    INSERT INTO stripe_sync_cursors AS c (name, value) VALUES (:key, '1')
-    ON CONFLICT (name) DO UPDATE SET updated_at = now(), value = CASE
-      WHEN c.updated_at < now() - interval '15 minutes' THEN '1' ELSE (c.value::int + 1)::text END
-    RETURNING value::int
+    INSERT INTO stripe_support_signins AS s (name, attempts) VALUES (:name, 1)
+    ON CONFLICT (name) DO UPDATE SET
+      attempts = CASE WHEN s.window_started < now() - make_interval(secs => :window) THEN 1 ELSE s.attempts + 1 END,
+      window_started = CASE WHEN s.window_started < now() - make_interval(secs => :window)
+        THEN now() ELSE s.window_started END
+    RETURNING attempts
     """
 )
 
 
-def count_failed_signin(engine: Engine, name: str) -> int:
+def count_signin_attempt(engine: Engine, name: str, window_seconds: int) -> int:
+    """This attempt's number in the name's current window."""
     with engine.connect() as connection:
-        return int(connection.execute(_FAILED_SIGNIN, {"key": f"support-signin:{name}"}).scalar_one())
+        return int(connection.execute(_SIGNIN_ATTEMPT, {"name": name, "window": window_seconds}).scalar_one())
 
 
-def failed_signins(engine: Engine, name: str) -> int:
+def clear_signin_attempts(engine: Engine, name: str) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("DELETE FROM stripe_support_signins WHERE name = :name"), {"name": name})
+
+
+def open_session(engine: Engine, token_hash: str, name: str, seconds: int) -> None:
+    """A signed-in session, valid for `seconds`; expired ones are cleared on the way."""
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                "DELETE FROM stripe_support_sessions WHERE expires_at < now();"
+                "INSERT INTO stripe_support_sessions (token_hash, name, expires_at) "
+                "VALUES (:hash, :name, now() + make_interval(secs => :seconds))"
+            ),
+            {"hash": token_hash, "name": name, "seconds": seconds},
+        )
+
+
+def session_open(engine: Engine, token_hash: str, name: str) -> bool:
     found = _one(
         engine,
-        "SELECT value::int AS failures FROM stripe_sync_cursors "
-        "WHERE name = :key AND updated_at > now() - interval '15 minutes'",
-        key=f"support-signin:{name}",
+        "SELECT 1 AS open FROM stripe_support_sessions "
+        "WHERE token_hash = :hash AND name = :name AND expires_at > now()",
+        hash=token_hash,
+        name=name,
     )
-    return 0 if found is None else int(found["failures"])
+    return found is not None
 
 
-def clear_failed_signins(engine: Engine, name: str) -> None:
+def close_session(engine: Engine, token_hash: str) -> None:
     with engine.connect() as connection:
-        connection.execute(text("DELETE FROM stripe_sync_cursors WHERE name = :key"), {"key": f"support-signin:{name}"})
+        connection.execute(text("DELETE FROM stripe_support_sessions WHERE token_hash = :hash"), {"hash": token_hash})

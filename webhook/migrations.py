@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 SHIM = DB_DIR / "supabase_shim.sql"
 SCHEMA = DB_DIR / "schema.sql"
 FUNCTIONS = DB_DIR / "functions.sql"
+CONSOLE = DB_DIR / "console.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
 
 
@@ -124,7 +125,7 @@ def _run(connection: Connection, step: Step) -> None:
 def migrate(engine: Engine, shim: bool) -> list[Path]:
     """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
     leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
-    applied = [SHIM, SCHEMA, FUNCTIONS] if shim else [SCHEMA, FUNCTIONS]
+    applied = [SHIM, SCHEMA, FUNCTIONS, CONSOLE] if shim else [SCHEMA, FUNCTIONS, CONSOLE]
     with engine.connect() as connection:
         for path in applied:
             for step in steps(path):

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import stripe
-from flask import Blueprint, Flask, Response, abort, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, Flask, Response, abort, flash, g, redirect, render_template, request, url_for
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response as BaseResponse
@@ -36,7 +36,7 @@ def _blueprint(engine: Engine, settings: Settings) -> Blueprint:
     def guard() -> BaseResponse | tuple[str, int] | None:
         if request.method == "POST":
             auth.csrf.protect()  # a missing or wrong token is answered 400, nothing done
-        if request.endpoint == "console.sign_in" or auth.signed_in(settings):
+        if request.endpoint == "console.sign_in" or auth.signed_in(engine, settings):
             return None
         if request.method == "GET":
             return redirect(url_for("console.sign_in"))
@@ -58,7 +58,7 @@ def _blueprint(engine: Engine, settings: Settings) -> Blueprint:
 
     @console.context_processor
     def who() -> dict[str, Any]:
-        return {"who": auth.signed_in(settings)}
+        return {"who": g.get("support_user")}
 
     @console.route("/signin", methods=["GET", "POST"])
     def sign_in() -> Page:
@@ -73,7 +73,7 @@ def _blueprint(engine: Engine, settings: Settings) -> Blueprint:
 
     @console.post("/signout")
     def sign_out() -> BaseResponse:
-        session.clear()
+        auth.sign_out(engine)
         return redirect(url_for("console.sign_in"))
 
     @console.get("/")
@@ -160,6 +160,6 @@ def _blueprint(engine: Engine, settings: Settings) -> Blueprint:
         return redirect(url_for("console.customer", customer_id=customer_id))
 
     def _actor() -> str:
-        return f"support:{auth.signed_in(settings)}"
+        return f"support:{auth.signed_in(engine, settings)}"
 
     return console

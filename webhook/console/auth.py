@@ -1,15 +1,18 @@
 """Who may use the console: sign-in per person against SUPPORT_USERS (Werkzeug's salted hashes), a
-signed session cookie that expires, CSRF tokens (Flask-WTF) on every POST, and a count of failed
-sign-ins per name, kept in the database, that turns further attempts away for a quarter of an hour."""
+signed session cookie naming a session the database keeps (so signing out, expiry, or a changed or
+removed person ends it on the server, whatever a copied cookie says), CSRF tokens (Flask-WTF) on
+every POST, and a count of sign-in attempts per name, kept in the database and taken before the
+password is checked, that turns further attempts away for a quarter of an hour."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
+import secrets
 from datetime import timedelta
 
-from flask import Flask, session
+from flask import Flask, g, session
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import Engine
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -20,6 +23,7 @@ from webhook.logs import log
 
 SESSION_HOURS = 8
 MAX_FAILED_SIGNINS = 5
+SIGNIN_WINDOW_SECONDS = 15 * 60
 # Checked against when the name is unknown, so a wrong name costs the same time as a wrong password.
 _NOBODY = generate_password_hash("nobody has this password")
 csrf = CSRFProtect()
@@ -56,28 +60,48 @@ class TooManyAttempts(Exception):
     pass
 
 
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def sign_in(engine: Engine, settings: Settings, name: str, password: str) -> bool:
     users = dict(settings.support_users)
     key = name if name in users else "?"  # unknown names share one count: no row per guess
-    if console_store.failed_signins(engine, key) >= MAX_FAILED_SIGNINS:
+    if console_store.count_signin_attempt(engine, key, SIGNIN_WINDOW_SECONDS) > MAX_FAILED_SIGNINS:
         raise TooManyAttempts()
     if not check_password_hash(users.get(name, _NOBODY), password) or name not in users:
-        failures = console_store.count_failed_signin(engine, key)
-        log(logging.WARNING, "support sign-in failed", name=key, failures=failures)
+        log(logging.WARNING, "support sign-in failed", name=key)
         return False
-    console_store.clear_failed_signins(engine, key)
+    console_store.clear_signin_attempts(engine, key)
+    token = secrets.token_urlsafe(32)
+    console_store.open_session(engine, _token_hash(token), name, SESSION_HOURS * 3600)
     session.clear()
     session.permanent = True
     session["who"] = name
+    session["token"] = token
     session["fingerprint"] = _fingerprint(users[name])
     log(logging.INFO, "support sign-in", name=name)
     return True
 
 
-def signed_in(settings: Settings) -> str | None:
-    """The person of this request's session, if it is still valid."""
-    name = session.get("who")
+def sign_out(engine: Engine) -> None:
+    token = session.get("token")
+    if isinstance(token, str):
+        console_store.close_session(engine, _token_hash(token))
+    session.clear()
+
+
+def signed_in(engine: Engine, settings: Settings) -> str | None:
+    """The person of this request's session, if it is still valid (asked of the database once a
+    request)."""
+    if "support_user" not in g:
+        g.support_user = _check_session(engine, settings)
+    return g.support_user  # type: ignore[no-any-return]
+
+
+def _check_session(engine: Engine, settings: Settings) -> str | None:
+    name, token = session.get("who"), session.get("token")
     hashed = dict(settings.support_users).get(name or "")
-    if hashed is None or session.get("fingerprint") != _fingerprint(hashed):
+    if hashed is None or not isinstance(token, str) or session.get("fingerprint") != _fingerprint(hashed):
         return None
-    return str(name)
+    return str(name) if console_store.session_open(engine, _token_hash(token), str(name)) else None
