@@ -15,7 +15,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 from werkzeug.security import generate_password_hash
 
-from tests.support import add_user, deliver, event_row, failing_writes, settings_for
+from tests.fake_stripe import FakeStripe
+from tests.support import add_user, count, customer_row, deliver, event_row, failing_writes, now, settings_for
 from webhook import console_store, samples
 from webhook.app import create_app
 from webhook.console.timeline import dashboard_url, state_of
@@ -207,3 +208,46 @@ def test_an_unlinked_row_and_an_unsettled_tie_stand_out_in_words() -> None:
     assert state_of(None, None, {"event_id": "evt_1"}).headline.startswith("Deleted")
     assert dashboard_url("cus_1", livemode=False) == "https://dashboard.stripe.com/test/customers/cus_1"
     assert dashboard_url("cus_1", livemode=True) == "https://dashboard.stripe.com/customers/cus_1"
+
+
+@pytest.mark.parametrize(
+    ("key", "in_stripe", "outcome"),
+    [
+        ("sk_test_fake", "renamed", "re-synced from Stripe: processed"),
+        ("sk_test_fake", "deleted", "re-synced from Stripe: processed"),
+        # Refused, nothing changed: a key of the other mode, and a customer the key cannot see at
+        # all (Stripe keeps deleted customers, so that is another account's key).
+        ("sk_live_fake", "deleted", "not re-synced: STRIPE_API_KEY is a live-mode key"),
+        ("sk_test_fake", "unknown", "not re-synced: Stripe does not know"),
+    ],
+)
+def test_resync_applies_stripes_state_with_verify_fixs_refusals(
+    database_url: str, engine: Engine, key: str, in_stripe: str, outcome: str
+) -> None:
+    fake = FakeStripe()
+    customer = samples.customer(created=now() - 60)
+    if in_stripe == "renamed":
+        fake.customers[customer["id"]] = {**customer, "name": "Renamed in Stripe"}
+    elif in_stripe == "deleted":
+        fake.deleted.add(customer["id"])
+    with fake.serving() as base:
+        app = create_app(
+            settings_for(database_url, SUPPORT_USERS=USERS, STRIPE_API_KEY=key, STRIPE_API_BASE=base), engine
+        )
+        console = app.test_client()
+        assert deliver(console, samples.event("customer.created", customer, created=now() - 60)).status_code == 200
+        assert sign_in(console) == 302
+        page = f"/support/customers/{customer['id']}"
+        answer = console.post(f"{page}/resync", data={"csrf_token": _csrf(console, page)}, follow_redirects=True)
+    assert outcome in answer.get_data(as_text=True)
+    row = customer_row(engine, customer["id"])
+    if outcome.startswith("not"):
+        assert row is not None and row["customer_name"] == customer["name"]
+        assert count(engine, "SELECT count(*) FROM stripe_customer_tombstones") == 0
+    elif in_stripe == "renamed":
+        assert row is not None and row["customer_name"] == "Renamed in Stripe"
+        audit = text("SELECT changed_by FROM stripe_customers_audit WHERE operation = 'UPDATE'")
+        with engine.connect() as connection:
+            assert connection.execute(audit).scalar_one() == "support:alice"
+    else:
+        assert row is None

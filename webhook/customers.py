@@ -129,15 +129,21 @@ def deletions_plausible(rows: int, deletions: int) -> bool:
     return deletions <= max(1, rows // 10)
 
 
-def check_fix(engine: Engine, api_key: str, rows: int, drifts: list[Drift], allow_mass_delete: bool) -> None:
-    """Refuse a fix whose key is of the other mode than the database's events, or that would
-    delete an implausible share of the rows (unless the operator says so)."""
+def check_mode(engine: Engine, api_key: str) -> None:
+    """Refuse to apply Stripe's state read with a key of the other mode than the database's events:
+    every row would look missing (and be deleted)."""
     key_livemode = "_live_" in api_key
     with engine.connect() as connection:
         modes = store.recent_livemodes(connection)
     if modes and key_livemode not in modes:
         key_mode, data_mode = ("live", "test") if key_livemode else ("test", "live")
         raise FixRefused(f"STRIPE_API_KEY is a {key_mode}-mode key but this database holds {data_mode}-mode events")
+
+
+def check_fix(engine: Engine, api_key: str, rows: int, drifts: list[Drift], allow_mass_delete: bool) -> None:
+    """Refuse a fix whose key is of the other mode than the database's events, or that would
+    delete an implausible share of the rows (unless the operator says so)."""
+    check_mode(engine, api_key)
     deletions = sum(1 for drift in drifts if drift.deletes)
     if not allow_mass_delete and not deletions_plausible(rows, deletions):
         raise FixRefused(
@@ -163,11 +169,22 @@ def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
     return outcomes
 
 
-def resync(engine: Engine, client: stripe.StripeClient, customer_id: str, user_id_key: str, actor: str) -> str:
+def resync(
+    engine: Engine, client: stripe.StripeClient, api_key: str, customer_id: str, user_id_key: str, actor: str
+) -> str:
     """Apply Stripe's current state of one customer, as `verify --fix` does for a drifted row
-    (sync.source 'api'; a row an event set after the read is left alone): 'processed' or 'stale'."""
+    (sync.source 'api'; a row an event set after the read is left alone): 'processed' or 'stale'.
+    Refused (FixRefused, nothing changed) with a key of the other mode, and when Stripe does not
+    know the customer at all: Stripe keeps deleted customers (`deleted: true`), so a customer the
+    key cannot see at all says the key is another account's, not that the customer is gone."""
+    check_mode(engine, api_key)
     as_of = int(time.time())
     remote = stripe_api.retrieve_customer(client, customer_id)
-    gone = remote is None or bool(remote.get("deleted"))
-    change = CustomerChange(action="delete", id=customer_id) if gone else customer_state(remote or {}, user_id_key)
+    if remote is None:
+        raise FixRefused(f"Stripe does not know {customer_id} with this STRIPE_API_KEY (another account or mode?)")
+    change = (
+        CustomerChange(action="delete", id=customer_id)
+        if remote.get("deleted")
+        else customer_state(remote, user_id_key)
+    )
     return store.apply_customers(engine, [change.as_json()], "api", as_of, actor)[0]

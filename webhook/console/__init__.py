@@ -16,7 +16,7 @@ from webhook import console_store, stripe_api
 from webhook.config import Settings
 from webhook.console import auth
 from webhook.console.timeline import dashboard_url, state_of, timeline
-from webhook.customers import resync
+from webhook.customers import FixRefused, resync
 from webhook.replay import replay_stored
 
 Page = str | BaseResponse | tuple[str, int]
@@ -150,11 +150,20 @@ def _blueprint(engine: Engine, settings: Settings) -> Blueprint:
 
     @console.post("/customers/<customer_id>/resync")
     def resync_customer(customer_id: str) -> BaseResponse:
+        if settings.stripe_api_key is None:
+            abort(404)  # the page offers no re-sync without a key
         try:
             outcome = resync(
-                engine, stripe_api.make_client(settings), customer_id, settings.user_id_metadata_key, _actor()
+                engine,
+                stripe_api.make_client(settings),
+                settings.stripe_api_key,
+                customer_id,
+                settings.user_id_metadata_key,
+                _actor(),
             )
             flash(f"re-synced from Stripe: {outcome}")
+        except FixRefused as refusal:
+            flash(f"not re-synced: {refusal}; nothing changed")
         except stripe.StripeError as error:
             flash(f"not re-synced: {stripe_api.explain(error)}")
         return redirect(url_for("console.customer", customer_id=customer_id))
