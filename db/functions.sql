@@ -391,7 +391,8 @@ BEGIN
       public.stripe_apply_caught(text, text, text, text, boolean),
       public.stripe_apply_customer(jsonb, text, text, bigint, jsonb),
       public.stripe_tie_order(jsonb, text), public.stripe_create_trigger(text, text),
-      public.stripe_hand_on_user(uuid, text), public.stripe_relink_users(boolean) FROM PUBLIC, anon, authenticated;
+      public.stripe_hand_on_user(uuid, text), public.stripe_relink_users(boolean),
+      public.stripe_fit_table(text, text[], text[]) FROM PUBLIC, anon, authenticated;
   END IF;
 END $$;
 

@@ -27,3 +27,4 @@ DROP FUNCTION IF EXISTS public.stripe_customers_moved();
 DROP FUNCTION IF EXISTS public.stripe_relink_users(boolean);
 DROP FUNCTION IF EXISTS public.stripe_hand_on_user(uuid, text);
 DROP FUNCTION IF EXISTS public.stripe_create_trigger(text, text);
+DROP FUNCTION IF EXISTS public.stripe_fit_table(text, text[], text[]);

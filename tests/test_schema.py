@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from bench import cluster
-from tests.support import add_user, count
+from tests.support import SECRET, add_user, cli, count
 from webhook import migrations, samples, store
 from webhook.verify import parse_event
 
@@ -36,7 +40,7 @@ def test_rollback_then_migrate_again(engine: Engine) -> None:
     assert count(engine, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
     migrations.rollback(engine)  # idempotent too
     migrations.migrate(engine, shim=False)
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 6
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
 
 
 def test_no_duplicate_indexes_and_an_email_index(engine: Engine) -> None:
@@ -172,3 +176,102 @@ def test_large_values_use_lz4_where_the_server_has_it(engine: Engine) -> None:
         connection.close()
     assert count(system, "SELECT count(*) FROM stripe_webhook_events WHERE pg_column_compression(payload) = 'lz4'") == 1
     system.dispose()
+
+
+@pytest.fixture
+def scratch_url(engine: Engine) -> Iterator[str]:
+    """A database of the test's own on the same server, with the shim only: what it breaks stays there."""
+    name = f"scratch_{uuid.uuid4().hex[:12]}"
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    url = engine.url.set(database=name).render_as_string(hide_password=False)
+    scratch = store.make_engine(url, pool_size=1)
+    with scratch.connect() as connection:
+        store.run_sql(connection, migrations.SHIM.read_text())
+    try:
+        yield url
+    finally:
+        scratch.dispose()
+        with engine.connect() as connection:
+            connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+
+
+# The seed's first draft: no customer_name, no UNIQUE constraints, no primary key, NOT NULL email.
+FIRST_DRAFT = """
+CREATE TABLE stripe_customers (
+  id UUID DEFAULT gen_random_uuid(),
+  user_id UUID REFERENCES auth.users(id) ON DELETE CASCADE,
+  stripe_customer_id TEXT NOT NULL,
+  customer_email TEXT NOT NULL,
+  default_payment_method TEXT,
+  customer_metadata JSONB DEFAULT '{}',
+  created_at TIMESTAMPTZ DEFAULT NOW()
+);
+INSERT INTO stripe_customers (stripe_customer_id, customer_email) VALUES ('cus_Kept1', 'kept@example.com');
+"""
+
+
+def _migrate_cli(url: str) -> Any:
+    return cli("db", "migrate", DATABASE_URL=url, STRIPE_WEBHOOK_SECRET=SECRET)
+
+
+def test_a_table_of_another_shape_is_brought_to_shape_keeping_its_rows(scratch_url: str) -> None:
+    scratch = store.make_engine(scratch_url, pool_size=1)
+    with scratch.connect() as connection:
+        store.run_sql(connection, FIRST_DRAFT)
+    migrated = _migrate_cli(scratch_url)
+    assert migrated.returncode == 0, migrated.stderr
+    assert count(scratch, "SELECT count(*) FROM stripe_customers WHERE stripe_customer_id = 'cus_Kept1'") == 1
+    # The consumer can now write it: the kept row updated, a new one inserted, a second row for
+    # one customer refused by the added UNIQUE constraint.
+    customer = samples.customer("cus_Kept1", name="Now Named")
+    for event in (samples.event("customer.updated", customer), samples.event("customer.created", samples.customer())):
+        assert _apply(scratch, event) == "processed"
+    with scratch.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT customer_name FROM stripe_customers WHERE stripe_customer_id = 'cus_Kept1'")
+            ).scalar_one()
+            == "Now Named"
+        )
+    with pytest.raises(DBAPIError, match="stripe_customers_stripe_customer_id_key"), scratch.connect() as connection:
+        connection.execute(text("INSERT INTO stripe_customers (stripe_customer_id) VALUES ('cus_Kept1')"))
+    scratch.dispose()
+
+
+@pytest.mark.parametrize(
+    ("table", "refusal"),
+    [
+        (
+            "CREATE TABLE stripe_customers (id uuid PRIMARY KEY, stripe_customer_id text, customer_email integer)",
+            "column customer_email is integer, expected text",
+        ),
+        (
+            "CREATE TABLE stripe_customers (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid)",
+            "column stripe_customer_id is missing",
+        ),
+        (
+            FIRST_DRAFT
+            + "INSERT INTO stripe_customers (stripe_customer_id, customer_email) VALUES ('cus_Kept1', 'b@x.com');",
+            "stripe_customer_id is not unique and rows share it (cus_Kept1)",
+        ),
+    ],
+)
+def test_a_table_that_cannot_be_brought_to_shape_is_refused(scratch_url: str, table: str, refusal: str) -> None:
+    scratch = store.make_engine(scratch_url, pool_size=1)
+    with scratch.connect() as connection:
+        store.run_sql(connection, table)
+    refused = _migrate_cli(scratch_url)
+    assert refused.returncode == 1 and refusal in refused.stderr, refused.stderr
+    # Nothing of the consumer was applied, and the table is as it was.
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename = 'stripe_webhook_events'") == 0
+    scratch.dispose()
+
+
+def _apply(engine: Engine, event: dict[str, Any]) -> str:
+    from webhook import batch
+    from webhook.handlers import HANDLERS
+
+    change = HANDLERS[event["type"]](event["data"]["object"], "user_id")
+    to_apply = store.EventToApply(json.dumps(event), None if change is None else change.as_json(), "webhook")
+    return batch.batches(engine).apply(event["id"], to_apply)

@@ -22,6 +22,7 @@ from webhook.store import DB_DIR, describe_target, index_valid, run_sql
 log = logging.getLogger(__name__)
 
 SHIM = DB_DIR / "supabase_shim.sql"
+SHAPE = DB_DIR / "shape.sql"
 SCHEMA = DB_DIR / "schema.sql"
 FUNCTIONS = DB_DIR / "functions.sql"
 CONSOLE = DB_DIR / "console.sql"
@@ -125,7 +126,7 @@ def _run(connection: Connection, step: Step) -> None:
 def migrate(engine: Engine, shim: bool) -> list[Path]:
     """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
     leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
-    applied = [SHIM, SCHEMA, FUNCTIONS, CONSOLE] if shim else [SCHEMA, FUNCTIONS, CONSOLE]
+    applied = [SHIM, SHAPE, SCHEMA, FUNCTIONS, CONSOLE] if shim else [SHAPE, SCHEMA, FUNCTIONS, CONSOLE]
     with engine.connect() as connection:
         for path in applied:
             for step in steps(path):

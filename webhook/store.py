@@ -34,7 +34,8 @@ SIDE_POOL_SIZE = 2
 # Left as they are: what cannot run inside a transaction, and the transaction's own control
 # (a savepoint's rollback must run in a transaction that already failed).
 _UNBOUNDED = re.compile(
-    r"\s*(VACUUM|SAVEPOINT|RELEASE|ROLLBACK|COMMIT|BEGIN|(CREATE|DROP|REINDEX)\b[^;]*\bCONCURRENTLY)\b", re.IGNORECASE
+    r"\s*(VACUUM|SAVEPOINT|RELEASE|ROLLBACK|COMMIT|BEGIN|(CREATE|DROP)\s+DATABASE|(CREATE|DROP|REINDEX)\b[^;]*\bCONCURRENTLY)\b",
+    re.IGNORECASE,
 )
 
 
