@@ -45,7 +45,7 @@ def test_rollback_needs_yes(database_url: str, engine: Engine) -> None:
     result = cli("db", "rollback", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET=SECRET)
 
     assert result.returncode == 2 and "--yes" in result.stderr
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 6
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
 
 
 def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engine: Engine, tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engin
 
     again = cli("db", "migrate", **env)
     assert again.returncode == 0, again.stderr
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 6
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
 
 
 def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
