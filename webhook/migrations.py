@@ -9,6 +9,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import psycopg2
@@ -88,7 +89,7 @@ LOCK_ATTEMPTS = 20
 LOCK_FAILURES = {"55P03", "40P01"}  # lock_not_available, deadlock_detected
 
 
-def steps(path: Path) -> list[Step]:
+def steps(path: Traversable) -> list[Step]:
     """The file's `-- step:` parts in order; a file without markers is one step."""
     text = path.read_text()
     marks = list(_STEP.finditer(text))
@@ -123,7 +124,7 @@ def _run(connection: Connection, step: Step) -> None:
             time.sleep(min(0.2 * 2**attempt, 5) * random.uniform(0.5, 1))
 
 
-def migrate(engine: Engine, shim: bool) -> list[Path]:
+def migrate(engine: Engine, shim: bool) -> list[Traversable]:
     """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
     leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
     applied = [SHIM, SHAPE, SCHEMA, FUNCTIONS, CONSOLE] if shim else [SHAPE, SCHEMA, FUNCTIONS, CONSOLE]

@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import psycopg2
@@ -17,7 +17,9 @@ from sqlalchemy.pool import PoolProxiedConnection
 
 from webhook.verify import Event
 
-DB_DIR = Path(__file__).resolve().parent.parent / "db"
+# The SQL ships inside the package (a wheel, a Docker image); `db/` at the top of a checkout
+# points here.
+DB_DIR = resources.files("webhook") / "db"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Stripe customer webhook consumer: keeps stripe_customers right from signed Stripe events."""

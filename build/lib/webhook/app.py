@@ -1,0 +1,145 @@
+"""HTTP in: verify, record, hand off. Nothing else happens in the web layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import HTTPException
+
+from webhook import console, metrics
+from webhook.config import Settings, load_settings
+from webhook.logs import configure_logging, log
+from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
+from webhook.readiness import Readiness
+from webhook.store import make_engine, schema_ready, side_engine
+from webhook.verify import RejectedDelivery, parse_event, verify_signature
+
+WEBHOOK_PATH = "/webhooks/stripe"
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def answer_delivery(
+    body: bytes, signature: str | None, engine: Engine, settings: Settings
+) -> tuple[int, dict[str, Any]]:
+    """Every webhook delivery's answer (CONTRACT §2), whichever way it came in."""
+    started = time.perf_counter()
+    try:
+        # Verify the exact bytes Stripe signed, before anything trusts them.
+        verify_signature(body, signature, settings.webhook_secrets, settings.tolerance)
+        event = parse_event(body)
+        outcome = process_event(engine, event, settings)
+        return 200, {"event_id": event.id, "status": outcome.value}
+    except RejectedDelivery as rejection:
+        metrics.REJECTED.labels(status="400").inc()
+        return 400, {"error": str(rejection)}
+    except DatabaseUnavailable:
+        return 503, {"error": "database unavailable; retry later"}
+    except ProcessingFailed as failure:
+        return 500, {"error": "processing failed; the event is kept for replay", "event_id": failure.event_id}
+    finally:
+        metrics.LATENCY.observe(time.perf_counter() - started)
+
+
+def webhook_fast_lane(flask_app: WSGIApp, engine: Engine, settings: Settings) -> WSGIApp:
+    """POSTs to the webhook with a Content-Length within the limit, answered as plain WSGI.
+
+    Flask's request and app contexts, routing and Response were ~30% of a worker's CPU per event
+    under load (py-spy; README, Performance). Anything else (other methods and paths, chunked or
+    oversized bodies) goes to the Flask app, which also answers these deliveries the same way.
+    """
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        length = environ.get("CONTENT_LENGTH") or ""
+        if not (
+            environ["REQUEST_METHOD"] == "POST"
+            and environ.get("PATH_INFO") == WEBHOOK_PATH
+            and length.isdigit()
+            and int(length) <= settings.max_webhook_bytes
+        ):
+            return flask_app(environ, start_response)
+        body = environ["wsgi.input"].read(int(length))
+        status, answer = answer_delivery(body, environ.get("HTTP_STRIPE_SIGNATURE"), engine, settings)
+        payload = json.dumps(answer).encode()
+        start_response(
+            f"{status} {HTTPStatus(status).phrase}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
+        )
+        return [payload]
+
+    return wsgi
+
+
+def _answer(code: int, /, **body: Any) -> tuple[Response, int]:
+    return jsonify(body), code
+
+
+def _check_database(engine: Engine) -> None:
+    """Say at start when the database cannot be reached (the server still starts and answers 503
+    until it can: Stripe retries)."""
+    try:
+        with engine.connect() as connection:
+            if not schema_ready(connection):
+                log(logging.ERROR, "schema not applied: run `python -m webhook db migrate`")
+    except SQLAlchemyError as error:
+        unavailable(engine, error, "connect")
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
+    """The WSGI app. With no arguments (gunicorn's `webhook.app:create_app()`) it reads the
+    environment; in embedded mode it starts (or joins) the embedded Postgres. Deliveries use
+    `engine` (DB_POOL_SIZE connections); the console and /metrics a small pool of their own."""
+    settings = settings or load_settings()
+    if engine is None:
+        from webhook.embedded import database_url
+
+        engine = make_engine(database_url(settings), settings.db_pool_size)
+    side = side_engine(engine.url.render_as_string(hide_password=False))
+    configure_logging()
+    _check_database(engine)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_webhook_bytes
+
+    @app.post(WEBHOOK_PATH)
+    def stripe_webhook() -> tuple[Response, int]:
+        status, answer = answer_delivery(
+            request.get_data(cache=False), request.headers.get("Stripe-Signature"), engine, settings
+        )
+        return jsonify(answer), status
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        return _answer(200, status="ok")
+
+    readiness = Readiness(engine)
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        problem = readiness.problem()
+        if problem:
+            return _answer(503, status="unavailable", error=problem)
+        return _answer(200, status="ready")
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        payload, content_type = metrics.render(side)
+        return Response(payload, content_type=content_type)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> tuple[Response, int]:
+        status = error.code or 500
+        if status == 413:
+            metrics.REJECTED.labels(status="413").inc()
+        return _answer(status, error=error.name.lower())
+
+    console.install(app, side, settings)
+    app.wsgi_app = webhook_fast_lane(app.wsgi_app, engine, settings)  # type: ignore[method-assign,assignment]
+    return app

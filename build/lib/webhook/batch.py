@@ -1,0 +1,184 @@
+"""The deliveries one worker process receives at once go to Postgres together.
+
+A thread that finds no statement of its process running sends its event at once, with every event
+that queued meanwhile, as one statement and one commit (stripe_apply_events: a subtransaction per
+event, so one event's error fails that event alone). The others wait for that statement, and the
+first of those that queued after it sends the next. Each thread gets its own event's outcome, after
+the commit that holds it. Idle, a delivery goes alone and at once; under load, a round trip, a
+commit and a backend's wake-up are shared by a few events: those were a third of Postgres' CPU per
+event (issue 12; README, Performance). One statement at a time per process, on purpose: with two or
+more in flight, the batches shrink and both Postgres and the workers spent more CPU per event.
+"""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import psycopg2
+import psycopg2.errors
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from webhook import metrics, store
+from webhook.store import EventToApply
+
+# Postgres keeps up to 64 subtransactions of a transaction in shared memory; past that every
+# snapshot taken while it runs gets slower. A worker has 8 threads by default anyway.
+LIMIT = 16
+
+
+class EventFailed(Exception):
+    """stripe_apply_events caught this event's error (the others of its statement were applied)."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.pgcode = sqlstate  # as on psycopg2's errors: store.busy() reads it
+        self.message = message
+
+    def describe(self) -> str:
+        try:
+            name = psycopg2.errors.lookup(self.pgcode).__name__
+        except KeyError:
+            name = "DatabaseError"
+        return f"{name}: {self.message}"
+
+
+class Unreachable(Exception):
+    """No statement ran: no connection could be had ('connect'), or it dropped twice ('disconnect')."""
+
+    def __init__(self, kind: str, error: BaseException) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.error = error
+
+
+def _taken_lock() -> _thread.LockType:
+    lock = _thread.allocate_lock()
+    lock.acquire()
+    return lock
+
+
+@dataclass(eq=False)
+class _Queued:
+    event: EventToApply
+    order: tuple[str, str]  # customer, then event id: every statement takes its locks in one order
+    # Released when the outcome is in, or when it is this event's turn to send: a bare lock, taken
+    # at birth, is the cheapest wait threading has (Event adds a Condition and a lock per wait).
+    turn: _thread.LockType = field(default_factory=_taken_lock)
+    outcome: str | Exception | None = None
+
+
+class Batches:
+    def __init__(self, engine: Engine) -> None:
+        # Weak: _BATCHES is keyed by the engine, and a strong reference here would keep both alive.
+        self._engine = weakref.ref(engine)
+        self._lock = threading.Lock()
+        self._queue: list[_Queued] = []
+        self._sending = False
+
+    def apply(self, event_id: str, event: EventToApply) -> str:
+        """The event's outcome name; raises EventFailed for its own error, Unreachable or the
+        statement's error when the statement holding it failed as a whole."""
+        customer = "" if event.change is None else str(event.change.get("id"))
+        queued = _Queued(event, (customer, event_id))
+        with self._lock:
+            self._queue.append(queued)
+            sends, self._sending = not self._sending, True
+        if not sends:
+            queued.turn.acquire()
+        if queued.outcome is None:  # its turn to send: it is first in the queue
+            self._send()
+        if isinstance(queued.outcome, Exception):
+            raise queued.outcome
+        assert queued.outcome is not None
+        return queued.outcome
+
+    def _send(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue[:LIMIT], self._queue[LIMIT:]
+        try:
+            for queued, outcome in zip(batch, self._statement(batch), strict=True):
+                queued.outcome = outcome
+        except Exception as error:
+            for queued in batch:
+                queued.outcome = error
+        finally:
+            for queued in batch:
+                if queued.outcome is None:  # interrupted (the worker is stopping)
+                    queued.outcome = RuntimeError("the statement was interrupted")
+            with self._lock:
+                if self._queue:
+                    self._queue[0].turn.release()  # outcome still None: it sends next
+                else:
+                    self._sending = False
+            for queued in batch:
+                if queued.turn.locked():
+                    queued.turn.release()
+
+    def _statement(self, batch: list[_Queued]) -> list[str | Exception]:
+        try:
+            return self._one_statement(batch)
+        except (Unreachable, psycopg2.OperationalError):
+            raise  # the database, not an event: every event of the statement is answered alike
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # Each event's own error is caught inside the statement, so this should not happen;
+            # if it does, each event alone shows whose it was rather than failing them all.
+            return [self._alone(queued) for queued in batch]
+
+    def _alone(self, queued: _Queued) -> str | Exception:
+        try:
+            return self._one_statement([queued])[0]
+        except Exception as error:
+            return error
+
+    def _one_statement(self, batch: list[_Queued]) -> list[str | Exception]:
+        engine = self._engine()
+        assert engine is not None  # its caller holds it
+        ordered = sorted(batch, key=lambda queued: queued.order)
+        # A pooled connection that the server dropped (a restart, a failover) is not an outage:
+        # the pool forgets every connection that old and the statement is tried once more on a new
+        # one. Only when that fails too is the database unreachable.
+        for attempt in (1, 2):
+            try:
+                connection = engine.raw_connection()
+            except (psycopg2.Error, SQLAlchemyError) as error:  # none, or the pool stayed full for pool_timeout
+                raise Unreachable("connect", error) from error
+            try:
+                outcomes = store.apply_events(connection, [queued.event for queued in ordered])
+            except Exception as error:
+                if not store.connection_lost(engine, connection, error):
+                    raise
+                if attempt == 2:
+                    raise Unreachable("disconnect", error) from error
+                metrics.DB_ERRORS.labels(kind="disconnect").inc()
+                continue
+            finally:
+                connection.close()  # back to the pool
+            by_queued = dict(zip(ordered, map(_outcome, outcomes), strict=True))
+            return [by_queued[queued] for queued in batch]
+        raise AssertionError("unreachable")
+
+
+def _outcome(text: str) -> str | Exception:
+    if text.startswith("error:"):
+        _, sqlstate, message = text.split(":", 2)
+        return EventFailed(sqlstate, message)
+    return text
+
+
+_BATCHES: weakref.WeakKeyDictionary[Engine, Batches] = weakref.WeakKeyDictionary()
+_BATCHES_LOCK = threading.Lock()
+
+
+def batches(engine: Engine) -> Batches:
+    """The engine's batches: one queue per engine and process."""
+    with _BATCHES_LOCK:
+        found = _BATCHES.get(engine)
+        if found is None:
+            found = _BATCHES[engine] = Batches(engine)
+        return found

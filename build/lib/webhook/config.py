@@ -1,0 +1,201 @@
+"""The environment, read once into one frozen object that everything else receives."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+# Embedded mode keeps its database and generated secret here, relative to where it is started.
+DATA_DIR = Path(".data")
+
+
+class ConfigError(Exception):
+    """A bad environment value; the message names the variable and never echoes a secret."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None  # None: the embedded Postgres under DATA_DIR
+    webhook_secrets: tuple[str, ...]
+    tolerance: int
+    stripe_api_key: str | None
+    stripe_api_base: str
+    user_id_metadata_key: str
+    expect_livemode: bool | None
+    max_webhook_bytes: int
+    port: int
+    db_pool_size: int
+    data_dir: Path
+    refetch: str = "never"  # tie | always | never (CONTRACT §4, "Ties")
+    heal_interval: int = 600  # seconds
+    reconcile_interval: int = 86400  # seconds; 0: never
+    event_retention_days: int = 90  # 0: keep every event
+    stripe_api_rate: int = 20  # requests per second for background work
+    support_users: tuple[tuple[str, str], ...] = ()  # (name, password hash); empty: no console
+    support_session_secret: str | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+MAX_DURATION = 100 * 365 * 86400  # beyond it, Postgres' interval arithmetic overflows
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '30m', '24h', '7d' (or '0') as seconds; ValueError says what is wrong."""
+    text = text.strip()
+    if text == "0":
+        return 0
+    if len(text) < 2 or text[-1] not in _UNITS or not text[:-1].isdigit():
+        raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d")
+    seconds = int(text[:-1]) * _UNITS[text[-1]]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than 100 years")
+    return seconds
+
+
+def _duration(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = parse_duration(raw)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum} s")
+    return value
+
+
+SUPPORT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def _support_users(raw: str) -> tuple[tuple[str, str], ...]:
+    """`name:hash,…` as `support-user NAME` prints them (Werkzeug's salted hashes)."""
+    users = []
+    for entry in (part.strip() for part in raw.split(",") if part.strip()):
+        name, _, hashed = entry.partition(":")
+        if not SUPPORT_NAME.fullmatch(name) or not hashed.startswith(("scrypt:", "pbkdf2:")):
+            raise ConfigError("SUPPORT_USERS must be name:hash entries made by `python -m webhook support-user NAME`")
+        users.append((name, hashed))
+    if len({name for name, _ in users}) != len(users):
+        raise ConfigError("SUPPORT_USERS names one person twice")
+    return tuple(users)
+
+
+def _database_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("DATABASE_URL", "").strip()
+    if not raw:
+        return None
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError("DATABASE_URL is not a valid postgresql:// URL") from None
+    if url.get_backend_name() not in ("postgres", "postgresql"):
+        raise ConfigError("DATABASE_URL must be a postgresql:// URL")
+    return raw
+
+
+def _secrets(raw: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not values:
+        raise ConfigError("STRIPE_WEBHOOK_SECRET is empty")
+    if any(not value.startswith("whsec_") for value in values):
+        raise ConfigError("STRIPE_WEBHOOK_SECRET must be whsec_… secrets, comma-separated")
+    return values
+
+
+def embedded_secret(data_dir: Path) -> str:
+    """The dev secret of embedded mode: generated once, then kept so `send` and the server agree."""
+    path = data_dir / "webhook_secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = "whsec_" + secrets.token_urlsafe(32)
+    # O_EXCL: two processes starting at once must not end up with different secrets.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    return secret
+
+
+def max_webhook_bytes(env: Mapping[str, str]) -> int:
+    """MAX_WEBHOOK_BYTES: the app answers 413 above it, and the HTTP worker reads no more."""
+    return _int(env, "MAX_WEBHOOK_BYTES", 1_048_576, minimum=1)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    database_url = _database_url(env)
+    data_dir = DATA_DIR.resolve()
+    raw_secret = env.get("STRIPE_WEBHOOK_SECRET", "").strip()
+    if raw_secret:
+        webhook_secrets = _secrets(raw_secret)
+    elif database_url is None:
+        webhook_secrets = (embedded_secret(data_dir),)
+    else:
+        raise ConfigError("STRIPE_WEBHOOK_SECRET is required when DATABASE_URL is set")
+
+    api_key = env.get("STRIPE_API_KEY", "").strip() or None
+    if api_key is not None and not api_key.startswith(("sk_", "rk_")):
+        raise ConfigError("STRIPE_API_KEY must be an sk_… or rk_… key")
+
+    livemode_raw = env.get("STRIPE_EXPECT_LIVEMODE", "").strip().lower()
+    if livemode_raw not in ("", "true", "false"):
+        raise ConfigError("STRIPE_EXPECT_LIVEMODE must be true or false")
+
+    refetch = env.get("STRIPE_REFETCH", "").strip().lower() or ("tie" if api_key else "never")
+    if refetch not in ("tie", "always", "never"):
+        raise ConfigError("STRIPE_REFETCH must be tie, always or never")
+    if refetch != "never" and api_key is None:
+        raise ConfigError(f"STRIPE_REFETCH={refetch} needs STRIPE_API_KEY")
+
+    api_base = env.get("STRIPE_API_BASE", "").strip() or "https://api.stripe.com"
+    if not api_base.startswith(("http://", "https://")):
+        raise ConfigError("STRIPE_API_BASE must be an http(s):// URL")
+
+    return Settings(
+        database_url=database_url,
+        webhook_secrets=webhook_secrets,
+        tolerance=_int(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1),
+        stripe_api_key=api_key,
+        stripe_api_base=api_base.rstrip("/"),
+        user_id_metadata_key=env.get("STRIPE_USER_ID_METADATA_KEY", "").strip() or "user_id",
+        expect_livemode=None if not livemode_raw else livemode_raw == "true",
+        max_webhook_bytes=max_webhook_bytes(env),
+        port=_int(env, "PORT", 8000, minimum=1),
+        db_pool_size=_int(env, "DB_POOL_SIZE", 5, minimum=1),
+        data_dir=data_dir,
+        refetch=refetch,
+        heal_interval=_duration(env, "HEAL_INTERVAL", 600, minimum=1),
+        reconcile_interval=_duration(env, "RECONCILE_INTERVAL", 86400),
+        event_retention_days=_int(env, "EVENT_RETENTION_DAYS", 90),
+        stripe_api_rate=_int(env, "STRIPE_API_RATE", 20, minimum=1),
+        support_users=_support_users(env.get("SUPPORT_USERS", "")),
+        support_session_secret=env.get("SUPPORT_SESSION_SECRET", "").strip() or None,
+    )

@@ -1,0 +1,119 @@
+"""What the customer page says, in words a support person understands: the row's state, and one
+timeline of its events and audit rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+# The audit's rows are whole table rows; these are the parts a person reads.
+FIELDS = {
+    "customer_email": "email",
+    "customer_name": "name",
+    "default_payment_method": "payment method",
+    "user_id": "user",
+}
+
+
+@dataclass(frozen=True)
+class State:
+    headline: str
+    note: str | None
+    alarming: bool
+
+
+def state_of(row: dict[str, Any] | None, user: dict[str, Any] | None, tombstone: dict[str, Any] | None) -> State:
+    if row is None:
+        if tombstone:
+            return State("Deleted in Stripe, or removed from the table", None, True)
+        return State("No row for this customer", "nothing has arrived from Stripe about it", True)
+    sync = (row.get("customer_metadata") or {}).get("sync") or {}
+    note = sync.get("note")
+    if row.get("user_id") is None:
+        return State("Not linked to any user", note or "the customer names no user", True)
+    who = user["email"] if user and user.get("email") else str(row["user_id"])
+    if note and note.startswith("tie not settled"):
+        return State(f"Linked to {who}", f"{note}: the order of two same-second events could not be told", True)
+    return State(f"Linked to {who}", note, False)
+
+
+def dashboard_url(customer_id: str, livemode: bool) -> str:
+    return f"https://dashboard.stripe.com/{'' if livemode else 'test/'}customers/{customer_id}"
+
+
+@dataclass
+class Entry:
+    at: datetime
+    what: str  # "event" or "change"
+    title: str
+    outcome: str = ""
+    alarming: bool = False
+    event_id: str | None = None
+    attempts: int | None = None
+    error: str | None = None
+    changes: list[tuple[str, str, str]] = field(default_factory=list)
+    by: str = ""
+
+
+def _shown(value: Any) -> str:
+    if value in (None, "", {}):
+        return "—"
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
+
+
+def changes_of(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(field, from, to) for each readable field that differs."""
+    old, new = old or {}, new or {}
+    found = [
+        (label, _shown(old.get(column)), _shown(new.get(column)))
+        for column, label in FIELDS.items()
+        if old.get(column) != new.get(column)
+    ]
+    old_sync = (old.get("customer_metadata") or {}).get("sync") or {}
+    new_sync = (new.get("customer_metadata") or {}).get("sync") or {}
+    for key in ("status", "note"):
+        if old_sync.get(key) != new_sync.get(key):
+            found.append((f"sync {key}", _shown(old_sync.get(key)), _shown(new_sync.get(key))))
+    old_meta = (old.get("customer_metadata") or {}).get("stripe")
+    new_meta = (new.get("customer_metadata") or {}).get("stripe")
+    if old_meta != new_meta:
+        found.append(("Stripe metadata", _shown(old_meta), _shown(new_meta)))
+    return found
+
+
+def timeline(events: list[dict[str, Any]], audit: list[dict[str, Any]]) -> list[Entry]:
+    entries = [
+        Entry(
+            at=event["created"],
+            what="event",
+            title=event["type"],
+            outcome=event["status"],
+            alarming=event["status"] == "failed",
+            event_id=event["id"],
+            attempts=event["attempts"],
+            error=event["last_error"],
+        )
+        for event in events
+    ]
+    for change in audit:
+        operation = {"INSERT": "row created", "UPDATE": "row changed", "DELETE": "row deleted"}[change["operation"]]
+        actor = change["changed_by"] or ""
+        person = actor.removeprefix("support:") if actor.startswith("support:") else None
+        if change["event_id"]:
+            by = f"event {change['event_id']}" + (f", replayed by {person}" if person else "")
+        else:
+            by = f"{person} (support)" if person else actor
+        entries.append(
+            Entry(
+                at=change["changed_at"],
+                what="change",
+                title=operation,
+                alarming=change["operation"] == "DELETE",
+                event_id=change["event_id"],
+                changes=changes_of(change["old_row"], change["new_row"]),
+                by=by,
+            )
+        )
+    return sorted(entries, key=lambda entry: entry.at, reverse=True)

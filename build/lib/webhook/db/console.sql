@@ -1,0 +1,41 @@
+-- The support console's own state: who is signed in (so that signing out, an expired session or a
+-- removed person ends a session on the server, whatever a copied cookie says), and the sign-in
+-- attempts per name that turn guessing away. Applied by `db migrate` after db/functions.sql;
+-- idempotent; undone by db/rollback.sql. Tables of their own, apart from the jobs' cursors.
+
+-- step: stripe_support_sessions
+CREATE TABLE IF NOT EXISTS public.stripe_support_sessions (
+  token_hash text PRIMARY KEY,        -- sha256 of the random token in the signed cookie; never the token
+  name text NOT NULL,                 -- the SUPPORT_USERS name signed in
+  expires_at timestamptz NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- step: stripe_support_signins
+-- Attempts in the current window (15 minutes from its first attempt), counted before the password
+-- is checked, so parallel guesses cannot pass between a read and a write.
+CREATE TABLE IF NOT EXISTS public.stripe_support_signins (
+  name text PRIMARY KEY,              -- a SUPPORT_USERS name, or '?' for every unknown one
+  attempts integer NOT NULL,
+  window_started timestamptz NOT NULL DEFAULT now()
+);
+
+-- step: the console's tables: row level security on, no policies, nothing for the API roles
+DO $$
+DECLARE
+  v_table text;
+BEGIN
+  FOREACH v_table IN ARRAY ARRAY['public.stripe_support_sessions', 'public.stripe_support_signins'] LOOP
+    IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = v_table::regclass) THEN
+      EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', v_table);
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') AND (
+        has_table_privilege('anon', v_table, 'SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER')
+        OR has_table_privilege('authenticated', v_table, 'SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER')) THEN
+      EXECUTE format('REVOKE ALL ON %s FROM anon, authenticated', v_table);
+    END IF;
+  END LOOP;
+END $$;
+
+-- step: sign-in counts kept in the jobs' cursors by earlier releases
+DELETE FROM public.stripe_sync_cursors WHERE name LIKE 'support-signin:%';

@@ -1,0 +1,431 @@
+-- The functions and triggers behind db/schema.sql's tables: one call per event, the ordering rules,
+-- the audit and the tombstones. Applied right after db/schema.sql by `db migrate`; idempotent;
+-- undone by db/rollback.sql.
+
+-- step: functions and triggers
+-- A trigger is created only when missing: CREATE OR REPLACE TRIGGER would take a lock that makes
+-- every delivery wait, on every release. One whose definition changes must get a new name.
+CREATE OR REPLACE FUNCTION public.stripe_create_trigger(p_name text, p_definition text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'public.stripe_customers'::regclass AND tgname = p_name) THEN
+    EXECUTE format('CREATE TRIGGER %I %s', p_name, p_definition);
+  END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION public.stripe_customers_touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  NEW.updated_at := now();
+  RETURN NEW;
+END $$;
+SELECT public.stripe_create_trigger('stripe_customers_touch',
+  'BEFORE UPDATE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_touch()');
+
+-- A trigger, not the consumer, writes the audit so that changes made by hand are caught too.
+-- stripe_webhook.event_id is set transaction-locally by stripe_apply_event; stripe_webhook.actor
+-- (support:<name>) by the console's actions, so the audit names the person who acted.
+CREATE OR REPLACE FUNCTION public.stripe_customers_audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  v_row public.stripe_customers := CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+BEGIN
+  INSERT INTO public.stripe_customers_audit
+    (stripe_customer_id, user_id, operation, old_row, new_row, event_id, changed_by)
+  VALUES (v_row.stripe_customer_id, v_row.user_id, TG_OP,
+          CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
+          CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
+          nullif(current_setting('stripe_webhook.event_id', true), ''),
+          coalesce(nullif(current_setting('stripe_webhook.actor', true), ''), current_user));
+  RETURN NULL;
+END $$;
+SELECT public.stripe_create_trigger('stripe_customers_audit',
+  'AFTER INSERT OR UPDATE OR DELETE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_audit_row()');
+
+-- A user is never left without a customer while one names them: when a customer lets go of its
+-- user (its row leaves, or a newer event points it at another user), the newest other customer
+-- whose metadata names that user and that could not be linked for it takes the user over. Returns
+-- that customer, if any. Also reconciliation's mend for a user left unlinked (stripe_relink_users).
+-- SECURITY DEFINER: whoever deletes (service_role from the dashboard or the API) may not read
+-- auth.users, and once plpgsql caches a generic plan the check below is made as the deleter.
+CREATE OR REPLACE FUNCTION public.stripe_hand_on_user(p_user uuid, p_note text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+  v_heir text;
+BEGIN
+  -- In the auth.users cascade the user itself is gone: nobody to hand on.
+  IF p_user IS NULL OR NOT EXISTS (SELECT 1 FROM auth.users WHERE id = p_user) THEN
+    RETURN NULL;
+  END IF;
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_user:' || p_user, 0));
+  IF EXISTS (SELECT 1 FROM public.stripe_customers WHERE user_id = p_user) THEN
+    RETURN NULL;
+  END IF;
+  -- A candidate locked by a transaction applying an event to it is left to that event, which
+  -- takes the user lock after this transaction and then finds the user free.
+  SELECT s.stripe_customer_id INTO v_heir
+  FROM public.stripe_customer_claims c JOIN public.stripe_customers s USING (stripe_customer_id)
+  WHERE c.user_id = p_user AND s.user_id IS NULL
+    AND s.customer_metadata #>> '{sync,named_user_id}' = p_user::text
+  ORDER BY (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
+  LIMIT 1 FOR UPDATE OF s SKIP LOCKED;
+  IF v_heir IS NOT NULL THEN
+    DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = v_heir;
+    UPDATE public.stripe_customers SET user_id = p_user,
+      customer_metadata = jsonb_set(customer_metadata, '{sync}', (customer_metadata -> 'sync') - 'named_user_id'
+        || jsonb_build_object('status', 'synced', 'note', p_note))
+    WHERE stripe_customer_id = v_heir;
+  END IF;
+  RETURN v_heir;
+END $$;
+
+-- However a row leaves (customer.deleted, verify --fix, the auth.users cascade, by hand): remember
+-- the newest event time it reflected, and hand its user on.
+CREATE OR REPLACE FUNCTION public.stripe_customers_gone() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = '' AS $$
+BEGIN
+  INSERT INTO public.stripe_customer_tombstones AS t (stripe_customer_id, event_id, event_created)
+  VALUES (OLD.stripe_customer_id, OLD.customer_metadata #>> '{sync,event_id}',
+          coalesce((OLD.customer_metadata #>> '{sync,event_created}')::bigint, 0))
+  ON CONFLICT (stripe_customer_id) DO UPDATE SET event_id = EXCLUDED.event_id,
+    event_created = EXCLUDED.event_created, deleted_at = now()
+    WHERE t.event_created < EXCLUDED.event_created;
+  DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = OLD.stripe_customer_id;
+  PERFORM public.stripe_hand_on_user(OLD.user_id,
+    'linked to its user when customer ' || OLD.stripe_customer_id || ', which held the user, was removed');
+  RETURN NULL;
+END $$;
+SELECT public.stripe_create_trigger('stripe_customers_gone',
+  'AFTER DELETE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_gone()');
+
+-- A link that moves (a newer event names another user) hands the user it left on, as a deletion does.
+CREATE OR REPLACE FUNCTION public.stripe_customers_moved() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = '' AS $$
+BEGIN
+  PERFORM public.stripe_hand_on_user(OLD.user_id,
+    'linked to its user when customer ' || OLD.stripe_customer_id || ', which held the user, moved to another user');
+  RETURN NULL;
+END $$;
+SELECT public.stripe_create_trigger('stripe_customers_moved',
+  'AFTER UPDATE OF user_id ON public.stripe_customers FOR EACH ROW '
+  'WHEN (OLD.user_id IS NOT NULL AND OLD.user_id IS DISTINCT FROM NEW.user_id) '
+  'EXECUTE FUNCTION public.stripe_customers_moved()');
+
+-- Users that no customer holds while an unlinked customer names them (left so by a change made
+-- outside the consumer, or before the triggers above): reconciliation lists them and, with
+-- p_fix, links each to the newest such customer.
+CREATE OR REPLACE FUNCTION public.stripe_relink_users(p_fix boolean)
+RETURNS TABLE (user_id uuid, stripe_customer_id text) LANGUAGE plpgsql AS $$
+BEGIN
+  FOR user_id, stripe_customer_id IN
+    SELECT DISTINCT ON (c.user_id) c.user_id, c.stripe_customer_id
+    FROM public.stripe_customer_claims c JOIN public.stripe_customers s ON s.stripe_customer_id = c.stripe_customer_id
+    WHERE s.user_id IS NULL AND s.customer_metadata #>> '{sync,named_user_id}' = c.user_id::text
+      AND NOT EXISTS (SELECT 1 FROM public.stripe_customers o WHERE o.user_id = c.user_id)
+      AND EXISTS (SELECT 1 FROM auth.users u WHERE u.id = c.user_id)
+    ORDER BY c.user_id, (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
+  LOOP
+    IF p_fix THEN
+      stripe_customer_id := public.stripe_hand_on_user(user_id,
+        'linked to its user by reconciliation: no customer held the user');
+      CONTINUE WHEN stripe_customer_id IS NULL;
+    END IF;
+    RETURN NEXT;
+  END LOOP;
+END $$;
+
+-- Whether an update's data.previous_attributes equal another event's object on those fields
+-- (nested objects such as metadata compared key by key; a missing key equals null).
+CREATE OR REPLACE FUNCTION public.stripe_attrs_match(p_previous jsonb, p_object jsonb)
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+  v_key text;
+  v_value jsonb;
+BEGIN
+  IF jsonb_typeof(p_previous) IS DISTINCT FROM 'object' OR p_previous = '{}' THEN
+    RETURN false;
+  END IF;
+  FOR v_key, v_value IN SELECT * FROM jsonb_each(p_previous) LOOP
+    IF jsonb_typeof(v_value) = 'object' AND jsonb_typeof(p_object -> v_key) = 'object' THEN
+      IF NOT public.stripe_attrs_match(v_value, p_object -> v_key) AND v_value <> '{}' THEN
+        RETURN false;
+      END IF;
+    ELSIF v_value <> coalesce(p_object -> v_key, 'null') THEN
+      RETURN false;
+    END IF;
+  END LOOP;
+  RETURN true;
+END $$;
+
+-- Stripe's `created` has one-second resolution and Stripe delivers in any order, so two events of
+-- one customer in one second need another rule (CONTRACT §4, "Ties"): the type first, then the
+-- updates' previous_attributes against the other event's payload from the log. Returns
+-- 'newer:<rule>' or 'older:<rule>' for p_event against p_other_id, or NULL when neither decides.
+CREATE OR REPLACE FUNCTION public.stripe_tie_order(p_event jsonb, p_other_id text)
+RETURNS text LANGUAGE plpgsql STABLE AS $$
+DECLARE
+  v_other jsonb;
+  v_after boolean;
+  v_before boolean;
+BEGIN
+  IF p_event ->> 'type' = 'customer.deleted' THEN RETURN 'newer:type'; END IF;
+  IF p_event ->> 'type' = 'customer.created' THEN RETURN 'older:type'; END IF;
+  SELECT payload INTO v_other FROM public.stripe_webhook_events WHERE id = p_other_id;
+  IF v_other ->> 'type' = 'customer.created' THEN RETURN 'newer:type'; END IF;
+  IF v_other IS NULL THEN RETURN NULL; END IF;
+  v_after := public.stripe_attrs_match(p_event #> '{data,previous_attributes}', v_other #> '{data,object}');
+  v_before := public.stripe_attrs_match(v_other #> '{data,previous_attributes}', p_event #> '{data,object}');
+  IF v_after AND NOT v_before THEN RETURN 'newer:previous_attributes'; END IF;
+  IF v_before AND NOT v_after THEN RETURN 'older:previous_attributes'; END IF;
+  RETURN NULL;
+END $$;
+
+-- Applies one customer change (p_change: action upsert|delete|link, id, email, name,
+-- default_payment_method, metadata, user_id, note; optionally as_of, the unix time of a Stripe
+-- retrieve the state comes from, and tie = 'unsettled' to apply over an undecided tie).
+-- status: processed | stale | tie (nothing written: the caller asks Stripe, or calls again with
+-- tie = 'unsettled'); note: why a checkout could not link, for the log row; tie: how a tie was settled.
+-- Stripe delivers out of order and retries, and several workers run at once, so each customer is
+-- serialised by a transaction-scoped lock (safe behind a transaction-mode pooler), then checked
+-- against its tombstone and the newest event it reflects.
+DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);  -- before it took p_event
+CREATE OR REPLACE FUNCTION public.stripe_apply_customer(
+  p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
+  OUT status text, OUT note text, OUT tie text
+) LANGUAGE plpgsql AS $$
+DECLARE
+  v_cus text := p_change ->> 'id';
+  v_action text := p_change ->> 'action';
+  v_named uuid := p_change ->> 'user_id';
+  v_user uuid := v_named;
+  v_note text := p_change ->> 'note';
+  v_as_of bigint := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
+  v_row public.stripe_customers;
+  v_row_created bigint;
+  v_event_id text := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
+  v_tie_note text;
+BEGIN
+  status := 'processed';
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_customer:' || v_cus, 0));
+  IF EXISTS (SELECT 1 FROM public.stripe_customer_tombstones t
+             WHERE t.stripe_customer_id = v_cus AND t.event_created >= v_as_of) THEN
+    status := 'stale'; RETURN;
+  END IF;
+  SELECT * INTO v_row FROM public.stripe_customers WHERE stripe_customer_id = v_cus;
+  v_row_created := (v_row.customer_metadata #>> '{sync,event_created}')::bigint;
+  -- A checkout carries no customer state: it neither goes stale nor stamps the row (CONTRACT §4).
+  IF v_action <> 'link' AND v_row_created > v_as_of THEN
+    status := 'stale'; RETURN;
+  ELSIF v_action <> 'link' AND v_row_created = v_as_of AND v_event_id IS NOT NULL
+        AND v_event_id IS DISTINCT FROM v_row.customer_metadata #>> '{sync,event_id}' THEN
+    IF p_change ->> 'tie' = 'unsettled' THEN
+      tie := 'newer:unsettled';
+      v_tie_note := 'tie not settled: ' || coalesce(v_row.customer_metadata #>> '{sync,event_id}', 'a read from Stripe')
+        || ' has the same second and their order could not be told; the event delivered last was applied';
+    ELSE
+      tie := public.stripe_tie_order(p_event, v_row.customer_metadata #>> '{sync,event_id}');
+      IF tie IS NULL THEN status := 'tie'; RETURN; END IF;
+      IF tie LIKE 'older:%' THEN status := 'stale'; RETURN; END IF;
+    END IF;
+  END IF;
+  IF v_action = 'delete' THEN
+    DELETE FROM public.stripe_customers WHERE id = v_row.id;  -- stripe_customers_gone hands the user on
+    INSERT INTO public.stripe_customer_tombstones AS t (stripe_customer_id, event_id, event_created)
+    VALUES (v_cus, v_event_id, v_as_of)
+    ON CONFLICT (stripe_customer_id) DO UPDATE SET event_id = EXCLUDED.event_id,
+      event_created = EXCLUDED.event_created, deleted_at = now() WHERE t.event_created <= EXCLUDED.event_created;
+    RETURN;
+  END IF;
+  -- The user lock keeps two customers from claiming one user at once.
+  IF v_user IS NOT NULL THEN
+    PERFORM pg_advisory_xact_lock(hashtextextended('stripe_user:' || v_user, 0));
+    IF NOT EXISTS (SELECT 1 FROM auth.users WHERE id = v_user) THEN
+      v_note := 'no auth.users row has that user id'; v_user := NULL;
+    ELSIF EXISTS (SELECT 1 FROM public.stripe_customers WHERE user_id = v_user AND stripe_customer_id <> v_cus) THEN
+      v_note := 'that user is already linked to another customer'; v_user := NULL;
+    END IF;
+  END IF;
+  IF v_action = 'link' THEN
+    IF v_row.user_id IS NOT NULL AND v_user IS DISTINCT FROM v_row.user_id THEN
+      v_note := 'this customer is already linked to another user';
+    END IF;
+    IF v_row.user_id IS NOT NULL OR v_user IS NULL THEN
+      note := 'checkout for user ' || coalesce(v_named::text, 'with no valid user id') || ' not linked: ' || v_note;
+    END IF;
+    IF v_row.id IS NOT NULL THEN
+      UPDATE public.stripe_customers SET user_id = coalesce(user_id, v_user), customer_metadata =
+        jsonb_set(customer_metadata, '{sync}', coalesce(customer_metadata -> 'sync', '{}') - 'note'
+          || jsonb_build_object('status', CASE WHEN coalesce(user_id, v_user) IS NULL THEN 'unlinked' ELSE 'synced' END)
+          || CASE WHEN note IS NULL THEN '{}' ELSE jsonb_build_object('note', note) END
+          || CASE WHEN v_row.user_id IS NULL AND v_user IS NULL AND v_named IS NOT NULL
+                  THEN jsonb_build_object('named_user_id', v_named) ELSE '{}' END)
+      WHERE id = v_row.id;
+      IF v_row.user_id IS NULL AND v_user IS NULL AND v_named IS NOT NULL THEN
+        INSERT INTO public.stripe_customer_claims VALUES (v_named, v_cus) ON CONFLICT DO NOTHING;
+      END IF;
+      RETURN;
+    END IF;
+    v_as_of := NULL;  -- a row made by a checkout is unstamped: every event of its customer applies
+  END IF;
+  v_user := coalesce(v_user, v_row.user_id);
+  v_note := concat_ws('; ', v_tie_note, coalesce(note, v_note));
+  INSERT INTO public.stripe_customers AS c
+    (stripe_customer_id, user_id, customer_email, customer_name, default_payment_method, customer_metadata)
+  VALUES (v_cus, v_user, p_change ->> 'email', p_change ->> 'name', p_change ->> 'default_payment_method',
+    jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'), 'sync', jsonb_build_object(
+      'status', CASE WHEN v_user IS NULL THEN 'unlinked' ELSE 'synced' END,
+      'source', p_source, 'event_id', v_event_id, 'event_created', v_as_of,
+      'synced_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+      || CASE WHEN v_note = '' THEN '{}' ELSE jsonb_build_object('note', v_note) END
+      || CASE WHEN v_user IS NULL AND v_named IS NOT NULL THEN jsonb_build_object('named_user_id', v_named)
+         ELSE '{}' END))
+  ON CONFLICT (stripe_customer_id) DO UPDATE SET user_id = EXCLUDED.user_id,
+    customer_email = EXCLUDED.customer_email, customer_name = EXCLUDED.customer_name,
+    default_payment_method = EXCLUDED.default_payment_method, customer_metadata = EXCLUDED.customer_metadata;
+  IF v_user IS NULL AND v_named IS NOT NULL THEN
+    INSERT INTO public.stripe_customer_claims VALUES (v_named, v_cus) ON CONFLICT DO NOTHING;
+  END IF;
+END $$;
+
+-- The customer an event concerns: the object itself when it is a customer (customer.created,
+-- .updated, .deleted), else the object's `customer` (customer.subscription.*, customer.source.*,
+-- customer.discount.*, checkout.session.*, …), an id or an expanded object.
+CREATE OR REPLACE FUNCTION public.stripe_event_customer_id(p_event jsonb) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE WHEN p_event ->> 'type' LIKE 'customer.%'
+               AND coalesce(p_event #>> '{data,object,object}', 'customer') = 'customer'
+    THEN p_event #>> '{data,object,id}'
+    ELSE coalesce(p_event #>> '{data,object,customer,id}', p_event #>> '{data,object,customer}') END
+$$;
+
+-- One call per verified event, in one transaction: log it, recognise a duplicate, apply it.
+-- Returns processed | duplicate | ignored | stale, followed by '/<rule>' when a same-second tie
+-- was settled, or 'tie' when it could not be (nothing written). p_change NULL: only logged.
+-- `replay` (p_source 'replay') re-runs ignored and stale events too.
+CREATE OR REPLACE FUNCTION public.stripe_apply_event(p_event jsonb, p_change jsonb, p_source text)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+  v_id text := p_event ->> 'id';
+  v_status text := 'ignored';
+  v_note text;
+  v_tie text;
+  v_applied record;
+BEGIN
+  -- Deliveries of one event id queue here; the later one then finds it finished: a duplicate.
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_event:' || v_id, 0));
+  IF EXISTS (SELECT 1 FROM public.stripe_webhook_events WHERE id = v_id AND status NOT IN ('received', 'failed')
+             AND (p_source <> 'replay' OR status = 'processed')) THEN
+    RETURN 'duplicate';
+  END IF;
+  PERFORM set_config('stripe_webhook.event_id', v_id, true);
+  IF p_change IS NOT NULL THEN
+    -- Assigned, not SELECTed FROM: a function in FROM is run through a tuplestore (pg_stat_statements).
+    v_applied := public.stripe_apply_customer(p_change, p_source, v_id, (p_event ->> 'created')::bigint, p_event);
+    v_status := v_applied.status; v_note := v_applied.note; v_tie := v_applied.tie;
+    IF v_status = 'tie' THEN RETURN 'tie'; END IF;
+  END IF;
+  -- Written once, with its outcome: an insert, or the retry of a failed, received (or replayed) event.
+  INSERT INTO public.stripe_webhook_events AS e (id, type, api_version, livemode, created, payload, status,
+    attempts, last_error, processed_at, stripe_customer_id)
+  VALUES (v_id, p_event ->> 'type', p_event ->> 'api_version', coalesce((p_event ->> 'livemode')::boolean, false),
+          to_timestamp((p_event ->> 'created')::bigint), p_event, v_status, 1, v_note, now(),
+          coalesce(p_change ->> 'id', public.stripe_event_customer_id(p_event)))
+  ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, attempts = e.attempts + 1,
+    last_error = EXCLUDED.last_error, processed_at = EXCLUDED.processed_at;
+  RETURN v_status || coalesce('/' || split_part(v_tie, ':', 2), '');
+END $$;
+
+-- One event of a shared statement in a subtransaction of its own, so that its error (a fault, a
+-- lock timeout, a payload jsonb cannot hold: cast here, not by the caller) fails it alone:
+-- 'error:<SQLSTATE>:<message>' in its place, or 'wait' when p_defer and its lock is held elsewhere.
+-- A statement timeout is not caught (query_canceled is not OTHERS): it ends the whole statement.
+-- p_actor: the console's person ('' for nobody), NULL when nobody in the statement is acting.
+CREATE OR REPLACE FUNCTION public.stripe_apply_caught(
+  p_event text, p_change text, p_source text, p_actor text, p_defer boolean
+) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+  IF p_actor IS NOT NULL THEN
+    PERFORM set_config('stripe_webhook.actor', p_actor, true);
+  END IF;
+  RETURN public.stripe_apply_event(p_event::jsonb, p_change::jsonb, p_source);
+EXCEPTION WHEN OTHERS THEN
+  IF p_defer AND SQLSTATE = '55P03' THEN RETURN 'wait'; END IF;
+  RETURN 'error:' || SQLSTATE || ':' || SQLERRM;
+END $$;
+
+-- Several events in one statement and one transaction (webhook/batch.py: the deliveries one worker
+-- received while its previous statement ran), each in a subtransaction of its own. A lock held
+-- elsewhere (a migration, a stuck transaction, another worker's event of the same customer) must
+-- hold up only the events that need it: first every event whose locks are free now, then those
+-- that found theirs held, sharing one lock timeout between them. So an event that waits in vain
+-- fails alone (answered 503, Stripe retries), and the others of its statement wait at most that
+-- long for their commit. All settings are transaction-local: pooler-safe.
+CREATE OR REPLACE FUNCTION public.stripe_apply_events(
+  p_events text[], p_changes text[], p_sources text[], p_actors text[]
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+  v_count int := coalesce(array_length(p_events, 1), 0);
+  v_outcomes text[] := array_fill(NULL::text, ARRAY[v_count]);
+  v_waiting int[] := '{}';
+  v_deadline timestamptz := clock_timestamp() + interval '2 seconds';
+  i int;
+BEGIN
+  PERFORM set_config('lock_timeout', '10ms', true);
+  FOR i IN 1 .. v_count LOOP
+    v_outcomes[i] := public.stripe_apply_caught(p_events[i], p_changes[i], p_sources[i],
+      CASE WHEN p_actors IS NOT NULL THEN coalesce(p_actors[i], '') END, true);
+    IF v_outcomes[i] = 'wait' THEN v_waiting := v_waiting || i; END IF;
+  END LOOP;
+  FOREACH i IN ARRAY v_waiting LOOP
+    PERFORM set_config('lock_timeout',
+      greatest(1, ceil(extract(epoch FROM v_deadline - clock_timestamp()) * 1000))::int || 'ms', true);
+    v_outcomes[i] := public.stripe_apply_caught(p_events[i], p_changes[i], p_sources[i],
+      CASE WHEN p_actors IS NOT NULL THEN coalesce(p_actors[i], '') END, false);
+  END LOOP;
+  RETURN v_outcomes;
+END $$;
+
+-- The API roles may not call what only the consumer should.
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+    REVOKE EXECUTE ON FUNCTION public.stripe_apply_event(jsonb, jsonb, text),
+      public.stripe_apply_events(text[], text[], text[], text[]),
+      public.stripe_apply_caught(text, text, text, text, boolean),
+      public.stripe_apply_customer(jsonb, text, text, bigint, jsonb),
+      public.stripe_tie_order(jsonb, text), public.stripe_create_trigger(text, text),
+      public.stripe_hand_on_user(uuid, text), public.stripe_relink_users(boolean),
+      public.stripe_fit_table(text, text[], text[]) FROM PUBLIC, anon, authenticated;
+  END IF;
+END $$;
+
+-- step (repeat): events about a customer's subscription, card, discount or tax id were once filed
+-- under that object's own id; file them under their customer, a batch a transaction
+UPDATE public.stripe_webhook_events SET stripe_customer_id = public.stripe_event_customer_id(payload)
+WHERE id IN (
+  SELECT id FROM public.stripe_webhook_events
+  WHERE type LIKE 'customer.%' AND stripe_customer_id !~ '^cus_'
+    AND stripe_customer_id IS DISTINCT FROM public.stripe_event_customer_id(payload)
+  LIMIT 5000);
+
+-- step: lz4 for the large values
+-- Every event writes a ~2-3 KB payload into the log and two row images into the audit, which
+-- Postgres compresses once a row passes ~2 KB: lz4 does it for a fraction of pglz's CPU at about
+-- the same size (README, Performance). New values only; a server built without lz4 keeps pglz.
+-- Catalog only, but ACCESS EXCLUSIVE for a moment: taken once, when the setting differs.
+DO $$
+DECLARE
+  v_column record;
+BEGIN
+  IF current_setting('server_version_num')::int < 140000 THEN RETURN; END IF;
+  BEGIN
+    -- Asked without a lock: the setting refuses lz4 when the server was built without it.
+    PERFORM set_config('default_toast_compression', 'lz4', true);
+  EXCEPTION WHEN invalid_parameter_value THEN
+    RAISE NOTICE 'this server has no lz4: the log and the audit stay compressed with pglz';
+    RETURN;
+  END;
+  FOR v_column IN SELECT attrelid::regclass AS tab, attname FROM pg_attribute
+      WHERE (attrelid, attname) IN (('public.stripe_webhook_events'::regclass, 'payload'),
+        ('public.stripe_customers_audit'::regclass, 'old_row'), ('public.stripe_customers_audit'::regclass, 'new_row'))
+      AND attcompression IS DISTINCT FROM 'l' LOOP
+    EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET COMPRESSION lz4', v_column.tab, v_column.attname);
+  END LOOP;
+END $$;

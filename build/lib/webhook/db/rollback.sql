@@ -1,0 +1,30 @@
+-- Undoes db/schema.sql: drops the consumer's functions, triggers and tables, with their data.
+-- Take a backup first (`python -m webhook db migrate --backup-dir DIR` keeps the schema; pg_dump
+-- the data). Idempotent: safe to run on a database that never had the schema.
+-- auth.* and the API roles are left alone: they belong to Supabase (or db/supabase_shim.sql).
+
+DROP FUNCTION IF EXISTS public.stripe_apply_events(text[], text[], text[], text[]);
+DROP FUNCTION IF EXISTS public.stripe_apply_caught(text, text, text, text, boolean);
+DROP FUNCTION IF EXISTS public.stripe_apply_event(jsonb, jsonb, text);
+DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);
+DROP FUNCTION IF EXISTS public.stripe_tie_order(jsonb, text);
+DROP FUNCTION IF EXISTS public.stripe_attrs_match(jsonb, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_event_customer_id(jsonb);
+-- Dropping the tables drops their triggers, indexes and policies with them.
+DROP TABLE IF EXISTS public.stripe_customers_audit;
+DROP TABLE IF EXISTS public.stripe_webhook_events;
+DROP TABLE IF EXISTS public.stripe_customers;
+DROP TABLE IF EXISTS public.stripe_customer_tombstones;
+DROP TABLE IF EXISTS public.stripe_customer_claims;
+DROP TABLE IF EXISTS public.stripe_sync_cursors;
+DROP TABLE IF EXISTS public.stripe_support_sessions;
+DROP TABLE IF EXISTS public.stripe_support_signins;
+DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
+DROP FUNCTION IF EXISTS public.stripe_customers_touch();
+DROP FUNCTION IF EXISTS public.stripe_customers_gone();
+DROP FUNCTION IF EXISTS public.stripe_customers_moved();
+DROP FUNCTION IF EXISTS public.stripe_relink_users(boolean);
+DROP FUNCTION IF EXISTS public.stripe_hand_on_user(uuid, text);
+DROP FUNCTION IF EXISTS public.stripe_create_trigger(text, text);
+DROP FUNCTION IF EXISTS public.stripe_fit_table(text, text[], text[]);

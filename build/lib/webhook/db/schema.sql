@@ -1,0 +1,199 @@
+-- Stripe customer linking: stripe_customers, the webhook event log, the audit trail and the deletion
+-- tombstones. db/functions.sql (applied right after this file) holds the functions and triggers the
+-- consumer calls. Needs auth.users, auth.uid(), auth.role() (Supabase, or db/supabase_shim.sql on
+-- a plain Postgres 14+). Idempotent: every statement may run again. Undone by db/rollback.sql.
+--
+-- Run while the previous release still takes deliveries: `db migrate` runs each step below in a
+-- transaction of its own with a short lock_timeout, and retries a step that could not get its lock,
+-- so a delivery waits at most about a second behind it. Statements that need a strong lock are
+-- guarded by a catalog check, so that a migrate that changes nothing takes none; indexes are built
+-- CONCURRENTLY (one statement a step). psql runs the file as it is, without the retries.
+
+-- step: stripe_customers
+
+-- Links an auth.users row to its Stripe customer: the table all billing looks customers up in.
+CREATE TABLE IF NOT EXISTS public.stripe_customers (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  user_id uuid REFERENCES auth.users (id) ON DELETE CASCADE,
+  stripe_customer_id text NOT NULL,
+  customer_email text,                -- NULL allowed: Stripe customers need not have an email
+  customer_name text,
+  default_payment_method text,        -- a Stripe payment method id (pm_…, card_…, src_…)
+  customer_metadata jsonb NOT NULL DEFAULT '{}',  -- {"stripe": metadata, "sync": {status, source, …}}
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT stripe_customers_stripe_customer_id_key UNIQUE (stripe_customer_id),
+  CONSTRAINT unique_user_customer UNIQUE (user_id),
+  CONSTRAINT valid_stripe_id CHECK (stripe_customer_id ~ '^cus_[a-zA-Z0-9]+$')
+);
+
+-- step: a table made from the original design note allows email-less customers
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_customers'::regclass
+             AND attname = 'customer_email' AND attnotnull) THEN
+    ALTER TABLE public.stripe_customers ALTER COLUMN customer_email DROP NOT NULL;
+  END IF;
+END $$;
+
+-- step: the design note's indexes duplicated the UNIQUE constraints' own (no lock once gone)
+DROP INDEX IF EXISTS public.idx_stripe_customers_user_id, public.idx_stripe_customers_stripe_id,
+  public.idx_stripe_customers_email;
+
+-- step: support looks customers up by email, case-insensitively
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_email_lower_idx
+  ON public.stripe_customers (lower(customer_email));
+
+-- step: stripe_customer_claims
+-- Unlinked customers whose metadata names a user that another customer holds: who takes the user
+-- over when that customer goes. A table of its own, written only when a link is refused, because an
+-- index on customer_metadata would make every update of a customer a non-HOT update.
+CREATE TABLE IF NOT EXISTS public.stripe_customer_claims (
+  user_id uuid NOT NULL,
+  stripe_customer_id text NOT NULL,
+  PRIMARY KEY (user_id, stripe_customer_id)
+);
+
+-- step: stripe_webhook_events
+-- Every verified Stripe event, kept so failures can be replayed and duplicates recognised.
+CREATE TABLE IF NOT EXISTS public.stripe_webhook_events (
+  id text PRIMARY KEY CHECK (id ~ '^evt_'),
+  type text NOT NULL,
+  api_version text,
+  livemode boolean NOT NULL DEFAULT false,
+  created timestamptz NOT NULL,       -- Stripe's event.created: the ordering key
+  payload jsonb NOT NULL,
+  status text NOT NULL DEFAULT 'received'
+    CHECK (status IN ('received', 'processed', 'ignored', 'stale', 'failed')),
+  attempts integer NOT NULL DEFAULT 0,
+  last_error text,
+  received_at timestamptz NOT NULL DEFAULT now(),
+  processed_at timestamptz
+);
+
+-- step: replay picks events by status and age
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_webhook_events_status_idx
+  ON public.stripe_webhook_events (status, received_at);
+
+-- step: the customer each event concerns (added after the first release)
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_webhook_events'::regclass
+                 AND attname = 'stripe_customer_id' AND NOT attisdropped) THEN
+    ALTER TABLE public.stripe_webhook_events ADD COLUMN stripe_customer_id text;
+  END IF;
+END $$;
+
+-- step (repeat): the rows logged before the column, a batch a transaction so deliveries never wait
+-- (the rule of public.stripe_event_customer_id, which db/functions.sql creates after this)
+UPDATE public.stripe_webhook_events AS e SET stripe_customer_id = filed.customer FROM (
+  SELECT id, customer FROM (SELECT id, CASE
+      WHEN type LIKE 'customer.%' AND coalesce(payload #>> '{data,object,object}', 'customer') = 'customer'
+        THEN payload #>> '{data,object,id}'
+      ELSE coalesce(payload #>> '{data,object,customer,id}', payload #>> '{data,object,customer}') END AS customer
+    FROM public.stripe_webhook_events WHERE stripe_customer_id IS NULL) AS unfiled
+  WHERE customer IS NOT NULL LIMIT 5000) AS filed
+WHERE e.id = filed.id;
+
+-- step: one customer's timeline is an index scan at any size
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_webhook_events_customer_idx
+  ON public.stripe_webhook_events (stripe_customer_id, created);
+
+-- step: stripe_customer_tombstones
+
+-- What remains of a customer whose row left the table, by any way (customer.deleted, verify --fix,
+-- the auth.users cascade, a DELETE by hand): the newest event time it reflected. Stripe delivers out
+-- of order, so an older event arriving later must not bring the row back. Kept apart from the event
+-- log so that pruning the log cannot forget a deletion.
+DO $$
+BEGIN
+  IF to_regclass('public.stripe_customer_tombstones') IS NULL THEN
+    CREATE TABLE public.stripe_customer_tombstones (
+      stripe_customer_id text PRIMARY KEY,
+      event_id text,                  -- the deletion event, or the last event the row reflected
+      event_created bigint NOT NULL,  -- unix seconds; events not newer than this are stale
+      deleted_at timestamptz NOT NULL DEFAULT now()
+    );
+    -- Deletions logged before this table existed.
+    INSERT INTO public.stripe_customer_tombstones (stripe_customer_id, event_id, event_created)
+    SELECT DISTINCT ON (payload #>> '{data,object,id}') payload #>> '{data,object,id}', id,
+           extract(epoch FROM created)::bigint
+    FROM public.stripe_webhook_events WHERE type = 'customer.deleted' AND status = 'processed'
+    ORDER BY payload #>> '{data,object,id}', created DESC;
+  END IF;
+END $$;
+
+-- step: the old tombstone lookup (no lock once gone)
+DROP INDEX IF EXISTS public.stripe_webhook_events_deleted_idx;
+
+-- step: stripe_customers_audit
+
+-- One row per change to stripe_customers, by whoever made it.
+CREATE TABLE IF NOT EXISTS public.stripe_customers_audit (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  stripe_customer_id text NOT NULL,
+  user_id uuid,
+  operation text NOT NULL CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE')),
+  old_row jsonb,
+  new_row jsonb,
+  event_id text,                      -- the Stripe event being applied, when the consumer made the change
+  changed_by text NOT NULL DEFAULT current_user,
+  changed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- step: the audit of one customer
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_audit_customer_idx
+  ON public.stripe_customers_audit (stripe_customer_id, changed_at);
+
+-- step: stripe_sync_cursors: where a paging job stopped (backfill's last customer), to resume there
+CREATE TABLE IF NOT EXISTS public.stripe_sync_cursors (
+  name text PRIMARY KEY,
+  value text NOT NULL,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- step: row level security: users read their own customer row, only the service role writes; the
+-- other tables have no policies. A policy is created when missing (a changed one needs a new name).
+DO $$
+DECLARE
+  v_table text;
+BEGIN
+  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events', 'public.stripe_customers_audit',
+      'public.stripe_customer_tombstones', 'public.stripe_customer_claims', 'public.stripe_sync_cursors'] LOOP
+    IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = v_table::regclass) THEN
+      EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', v_table);
+    END IF;
+  END LOOP;
+  IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = 'stripe_customers'
+                 AND policyname = 'Users can view own customer data') THEN
+    CREATE POLICY "Users can view own customer data" ON public.stripe_customers
+      FOR SELECT USING (auth.uid() = user_id);
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = 'stripe_customers'
+                 AND policyname = 'Service role only modifications') THEN
+    CREATE POLICY "Service role only modifications" ON public.stripe_customers
+      FOR ALL USING (auth.role() = 'service_role');
+  END IF;
+END $$;
+
+-- step: what the API roles may not do
+-- Supabase's default grants give the API roles every privilege; TRUNCATE ignores row level security
+-- and fires no row trigger (no audit, no tombstone), and writes belong to the consumer alone.
+DO $$
+DECLARE
+  v_table text;
+  v_privilege text;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+    RETURN;
+  END IF;
+  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events', 'public.stripe_customers_audit',
+      'public.stripe_customer_tombstones', 'public.stripe_customer_claims', 'public.stripe_sync_cursors'] LOOP
+    FOREACH v_privilege IN ARRAY ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER'] LOOP
+      CONTINUE WHEN v_table = 'public.stripe_customers' AND v_privilege = 'SELECT';  -- row level security decides
+      IF has_table_privilege('anon', v_table, v_privilege) OR has_table_privilege('authenticated', v_table, v_privilege) THEN
+        EXECUTE format('REVOKE %s ON %s FROM anon, authenticated', v_privilege, v_table);
+      END IF;
+    END LOOP;
+  END LOOP;
+END $$;

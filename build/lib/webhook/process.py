@@ -1,0 +1,154 @@
+"""The one door to the database for events: the endpoint and `replay` both come through here,
+so the ordering, duplicate and failure rules cannot drift apart."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from enum import StrEnum
+
+import psycopg2
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from webhook import batch, metrics, refetch, store
+from webhook.config import Settings
+from webhook.handlers import HANDLERS, CustomerChange
+from webhook.logs import log
+from webhook.verify import Event
+
+
+class Outcome(StrEnum):
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+    STALE = "stale"
+
+
+class DatabaseUnavailable(Exception):
+    """Nothing was written; the delivery should be retried later."""
+
+
+class ProcessingFailed(Exception):
+    """The event is logged as failed with its error, for a retry or `replay`."""
+
+    def __init__(self, event_id: str, error: str) -> None:
+        super().__init__(error)
+        self.event_id = event_id
+        self.error = error
+
+
+def change_for(event: Event, settings: Settings) -> CustomerChange | None:
+    """The change the event asks for; None means log it as ignored."""
+    if settings.expect_livemode is not None and event.livemode != settings.expect_livemode:
+        return None
+    handler = HANDLERS.get(event.type)
+    return None if handler is None else handler(event.object, settings.user_id_metadata_key)
+
+
+def describe(error: BaseException) -> str:
+    """An error as last_error and log text: the primary message only. Postgres' DETAIL would
+    repeat the failing row, customer email included."""
+    if isinstance(error, batch.EventFailed):
+        return error.describe()
+    cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+    if isinstance(cause, psycopg2.Error) and cause.diag.message_primary:
+        return f"{type(cause).__name__}: {cause.diag.message_primary}"
+    if isinstance(cause, psycopg2.Error):
+        # A connection that failed has no diagnostics, only libpq's text: its first line says what
+        # failed ("password authentication failed for user …", "Connection refused", "timeout
+        # expired") and never holds the password.
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        return f"{type(cause).__name__}: {first}"
+    return f"{type(error).__name__}: {error}"
+
+
+_last_unavailable: list[str] = [""]
+
+
+def unavailable(engine: Engine, error: BaseException, kind: str) -> DatabaseUnavailable:
+    """The database cannot take the event now: counted, and logged with where it is (never the
+    password) each time the kind of failure changes, so a wrong password or a refused connection
+    shows in the server's log without one line per delivery."""
+    metrics.DB_ERRORS.labels(kind=kind).inc()
+    reason = describe(error)
+    if reason != _last_unavailable[0]:
+        _last_unavailable[0] = reason
+        log(logging.ERROR, "database unavailable", database=store.describe_target(str(engine.url)), error=reason)
+    return DatabaseUnavailable(reason)
+
+
+def process_event(
+    engine: Engine, event: Event, settings: Settings, source: str = "webhook", actor: str | None = None
+) -> Outcome:
+    """Apply one verified event; `actor` names a person acting from the support console (audit)."""
+    started = time.perf_counter()
+    change = change_for(event, settings)
+    if change is not None and settings.refetch == "always" and change.action != "link":
+        # dj-stripe's and Pay's way: the event only says which customer to read. If Stripe cannot
+        # be read in time, the event's own state goes through the ordering rules instead.
+        fresh = refetch.customer_now(settings, change.id)
+        change, source = (change, source) if fresh is None else (fresh, "api")
+    result = _apply(engine, event, change, source, actor)
+    if result == "tie":
+        # Neither the type nor previous_attributes could order two same-second events: ask Stripe.
+        fresh = refetch.customer_now(settings, change.id) if change and settings.refetch != "never" else None
+        if fresh is not None:
+            result = _apply(engine, event, fresh, "api", actor) + "/stripe"
+        else:
+            assert change is not None  # only a customer change can tie
+            result = _apply(engine, event, replace(change, tie="unsettled"), source, actor)
+    status, _, settled_by = result.partition("/")
+    outcome = Outcome(status)
+    if settled_by:
+        metrics.TIES.labels(settled_by=settled_by).inc()
+    metrics.EVENTS.labels(type=event.type, outcome=outcome.value).inc()
+    if outcome is Outcome.PROCESSED:
+        metrics.LAST_PROCESSED.set(event.created)
+    log(
+        logging.INFO,
+        "event handled",
+        event_id=event.id,
+        type=event.type,
+        outcome=outcome.value,
+        stripe_customer_id=None if change is None else change.id,
+        source=source,
+        latency_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    return outcome
+
+
+def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: str, actor: str | None) -> str:
+    """The event through its process' batches (webhook/batch.py): its outcome, or the answer its error asks for."""
+    to_apply = store.EventToApply(event.payload, None if change is None else change.as_json(), source, actor)
+    try:
+        return batch.batches(engine).apply(event.id, to_apply)
+    except batch.Unreachable as unreachable:
+        raise unavailable(engine, unreachable.error, unreachable.kind) from unreachable.error
+    except Exception as error:
+        if store.busy(error):
+            # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
+            raise unavailable(engine, error, "busy") from error
+        _record_failure(engine, event, error)
+        raise ProcessingFailed(event.id, describe(error)) from error
+
+
+def _record_failure(engine: Engine, event: Event, error: Exception) -> None:
+    metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
+    if isinstance(error, psycopg2.Error | batch.EventFailed):
+        metrics.DB_ERRORS.labels(kind="statement").inc()
+    log(logging.ERROR, "event failed", event_id=event.id, type=event.type, error=describe(error))
+    try:
+        connection = engine.raw_connection()
+    except (psycopg2.Error, SQLAlchemyError) as connect_error:
+        raise unavailable(engine, connect_error, "connect") from connect_error
+    try:
+        store.record_failure(connection, event, describe(error))
+    except psycopg2.Error as record_error:
+        # Nothing is written either way, so Stripe's retry is the remedy: answer as an outage.
+        store.connection_lost(engine, connection, record_error)
+        metrics.DB_ERRORS.labels(kind="record_failure").inc()
+        raise DatabaseUnavailable(describe(record_error)) from record_error
+    finally:
+        connection.close()

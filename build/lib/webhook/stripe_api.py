@@ -1,0 +1,129 @@
+"""Stripe API out, through the official client: its pagination, retries and idempotency keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import requests
+import stripe
+from requests.adapters import HTTPAdapter
+from requests_ratelimiter import LimiterAdapter
+from stripe.params import CustomerListParams
+from urllib3.util.retry import Retry
+
+from webhook.config import ConfigError, Settings
+
+# Retries on connection errors, 409, 5xx and when Stripe says so (Stripe-Should-Retry), with the
+# library's own backoff; an idempotency key makes a retried create safe. Each try waits at most
+# TIMEOUT_SECONDS, so a Stripe that never answers costs a command about half a minute.
+NETWORK_RETRIES = 2
+TIMEOUT_SECONDS = 10
+PAGE = 100  # the most Stripe's list endpoints give at once
+EVENTS_KEPT_SECONDS = 30 * 86400  # Stripe's Events API keeps 30 days
+# The library does not retry 429, which Stripe answers when the account's request rate is exceeded
+# and asks clients to back off and try again; a request refused with 429 did nothing, so repeating
+# it (a POST too) is safe. urllib3 waits 0, 1, 2, 4, 8 s between tries (or as Retry-After says).
+RATE_LIMITED = Retry(
+    total=None,
+    connect=0,
+    read=0,
+    other=0,
+    redirect=0,
+    status=5,
+    status_forcelist=[429],
+    allowed_methods=None,
+    backoff_factor=0.5,
+    backoff_max=8,
+    respect_retry_after_header=True,
+    raise_on_status=False,
+)
+
+
+class StripeUnavailable(Exception):
+    """A Stripe API call failed for good; the message is safe to print (no key, no customer data)."""
+
+
+def make_client(settings: Settings, background: bool = False) -> stripe.StripeClient:
+    """A client for the commands; `background` (heal, backfill, verify) keeps under STRIPE_API_RATE
+    requests a second: Stripe's limit is for the whole account, and checkout shares it."""
+    if not settings.stripe_api_key:
+        raise ConfigError("STRIPE_API_KEY is required for this command")
+    return stripe.StripeClient(
+        settings.stripe_api_key,
+        base_addresses={"api": settings.stripe_api_base},
+        max_network_retries=NETWORK_RETRIES,
+        http_client=stripe.RequestsClient(
+            timeout=TIMEOUT_SECONDS, session=_session(settings.stripe_api_rate if background else None)
+        ),
+    )
+
+
+def _session(per_second: int | None) -> requests.Session:
+    adapter = (
+        LimiterAdapter(per_second=per_second, max_retries=RATE_LIMITED)
+        if per_second
+        else HTTPAdapter(max_retries=RATE_LIMITED)
+    )
+    session = requests.Session()
+    for scheme in ("https://", "http://"):
+        session.mount(scheme, adapter)
+    return session
+
+
+def explain(error: stripe.StripeError) -> str:
+    status = f" (HTTP {error.http_status})" if error.http_status else ""
+    reason = {
+        stripe.AuthenticationError: "Stripe rejected the API key",
+        stripe.PermissionError: "the API key may not do this",
+        stripe.RateLimitError: "Stripe rate limit, still limited after 5 retries over 15 s",
+        stripe.APIConnectionError: "could not reach the Stripe API",
+        stripe.IdempotencyError: "Stripe refused a reused idempotency key",
+    }.get(type(error), "Stripe API error")
+    code = f" [{error.code}]" if error.code else ""
+    return f"{reason}{status}{code}"
+
+
+def _plain(stripe_object: Any) -> dict[str, Any]:
+    return dict(stripe_object.to_dict())
+
+
+def list_events(client: stripe.StripeClient, since: int, types: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Every event of the given types created since `since` (Stripe keeps 30 days), newest first."""
+    page = client.v1.events.list(params={"created": {"gte": since}, "types": list(types), "limit": PAGE})
+    for event in page.auto_paging_iter():
+        yield _plain(event)
+
+
+def list_customers(client: stripe.StripeClient, after: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every live customer (Stripe's list leaves deleted ones out), newest first; with `after`, the
+    ones after that customer in this order."""
+    params: CustomerListParams = {"limit": PAGE}
+    if after:
+        params["starting_after"] = after
+    for customer in client.v1.customers.list(params=params).auto_paging_iter():
+        yield _plain(customer)
+
+
+def retrieve_customer(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:
+    """The customer, `{"id", "deleted": true}` for a deleted one, or None when Stripe has none."""
+    try:
+        return _plain(client.v1.customers.retrieve(customer_id))
+    except stripe.InvalidRequestError as error:
+        if error.http_status == 404:
+            return None
+        raise
+
+
+def create_customer(
+    client: stripe.StripeClient, *, email: str | None, metadata: dict[str, str], idempotency_key: str
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"metadata": metadata}
+    if email:
+        params["email"] = email
+    customer = client.v1.customers.create(params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
+    return _plain(customer)
+
+
+def update_customer(client: stripe.StripeClient, customer_id: str, changes: dict[str, str]) -> dict[str, Any]:
+    return _plain(client.v1.customers.update(customer_id, params=changes))  # type: ignore[arg-type]
