@@ -231,3 +231,39 @@ def test_a_held_lock_fails_only_the_events_that_wait_for_it(database_url: str, e
     assert all(answered < release_at for _, answered in answers)
     assert all(customer_row(engine, customer["id"]) is not None for customer in free)
     assert all(customer_row(engine, customer["id"]) is None for customer in locked)
+
+
+def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Settings) -> None:
+    """A server that accepts connections and never speaks: every delivery queued behind the one
+    connecting gets its 503 with it, not after a connect timeout of its own in turn."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.extend(iter(lambda: silent.accept()[0], None)), daemon=True).start()
+    engine = store.make_engine(f"postgresql://u:p@127.0.0.1:{silent.getsockname()[1]}/db", pool_size=5)
+
+    def deliver(_: int) -> tuple[type[BaseException] | None, float]:
+        started = time.monotonic()
+        event = parse_event(json.dumps(samples.event("customer.created", samples.customer())))
+        try:
+            process_event(engine, event, settings)
+        except DatabaseUnavailable as error:
+            return type(error), time.monotonic() - started
+        return None, time.monotonic() - started
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            first = pool.submit(deliver, 0)
+            time.sleep(0.5)  # the others queue behind the first one's connect
+            answers = [first.result(), *pool.map(deliver, range(7))]
+    finally:
+        silent.close()
+        for connection in accepted:
+            connection.close()
+    print(f"\n8 deliveries against a silent database: slowest answer {max(took for _, took in answers):.1f} s")
+    assert [kind for kind, _ in answers] == [DatabaseUnavailable] * 8
+    assert max(took for _, took in answers) < 8  # one connect timeout (5 s), not two or more in turn

@@ -251,3 +251,21 @@ def test_resync_applies_stripes_state_with_verify_fixs_refusals(
             assert connection.execute(audit).scalar_one() == "support:alice"
     else:
         assert row is None
+
+
+def test_a_back_field_that_is_not_a_console_page_is_refused_before_the_replay(
+    console: FlaskClient, engine: Engine
+) -> None:
+    event = samples.event("customer.created", samples.customer())
+    with failing_writes(engine, "public.stripe_customers", "BEFORE"):
+        assert deliver(console, event).status_code == 500
+    assert sign_in(console) == 302
+    token = _csrf(console, "/support/failed")
+    for back in ("/support/failed\r\nSet-Cookie: stolen=1", "https://elsewhere.example/support/", "//evil/support/"):
+        answer = console.post(f"/support/events/{event['id']}/replay", data={"csrf_token": token, "back": back})
+        assert answer.status_code == 400, back
+        assert event_row(engine, event["id"])["status"] == "failed"  # type: ignore[index]
+    page = f"/support/customers/{event['data']['object']['id']}"
+    replayed = console.post(f"/support/events/{event['id']}/replay", data={"csrf_token": token, "back": page})
+    assert replayed.status_code == 302 and replayed.headers["Location"] == page
+    assert event_row(engine, event["id"])["status"] == "processed"  # type: ignore[index]

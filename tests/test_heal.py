@@ -193,3 +193,38 @@ def test_metrics_show_failed_events_and_the_last_processed_event(
     assert lines["stripe_webhook_failed_events"] == 1
     assert 7190 < lines["stripe_webhook_oldest_failed_event_age_seconds"] < 7300
     assert lines["stripe_webhook_seconds_since_last_processed_event"] < 60
+
+
+def test_heal_stops_within_seconds_while_stripe_is_slow(
+    fake: FakeStripe, served: str, engine: Engine, database_url: str
+) -> None:
+    _missed(fake, 10)
+    fake.delay = 25.0  # one answer takes longer than a stop may
+    healer = _heal(**_env(database_url, served, HEAL_INTERVAL="3s"))
+    try:
+        deadline = time.monotonic() + 30
+        while not fake.requests:
+            assert time.monotonic() < deadline, "heal never asked Stripe"
+            time.sleep(0.1)
+        stopping = time.monotonic()
+        healer.send_signal(signal.SIGTERM)
+        healer.wait(timeout=20)
+        took = time.monotonic() - stopping
+    finally:
+        fake.delay = 0
+        healer.kill()
+    print(f"\nheal stopped {took:.1f} s after SIGTERM, mid-round")
+    assert healer.returncode == 0 and took < 6
+    # The lease is released: another process may take the round at once.
+    assert count(engine, "SELECT count(*) FROM stripe_sync_cursors WHERE name = 'heal_lease'") == 0
+
+
+def test_malformed_items_of_the_events_list_are_reported_as_skipped(
+    fake: FakeStripe, served: str, engine: Engine, database_url: str
+) -> None:
+    good = _missed(fake, 2)
+    fake.events.append({"id": "evt_malformed", "object": "event", "type": "customer.created", "created": now()})
+    result = cli("heal", "--once", **_env(database_url, served))
+    assert result.returncode == 0, result.stderr
+    assert "recovered 2 events; skipped 1 malformed items" in result.stdout
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(good)

@@ -68,7 +68,9 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed: Path, tm
 
 
 def test_db_migrate_from_another_folder(installed: Path, tmp_path: Path, database_url: str) -> None:
-    migrated = _run(installed, tmp_path, "db", "migrate", "--shim", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET="whsec_x")
+    migrated = _run(
+        installed, tmp_path, "db", "migrate", "--shim", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET="whsec_x"
+    )
     assert migrated.returncode == 0, migrated.stderr
     assert migrated.stdout.startswith("applied supabase_shim.sql, shape.sql, schema.sql, functions.sql, console.sql")
 
