@@ -98,6 +98,7 @@ def test_failed_sign_ins_are_turned_away_and_never_logged(
         assert sign_in(console) == 429
         assert sign_in(console, "bob", "another long password") == 302  # others are not locked out
     logged = caplog.text + capfd.readouterr().err
+    assert logged.count('"msg":"support sign-in failed"') == 5  # the log is seen
     assert "wrong password guess" not in logged and PASSWORD not in logged
 
 
@@ -159,7 +160,9 @@ def test_no_email_in_any_log_line(console: FlaskClient, engine: Engine, capfd: p
     deliver(console, samples.event("customer.created", customer))
     assert sign_in(console) == 302
     console.get("/support/", query_string={"q": "private.person@example.com"}, follow_redirects=True)
-    assert "private.person" not in capfd.readouterr().err
+    logged = capfd.readouterr().err
+    assert '"msg":"support sign-in"' in logged and '"msg":"event handled"' in logged  # the log is seen
+    assert "private.person" not in logged and PASSWORD not in logged
 
 
 def test_a_customers_page_reads_by_index(engine: Engine) -> None:
