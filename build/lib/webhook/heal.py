@@ -43,6 +43,7 @@ PRUNE_EVERY_SECONDS = 86400
 class Round:
     recovered: int = 0  # events the log lacked, now processed
     failed: int = 0  # of those, still failing (kept as failed for replay)
+    malformed: int = 0  # items of Stripe's list that are not events: skipped, not stored
     drift_found: int | None = None  # None: no reconciliation this round
     drift_fixed: int | None = None
     pruned: int | None = None
@@ -50,6 +51,8 @@ class Round:
 
     def line(self) -> str:
         parts = [f"recovered {self.recovered} events" + (f" ({self.failed} failed)" if self.failed else "")]
+        if self.malformed:
+            parts.append(f"skipped {self.malformed} malformed items")
         if self.drift_found is not None:
             parts.append(f"drift {self.drift_found} found, {self.drift_fixed} fixed")
         if self.pruned is not None:
@@ -66,6 +69,9 @@ class Healer:
 
     def holds_lease(self) -> bool:
         return jobs_store.take_lease(self.engine, LEASE, self.holder, self.lease_seconds)
+
+    def release_lease(self) -> None:
+        jobs_store.release_lease(self.engine, LEASE, self.holder)
 
     def due(self, now: float) -> bool:
         last = jobs_store.saved_json(self.engine, STATE).get("last_round", 0)
@@ -84,7 +90,7 @@ class Healer:
         finally:
             finished.set()
             heartbeat.join()
-            jobs_store.release_lease(self.engine, LEASE, self.holder)  # the next due round is anyone's
+            self.release_lease()  # the next due round is anyone's
 
     def _heartbeat(self, finished: threading.Event) -> None:
         while not finished.wait(self.lease_seconds / 3):
@@ -129,7 +135,8 @@ class Healer:
         if self.settings.event_retention_days:  # older ones may have been pruned: not missing
             floor = max(floor, int(started) - self.settings.event_retention_days * 86400)
         summary = replay_from_stripe(self.engine, self.settings, self.client, since=max(since, floor), stop=stop)
-        result.recovered, result.failed = sum(summary.outcomes.values()), summary.failed
+        result.recovered, result.failed = sum(summary.outcomes.values()), summary.outcomes["failed"]
+        result.malformed = summary.malformed
         if not stop.is_set():
             jobs_store.save_cursor(self.engine, EVENTS_CURSOR, str(int(started)))
 

@@ -4,6 +4,7 @@ bar (tqdm, on stderr); their summary lines go to stdout either way."""
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from webhook.backfill import backfill
 from webhook.config import Settings
 from webhook.customers import FixRefused, check_fix, find_drift, fix_drift
 from webhook.heal import Healer
-from webhook.logs import configure_logging
+from webhook.logs import configure_logging, log
 from webhook.prune import PruneRefused, prune
 from webhook.store import make_engine
 
@@ -98,6 +99,9 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+STOP_GRACE_SECONDS = 3.0
+
+
 def cmd_heal(settings: Settings, args: argparse.Namespace) -> int:
     configure_logging()
     healer = Healer(engine_for(settings), settings, stripe_api.make_client(settings, background=True))
@@ -111,7 +115,18 @@ def cmd_heal(settings: Settings, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    healer.run_forever(stop)
+    # The rounds run beside this thread, which only waits for a signal: a round waiting on a slow
+    # Stripe (up to three 10 s tries a call) must not hold up a stop. A round still running a few
+    # seconds after it is abandoned, as a killed process would abandon it; its lease is released
+    # so that another heal process can take over at once, and the round stays due.
+    rounds = threading.Thread(target=healer.run_forever, args=(stop,), name="heal-rounds", daemon=True)
+    rounds.start()
+    while not stop.wait(1) and rounds.is_alive():
+        pass
+    rounds.join(STOP_GRACE_SECONDS)
+    if rounds.is_alive():
+        log(logging.WARNING, "heal stopped mid-round; the round is abandoned and stays due", holder=healer.holder)
+        healer.release_lease()
     return EXIT_OK
 
 

@@ -24,17 +24,19 @@ from webhook.verify import RejectedDelivery, parse_event
 class ReplaySummary:
     outcomes: Counter[str] = field(default_factory=Counter)
     skipped: int = 0  # already in the log (from Stripe only)
-    failures: list[str] = field(default_factory=list)  # "evt_…: why", one per failing event
+    malformed: int = 0  # not the shape of an event: not run, and (from Stripe) not stored either
+    failures: list[str] = field(default_factory=list)  # "evt_…: why", one per failing or malformed event
 
     @property
     def failed(self) -> int:
-        return self.outcomes["failed"]
+        return self.outcomes["failed"] + self.malformed
 
     def line(self) -> str:
         total = sum(self.outcomes.values())
         parts = ", ".join(f"{count} {name}" for name, count in sorted(self.outcomes.items()))
         skipped = f"; {self.skipped} already logged" if self.skipped else ""
-        return f"replayed {total}: {parts or 'nothing to do'}{skipped}"
+        malformed = f"; {self.malformed} malformed, skipped" if self.malformed else ""
+        return f"replayed {total}: {parts or 'nothing to do'}{skipped}{malformed}"
 
 
 def _run(
@@ -46,8 +48,14 @@ def _run(
 ) -> None:
     for event_id, payload in events:
         try:
-            outcome = process_event(engine, parse_event(payload), settings, source="replay", actor=actor).value
-        except (ProcessingFailed, RejectedDelivery) as failure:
+            event = parse_event(payload)
+        except RejectedDelivery as malformed:
+            summary.malformed += 1
+            summary.failures.append(f"{event_id}: malformed, skipped: {malformed}")
+            continue
+        try:
+            outcome = process_event(engine, event, settings, source="replay", actor=actor).value
+        except ProcessingFailed as failure:
             outcome = "failed"
             summary.failures.append(f"{event_id}: {failure}")
         summary.outcomes[outcome] += 1
@@ -69,13 +77,16 @@ def replay_stored(
     return summary
 
 
-def replay_missing(engine: Engine, settings: Settings, events: list[dict[str, Any]], summary: ReplaySummary) -> None:
+def _replay_missing(engine: Engine, settings: Settings, events: list[dict[str, Any]], summary: ReplaySummary) -> None:
     """Process those of `events` (from Stripe's Events API) that the log lacks, oldest first."""
     with engine.connect() as connection:
-        logged = store.logged_event_ids(connection, [event["id"] for event in events])
-    missing = sorted((event for event in events if event["id"] not in logged), key=lambda event: event["created"])
+        logged = store.logged_event_ids(connection, [str(event.get("id")) for event in events])
+    missing = sorted(
+        (event for event in events if event.get("id") not in logged),
+        key=lambda event: created if isinstance(created := event.get("created"), int) else 0,
+    )
     summary.skipped += len(events) - len(missing)
-    _run(engine, ((event["id"], json.dumps(event)) for event in missing), settings, summary)
+    _run(engine, ((str(event.get("id")), json.dumps(event)) for event in missing), settings, summary)
 
 
 def replay_from_stripe(
@@ -89,9 +100,9 @@ def replay_from_stripe(
     for event in stripe_api.list_events(client, since, sorted(HANDLERS)):
         page.append(event)
         if len(page) == stripe_api.PAGE:
-            replay_missing(engine, settings, page, summary)
+            _replay_missing(engine, settings, page, summary)
             page = []
             if stop is not None and stop.is_set():
                 return summary
-    replay_missing(engine, settings, page, summary)
+    _replay_missing(engine, settings, page, summary)
     return summary

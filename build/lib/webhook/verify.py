@@ -56,11 +56,16 @@ def verify_signature(body: bytes, header: str | None, secrets: Sequence[str], to
 
 
 def _timestamp(header: str) -> int | None:
+    """The header's `t`; RejectedDelivery when a `t` is not ASCII digits (the library would call
+    int() on it: '²' passes str.isdigit() and then fails there)."""
+    found = None
     for item in header.split(","):
         key, _, value = item.strip().partition("=")
-        if key == "t" and value.isdigit():
-            return int(value)
-    return None
+        if key == "t":
+            if not (value.isascii() and value.isdigit()):
+                raise RejectedDelivery("malformed Stripe-Signature header")
+            found = int(value) if found is None else found
+    return found
 
 
 def _reject_constant(name: str) -> Any:

@@ -3,6 +3,7 @@ answer "why doesn't this user have access?". Off (404) unless SUPPORT_USERS is s
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -20,6 +21,7 @@ from webhook.customers import FixRefused, resync
 from webhook.replay import replay_stored
 
 Page = str | BaseResponse | tuple[str, int]
+_CONSOLE_PAGE = re.compile(r"/support/[A-Za-z0-9_./#%-]*")
 
 
 def install(app: Flask, engine: Engine, settings: Settings) -> None:
@@ -135,12 +137,15 @@ def _blueprint(engine: Engine, settings: Settings) -> Blueprint:
 
     @console.post("/events/<event_id>/replay")
     def replay_one(event_id: str) -> BaseResponse:
+        # Where to go afterwards: a console page, never elsewhere; checked before anything is done.
+        back = request.form.get("back") or url_for("console.failed")
+        if not _CONSOLE_PAGE.fullmatch(back):
+            abort(400)
         summary = replay_stored(
             engine, settings, event_id=event_id, status="failed", since_seconds=None, actor=_actor()
         )
         flash(summary.line() if summary.outcomes else f"no stored event {event_id}")
-        back = request.form.get("back", "")
-        return redirect(back if back.startswith("/support/") else url_for("console.failed"))  # never elsewhere
+        return redirect(back)
 
     @console.post("/failed/replay")
     def replay_failed() -> BaseResponse:
