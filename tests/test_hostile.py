@@ -46,7 +46,11 @@ HEADER_TEXT = st.text(alphabet=HEADER_CHARACTERS, max_size=300)
 
 
 @fixture_ok
-@given(header=st.one_of(HEADER_TEXT, st.builds(lambda digits: f"t={digits},v1=abc", st.text(alphabet=HEADER_CHARACTERS, max_size=12))))
+@given(
+    header=st.one_of(
+        HEADER_TEXT, st.builds(lambda digits: f"t={digits},v1=abc", st.text(alphabet=HEADER_CHARACTERS, max_size=12))
+    )
+)
 def test_any_forged_header_is_refused(client: FlaskClient, engine: Engine, header: str) -> None:
     answer = _post(client, _event_body(), header)
     assert answer.status_code == 400 and answer.is_json and not _leaks(answer)
