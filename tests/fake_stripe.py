@@ -49,6 +49,8 @@ class FakeStripe:
         self.api_key = "sk_test_fake"  # the one key this account accepts
         self.clock: int | None = None  # the Date Stripe's answers carry (unix seconds); None: now
         self.delay = 0.0  # seconds each answer over HTTP waits: a slow Stripe
+        self.gate = threading.Event()  # answers over HTTP wait while it is clear: a Stripe held still
+        self.gate.set()
         self._idempotent: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -160,6 +162,7 @@ class FakeStripe:
                 pass
 
             def date_time_string(self, timestamp: float | None = None) -> str:
+                fake.gate.wait(60)
                 time.sleep(fake.delay)
                 return super().date_time_string(fake.clock if fake.clock is not None else timestamp)
 

@@ -55,7 +55,7 @@ def _post_raw(port: int, body: bytes) -> tuple[int, dict[str, Any]]:
 def test_verify_fix_refuses_to_empty_the_table(port: int, engine: Engine, database_url: str) -> None:
     customers = [samples.customer(created=T) for _ in range(5)]
     for customer in customers:
-        post_event(port, samples.event("customer.created", customer, created=T))
+        assert post_event(port, samples.event("customer.created", customer, created=T))[1]["status"] == "processed"
     other_account = FakeStripe()  # knows none of them, as a key for another account or mode would
     with other_account.serving() as base:
         env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_API_BASE": base}
@@ -112,7 +112,7 @@ def test_a_checkout_arriving_first_never_makes_its_customers_events_stale(port: 
 def test_a_checkout_that_cannot_link_says_so(port: int, engine: Engine) -> None:
     first_user, second_user = add_user(engine), add_user(engine)
     customer = samples.customer(created=T, metadata={"user_id": first_user})
-    post_event(port, samples.event("customer.created", customer, created=T))
+    assert post_event(port, samples.event("customer.created", customer, created=T))[1]["status"] == "processed"
     checkout = samples.event(
         "checkout.session.completed",
         samples.checkout_session(customer["id"], second_user, email=None, name=None),
@@ -136,8 +136,8 @@ def _linked_and_waiting(port: int, engine: Engine) -> tuple[str, dict[str, Any],
     user_id = add_user(engine)
     linked = samples.customer(created=T, metadata={"user_id": user_id})
     waiting = samples.customer(created=T, metadata={"user_id": user_id})
-    post_event(port, samples.event("customer.created", linked, created=T))
-    post_event(port, samples.event("customer.created", waiting, created=T + 1))
+    assert post_event(port, samples.event("customer.created", linked, created=T))[1]["status"] == "processed"
+    assert post_event(port, samples.event("customer.created", waiting, created=T + 1))[1]["status"] == "processed"
     assert customer_row(engine, waiting["id"])["user_id"] is None  # type: ignore[index]
     return user_id, linked, waiting
 
@@ -206,7 +206,7 @@ def test_verify_fix_hands_the_user_on_and_leaves_a_tombstone(port: int, engine: 
     user_id, linked, waiting = _linked_and_waiting(port, engine)
     others = [samples.customer(created=T) for _ in range(10)]
     for customer in others:
-        post_event(port, samples.event("customer.created", customer, created=T))
+        assert post_event(port, samples.event("customer.created", customer, created=T))[1]["status"] == "processed"
     stripe = FakeStripe()
     for customer in [waiting, *others]:
         stripe.customers[customer["id"]] = customer
@@ -223,7 +223,7 @@ def test_verify_fix_hands_the_user_on_and_leaves_a_tombstone(port: int, engine: 
 def test_the_auth_users_cascade_leaves_a_tombstone(port: int, engine: Engine) -> None:
     user_id = add_user(engine)
     customer = samples.customer(created=T, metadata={"user_id": user_id})
-    post_event(port, samples.event("customer.created", customer, created=T + 5))
+    assert post_event(port, samples.event("customer.created", customer, created=T + 5))[1]["status"] == "processed"
     with engine.connect() as connection:
         connection.execute(text("DELETE FROM auth.users WHERE id = :id"), {"id": user_id})
     assert customer_row(engine, customer["id"]) is None

@@ -95,7 +95,10 @@ def test_new_customer_that_cannot_be_linked_is_unlinked(
 def test_existing_link_is_kept_when_an_update_cannot_link(client: FlaskClient, engine: Engine) -> None:
     user_id = add_user(engine)
     customer = samples.customer(metadata={"user_id": user_id})
-    deliver(client, samples.event("customer.created", customer, created=now() - 10))
+    assert (
+        deliver(client, samples.event("customer.created", customer, created=now() - 10)).get_json()["status"]
+        == "processed"
+    )
     updated = {**customer, "metadata": {"user_id": "not-a-uuid"}, "name": "Renamed"}
 
     assert deliver(client, samples.event("customer.updated", updated)).get_json()["status"] == "processed"
@@ -110,7 +113,7 @@ def test_metadata_key_is_configurable(database_url: str, engine: Engine) -> None
     user_id = add_user(engine)
     customer = samples.customer(metadata={"app_user": user_id})
 
-    deliver(client, samples.event("customer.created", customer))
+    assert deliver(client, samples.event("customer.created", customer)).get_json()["status"] == "processed"
 
     assert str(customer_row(engine, customer["id"])["user_id"]) == user_id  # type: ignore[index]
 
@@ -118,7 +121,7 @@ def test_metadata_key_is_configurable(database_url: str, engine: Engine) -> None
 def test_deletion_removes_the_row_and_stale_updates_do_not_revive_it(client: FlaskClient, engine: Engine) -> None:
     customer = samples.customer(email="gone@example.com")
     t = now() - 100
-    deliver(client, samples.event("customer.created", customer, created=t))
+    assert deliver(client, samples.event("customer.created", customer, created=t)).get_json()["status"] == "processed"
     deletion = samples.event("customer.deleted", customer, created=t + 10)
 
     assert deliver(client, deletion).get_json()["status"] == "processed"
@@ -138,7 +141,9 @@ def test_deletion_removes_the_row_and_stale_updates_do_not_revive_it(client: Fla
 
 def test_deleting_an_unknown_customer_is_processed(client: FlaskClient, engine: Engine) -> None:
     customer = samples.customer()
-    deliver(client, samples.event("customer.deleted", customer, created=now()))
+    assert (
+        deliver(client, samples.event("customer.deleted", customer, created=now())).get_json()["status"] == "processed"
+    )
     created_late = samples.event("customer.created", customer, created=now() - 30)
 
     assert deliver(client, created_late).get_json()["status"] == "stale"
@@ -200,7 +205,9 @@ def test_checkout_creates_the_row_and_links_the_user(client: FlaskClient, engine
 
 def test_checkout_links_an_existing_row_even_when_older(client: FlaskClient, engine: Engine) -> None:
     customer = samples.customer(email="current@example.com")
-    deliver(client, samples.event("customer.created", customer, created=now()))
+    assert (
+        deliver(client, samples.event("customer.created", customer, created=now())).get_json()["status"] == "processed"
+    )
     user_id = add_user(engine)
     session = samples.checkout_session(customer["id"], user_id, email="typed@example.com", name=None)
 
@@ -216,11 +223,11 @@ def test_checkout_links_an_existing_row_even_when_older(client: FlaskClient, eng
 def test_checkout_never_moves_a_customer_to_another_user(client: FlaskClient, engine: Engine) -> None:
     owner = add_user(engine)
     customer = samples.customer(metadata={"user_id": owner})
-    deliver(client, samples.event("customer.created", customer))
+    assert deliver(client, samples.event("customer.created", customer)).get_json()["status"] == "processed"
     intruder = add_user(engine)
     session = samples.checkout_session(customer["id"], intruder, email=None, name=None)
 
-    deliver(client, samples.event("checkout.session.completed", session))
+    assert deliver(client, samples.event("checkout.session.completed", session)).get_json()["status"] == "processed"
 
     assert str(customer_row(engine, customer["id"])["user_id"]) == owner  # type: ignore[index]
 
@@ -237,7 +244,7 @@ def test_checkout_without_customer_or_user_is_ignored(client: FlaskClient, engin
 def test_audit_names_the_event_and_catches_changes_by_hand(client: FlaskClient, engine: Engine) -> None:
     customer = samples.customer()
     event = samples.event("customer.created", customer)
-    deliver(client, event)
+    assert deliver(client, event).get_json()["status"] == "processed"
     with engine.connect() as connection:
         connection.execute(
             text("UPDATE stripe_customers SET customer_name = 'Support fix' WHERE stripe_customer_id = :id"),

@@ -81,11 +81,18 @@ def test_two_heal_processes_at_once_apply_each_event_once_and_fetch_each_page_on
     fake: FakeStripe, served: str, engine: Engine, database_url: str
 ) -> None:
     _missed(fake, 250)  # three pages
-    fake.delay = 1.0  # a round takes seconds: longer than the two processes' start-up differs
-    both = [_heal("--once", **_env(database_url, served)) for _ in range(2)]
-    said = sorted(process.communicate(timeout=120)[0] for process in both)
-    assert any("another heal process holds the lease" in line for line in said), said
-    assert any("recovered 250 events" in line for line in said), said
+    fake.gate.clear()  # Stripe holds its first answer until the second process has tried
+    first = _heal("--once", **_env(database_url, served))
+    try:
+        deadline = time.monotonic() + 30
+        while not fake.requests:
+            assert time.monotonic() < deadline, "the first heal never asked Stripe"
+            time.sleep(0.05)
+        second = _heal("--once", **_env(database_url, served))
+        assert "another heal process holds the lease" in second.communicate(timeout=60)[0]
+    finally:
+        fake.gate.set()
+    assert "recovered 250 events" in first.communicate(timeout=60)[0]
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 250
     assert fake.requests.count(("GET", "/v1/events")) == 3
 

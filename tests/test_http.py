@@ -210,7 +210,7 @@ def test_unexpected_failure_gets_500_and_a_failed_log_row(client: FlaskClient, e
 def test_health_readiness_and_metrics(client: FlaskClient, engine: Engine, database_url: str) -> None:
     assert client.get("/healthz").get_json() == {"status": "ok"}
     assert client.get("/readyz").get_json() == {"status": "ready"}
-    deliver(client, samples.event("customer.created", samples.customer()))
+    assert deliver(client, samples.event("customer.created", samples.customer())).get_json()["status"] == "processed"
 
     metrics = client.get("/metrics").get_data(as_text=True)
 

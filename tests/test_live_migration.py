@@ -72,12 +72,21 @@ def test_migrations_beside_live_traffic_fail_no_delivery(database_url: str, engi
         # A reader left idle in its transaction while the migrate needs a strong lock: the migrate
         # retries rather than queue every delivery behind it, and finishes once the reader is gone.
         _undo_some_of_the_schema(engine)
-        with engine.connect() as reader:
-            reader = reader.execution_options(isolation_level="READ COMMITTED")
-            transaction = reader.begin()
-            reader.execute(text("SELECT count(*) FROM stripe_customers"))
-            threading.Timer(4, transaction.rollback).start()
-            runs.append(_migrate(database_url))
+        reading = threading.Event()
+
+        def idle_reader() -> None:
+            with engine.connect() as reader:
+                reader = reader.execution_options(isolation_level="READ COMMITTED")
+                with reader.begin():
+                    reader.execute(text("SELECT count(*) FROM stripe_customers"))
+                    reading.set()
+                    time.sleep(4)  # idle in its transaction, holding its lock; then it ends
+
+        holder = threading.Thread(target=idle_reader)
+        holder.start()
+        assert reading.wait(10)
+        runs.append(_migrate(database_url))
+        holder.join()
         stop.set()
         results = [client.result() for client in clients]
     statuses = sum((counted for counted, _ in results), Counter())
@@ -85,7 +94,10 @@ def test_migrations_beside_live_traffic_fail_no_delivery(database_url: str, engi
     print(f"\n5 migrations beside 8 clients: {dict(statuses)}, slowest delivery {slowest:.2f} s")
     assert [run.returncode for run in runs] == [0] * 5, [run.stderr for run in runs]
     assert "waited for a lock" in runs[-1].stderr
-    assert set(statuses) <= {200, 503} and statuses[200] > 100
+    # What the README promises: no delivery fails, and none waits much more than the migration's
+    # one-second lock timeout.
+    assert set(statuses) == {200} and statuses[200] > 100
+    assert slowest < 1.5
     with engine.connect() as connection:
         assert connection.execute(
             text(

@@ -87,22 +87,35 @@ def test_a_restart_while_idle_costs_no_delivery(own_postgres: Any) -> None:
 
 def test_killed_worker_loses_nothing_acknowledged(own_postgres: Any) -> None:
     server, engine = own_postgres
-    events = [samples.event("customer.created", samples.customer()) for _ in range(400)]
+    events = [samples.event("customer.created", samples.customer()) for _ in range(1200)]
+    answered: list[int] = []
     with gunicorn(str(server.get_uri()), workers=2) as (port, master):
         workers = psutil.Process(master.pid).children()
 
-        def kill_one_later() -> None:
-            time.sleep(0.5)
+        def post(event: dict[str, Any]) -> int:
+            status = _try_post(port, event)
+            answered.append(status)
+            return status
+
+        def kill_when_busy() -> int:
+            # Deliveries provably in flight: a fifth of them answered, the rest still coming.
+            while len(answered) < len(events) // 5:
+                time.sleep(0.005)
             os.kill(workers[0].pid, signal.SIGKILL)
+            return len(answered)
 
         with ThreadPoolExecutor(max_workers=9) as pool:
-            killer = pool.submit(kill_one_later)
-            answers = list(pool.map(lambda event: _try_post(port, event), events))
-            killer.result()
+            killer = pool.submit(kill_when_busy)
+            answers = list(pool.map(post, events))
+            answered_before_kill = killer.result()
         acknowledged = [event["id"] for event, status in zip(events, answers, strict=True) if status == 200]
         lost_connections = [event for event, status in zip(events, answers, strict=True) if status != 200]
         retried = [_try_post(port, event) for event in lost_connections]
-    print(f"\nkill: {len(acknowledged)} acknowledged, {len(lost_connections)} dropped and retried")
+    print(
+        f"\nkill after {answered_before_kill} of {len(events)} answers: {len(acknowledged)} acknowledged, "
+        f"{len(lost_connections)} dropped and retried"
+    )
+    assert answered_before_kill < len(events) - 200  # the kill came with deliveries still to answer
     assert set(retried) <= {200}
     with engine.connect() as connection:
         stored = set(

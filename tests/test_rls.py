@@ -147,3 +147,47 @@ def test_service_role_deletes_on_a_connection_that_cached_the_deletion_trigger(e
             assert connection.execute(tombstone).scalar_one() == 1
     finally:
         one_connection.dispose()
+
+
+def test_the_api_roles_hold_no_privilege_the_catalog_would_show(engine: Engine) -> None:
+    """Every consumer function and table, from the catalog (so one added later is covered too)."""
+    with engine.connect() as connection:
+        callable_functions = (
+            connection.execute(
+                text(
+                    "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace "
+                    "AND p.proname LIKE 'stripe\\_%' AND (has_function_privilege('anon', p.oid, 'EXECUTE') "
+                    "OR has_function_privilege('authenticated', p.oid, 'EXECUTE'))"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        functions = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace AND proname LIKE 'stripe\\_%'"
+            )
+        ).scalar_one()
+        readable_or_writable = (
+            connection.execute(
+                text(
+                    "SELECT c.relname || ':' || r.rolname || ':' || p.privilege FROM pg_class c "
+                    "CROSS JOIN (VALUES ('anon'), ('authenticated')) AS r (rolname) "
+                    "CROSS JOIN (VALUES ('SELECT'), ('INSERT'), ('UPDATE'), ('DELETE'), ('TRUNCATE')) AS p (privilege) "
+                    "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND c.relname LIKE 'stripe\\_%' "
+                    "AND has_table_privilege(r.rolname, c.oid, p.privilege) ORDER BY 1"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        tables = connection.execute(
+            text(
+                "SELECT array_agg(relname::text ORDER BY relname) FROM pg_class "
+                "WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' AND relname LIKE 'stripe\\_%'"
+            )
+        ).scalar_one()
+    assert functions > 10 and callable_functions == []
+    assert sorted(tables) == sorted(TABLES)  # every table is in the list the tests above try
+    # Row level security decides what a user reads of their own customer row; nothing else at all.
+    assert readable_or_writable == ["stripe_customers:anon:SELECT", "stripe_customers:authenticated:SELECT"]

@@ -275,3 +275,23 @@ def _apply(engine: Engine, event: dict[str, Any]) -> str:
     change = HANDLERS[event["type"]](event["data"]["object"], "user_id")
     to_apply = store.EventToApply(json.dumps(event), None if change is None else change.as_json(), "webhook")
     return batch.batches(engine).apply(event["id"], to_apply)
+
+
+def test_a_failed_step_is_named_the_steps_before_it_stay_and_a_rerun_finishes(scratch_url: str) -> None:
+    scratch = store.make_engine(scratch_url, pool_size=1)
+    with scratch.connect() as connection:  # a function of the consumer's name with another return type
+        store.run_sql(
+            connection, "CREATE FUNCTION public.stripe_customers_touch() RETURNS integer LANGUAGE sql AS 'SELECT 1'"
+        )
+    failed = _migrate_cli(scratch_url)
+    assert failed.returncode == 1
+    assert "functions.sql, step 'functions and triggers'" in failed.stderr and "run db migrate again" in failed.stderr
+    # schema.sql's steps, before it, stay applied; nothing of the failed step does.
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename = 'stripe_customers_audit'") == 1
+    assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname = 'stripe_apply_events'") == 0
+    with scratch.connect() as connection:
+        connection.execute(text("DROP FUNCTION public.stripe_customers_touch()"))
+    rerun = _migrate_cli(scratch_url)
+    assert rerun.returncode == 0, rerun.stderr
+    assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname = 'stripe_apply_events'") == 1
+    scratch.dispose()

@@ -155,8 +155,8 @@ def test_stripe_read_is_stamped_with_stripes_clock(port: int, fake: FakeStripe, 
     fake.customers[customer["id"]] = {**customer, "name": "truth"}
     fake.clock = T + 30  # Stripe's Date header: the moment of the read
     first, second = _updated(customer, name="first"), _updated(customer, name="second")
-    post_event(port, first)
-    post_event(port, second)
+    assert post_event(port, first)[1]["status"] == "processed"
+    assert post_event(port, second)[1]["status"] == "processed"
 
     row = customer_row(engine, customer["id"])
     assert row is not None and row["customer_name"] == "truth"
@@ -172,7 +172,7 @@ def test_stripe_read_is_stamped_with_stripes_clock(port: int, fake: FakeStripe, 
 def test_a_slow_or_failing_stripe_falls_back_within_seconds(port: int, fake: FakeStripe, engine: Engine) -> None:
     customer = samples.customer(created=T)
     fake.customers[customer["id"]] = {**customer, "name": "truth"}
-    post_event(port, _updated(customer, name="first"))
+    assert post_event(port, _updated(customer, name="first"))[1]["status"] == "processed"
 
     fake.delay = 20  # Stripe never answers in time
     started = time.monotonic()
