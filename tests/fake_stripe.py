@@ -49,6 +49,7 @@ class FakeStripe:
         self.api_key = "sk_test_fake"  # the one key this account accepts
         self.clock: int | None = None  # the Date Stripe's answers carry (unix seconds); None: now
         self.delay = 0.0  # seconds each answer over HTTP waits: a slow Stripe
+        self.retry_after: int | None = None  # the Retry-After header of a 429 answered over HTTP
         self.gate = threading.Event()  # answers over HTTP wait while it is clear: a Stripe held still
         self.gate.set()
         self._idempotent: dict[str, dict[str, Any]] = {}
@@ -151,6 +152,8 @@ class FakeStripe:
                 status, answer = fake.handle(self.command, self.path, body, headers)
                 payload = json.dumps(answer).encode()
                 self.send_response(status)
+                if status == 429 and fake.retry_after is not None:
+                    self.send_header("Retry-After", str(fake.retry_after))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()

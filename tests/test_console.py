@@ -272,3 +272,40 @@ def test_a_back_field_that_is_not_a_console_page_is_refused_before_the_replay(
     replayed = console.post(f"/support/events/{event['id']}/replay", data={"csrf_token": token, "back": page})
     assert replayed.status_code == 302 and replayed.headers["Location"] == page
     assert event_row(engine, event["id"])["status"] == "processed"  # type: ignore[index]
+
+
+def test_every_page_is_private_and_scriptless(console: FlaskClient, engine: Engine) -> None:
+    user_id = add_user(engine, email="someone@example.com")
+    customer = samples.customer(metadata={"user_id": user_id})
+    event = samples.event("customer.created", customer)
+    assert deliver(console, event).status_code == 200
+    pages = ["/support/signin"]
+    assert sign_in(console) == 302
+    pages += [
+        "/support/",
+        "/support/?q=nobody@example.com",
+        f"/support/customers/{customer['id']}",
+        f"/support/users/{add_user(engine)}",
+        "/support/failed",
+    ]
+    for page in pages:
+        answer = console.get(page)
+        assert answer.status_code == 200, page
+        assert answer.headers["Cache-Control"] == "no-store", page
+        assert "default-src 'none'" in answer.headers["Content-Security-Policy"], page
+        assert "<script" not in answer.get_data(as_text=True), page
+
+
+def test_replay_all_runs_every_failed_event_as_the_person(console: FlaskClient, engine: Engine) -> None:
+    events = [samples.event("customer.created", samples.customer()) for _ in range(3)]
+    with failing_writes(engine, "public.stripe_customers", "BEFORE"):
+        assert [deliver(console, event).status_code for event in events] == [500] * 3
+    assert sign_in(console) == 302
+    answer = console.post(
+        "/support/failed/replay", data={"csrf_token": _csrf(console, "/support/failed")}, follow_redirects=True
+    )
+    assert "replayed 3: 3 processed" in answer.get_data(as_text=True)
+    assert [event_row(engine, event["id"])["status"] for event in events] == ["processed"] * 3  # type: ignore[index]
+    with engine.connect() as connection:
+        audit = connection.execute(text("SELECT DISTINCT changed_by FROM stripe_customers_audit")).scalars().all()
+    assert audit == ["support:alice"]

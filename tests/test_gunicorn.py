@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -62,3 +63,46 @@ def test_answers_carry_the_current_date(database_url: str) -> None:
             time.sleep(1.1)
     assert all(abs(date - time.time()) < 6 for date in dates)
     assert len(set(dates)) == 3  # it moves on with the clock
+
+
+def test_the_http_answers_through_the_real_server(database_url: str, engine: Engine) -> None:
+    """The contract's answers as gunicorn and the buffered worker send them, not Flask's test client."""
+    import http.client
+    import json
+
+    from tests.support import sign
+
+    event = samples.event("customer.created", samples.customer())
+    body = json.dumps(event)
+
+    def ask(method: str, path: str, payload: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request(method, path, payload, headers or {})
+            answer = connection.getresponse()
+            content = answer.read()
+            kind = answer.getheader("Content-Type") or ""
+            return answer.status, json.loads(content) if kind.startswith("application/json") else (kind, content)
+        finally:
+            connection.close()
+
+    with gunicorn(database_url, workers=1, MAX_WEBHOOK_BYTES="4096") as (port, _):
+        signed = {"Stripe-Signature": sign(body), "Content-Type": "application/json"}
+        assert ask("POST", "/webhooks/stripe", body.encode(), signed) == (
+            200,
+            {"event_id": event["id"], "status": "processed"},
+        )
+        assert ask("POST", "/webhooks/stripe", body.encode(), signed)[1]["status"] == "duplicate"
+        assert ask("POST", "/webhooks/stripe", body.encode()) == (400, {"error": "missing Stripe-Signature header"})
+        forged = {"Stripe-Signature": sign(body, secret="whsec_not_ours")}
+        assert ask("POST", "/webhooks/stripe", body.encode(), forged) == (
+            400,
+            {"error": "no valid signature for any configured secret"},
+        )
+        assert ask("POST", "/webhooks/stripe", b"x" * 5000, {"Stripe-Signature": sign("x" * 5000)})[0] == 413
+        assert ask("GET", "/webhooks/stripe")[0] == 405
+        assert ask("GET", "/healthz") == (200, {"status": "ok"})
+        assert ask("GET", "/readyz") == (200, {"status": "ready"})
+        status, (kind, metrics) = ask("GET", "/metrics")
+        assert status == 200 and kind.startswith("text/plain")
+        assert b'stripe_webhook_events_total{outcome="processed",type="customer.created"} 1.0' in metrics

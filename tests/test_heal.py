@@ -235,3 +235,16 @@ def test_malformed_items_of_the_events_list_are_reported_as_skipped(
     assert result.returncode == 0, result.stderr
     assert "recovered 2 events; skipped 1 malformed items" in result.stdout
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(good)
+
+
+def test_a_429_is_tried_again_after_stripes_retry_after(
+    fake: FakeStripe, served: str, engine: Engine, database_url: str
+) -> None:
+    fake.add_customer()
+    fake.failures = [(429, {"error": {"type": "rate_limit_error", "message": "slow down"}})]
+    fake.retry_after = 3
+    verified = cli("verify", **_env(database_url, served))
+    assert verified.returncode == 0 and "checked 0 rows" in verified.stdout, verified.stderr  # past the 429
+    first, second = fake.request_times[:2]
+    assert fake.requests[:2] == [("GET", "/v1/customers")] * 2
+    assert second - first >= 2.9  # waited as long as Stripe asked, not the backoff's first 0 s

@@ -210,12 +210,17 @@ def test_unexpected_failure_gets_500_and_a_failed_log_row(client: FlaskClient, e
 def test_health_readiness_and_metrics(client: FlaskClient, engine: Engine, database_url: str) -> None:
     assert client.get("/healthz").get_json() == {"status": "ok"}
     assert client.get("/readyz").get_json() == {"status": "ready"}
+    counter = 'stripe_webhook_events_total{outcome="processed",type="customer.created"} '
+
+    def processed() -> float:
+        metrics = client.get("/metrics").get_data(as_text=True)
+        assert "stripe_webhook_request_seconds_bucket" in metrics
+        line = next((line for line in metrics.splitlines() if line.startswith(counter)), counter + "0")
+        return float(line.removeprefix(counter))
+
+    before = processed()  # what earlier tests in this process counted
     assert deliver(client, samples.event("customer.created", samples.customer())).get_json()["status"] == "processed"
-
-    metrics = client.get("/metrics").get_data(as_text=True)
-
-    assert 'stripe_webhook_events_total{outcome="processed",type="customer.created"}' in metrics
-    assert "stripe_webhook_request_seconds_bucket" in metrics
+    assert processed() == before + 1
     with engine.connect() as connection:
         connection.execute(text("DROP DATABASE IF EXISTS no_schema"))
         connection.execute(text("CREATE DATABASE no_schema"))

@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
+from tests.pgbouncer import pgbouncer
 from tests.server import gunicorn, post_event
 from tests.support import add_user, now
 from webhook import samples
@@ -74,8 +76,20 @@ def _deliver_until_accepted(port: int, event: dict[str, Any]) -> str:
     raise AssertionError(f"{event['id']} never accepted")
 
 
-def test_random_histories_end_in_the_models_state(own_postgres: Any, tmp_path: Any) -> None:
+def test_random_histories_end_in_the_models_state(own_postgres: Any) -> None:
     server, engine = own_postgres
+    _model_run(server, engine, str(server.get_uri()))
+
+
+@pytest.mark.reliability
+def test_random_histories_through_a_transaction_mode_pooler(own_postgres: Any) -> None:
+    """The same, with every connection of the consumer through PgBouncer in transaction mode."""
+    server, engine = own_postgres
+    with pgbouncer(str(server.get_uri())) as through:
+        _model_run(server, engine, through)
+
+
+def _model_run(server: Any, engine: Engine, database_url: str) -> None:
     rng = random.Random(int(os.environ.get("MODEL_SEED", "9")))
     start = now() - 86_400
     histories = [_history(rng, engine, start + i * 10) for i in range(CUSTOMERS)]
@@ -124,7 +138,7 @@ def test_random_histories_end_in_the_models_state(own_postgres: Any, tmp_path: A
         return outcome
 
     env = {"STRIPE_API_KEY": "sk_test_fake"}
-    with stripe.serving() as base, gunicorn(str(server.get_uri()), workers=2, STRIPE_API_BASE=base, **env) as (port, _):
+    with stripe.serving() as base, gunicorn(database_url, workers=2, STRIPE_API_BASE=base, **env) as (port, _):
         side = [threading.Thread(target=restart_midway), threading.Thread(target=remove_users_midway)]
         for thread in side:
             thread.start()

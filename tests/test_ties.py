@@ -169,6 +169,22 @@ def test_stripe_read_is_stamped_with_stripes_clock(port: int, fake: FakeStripe, 
     assert post_event(port, newer)[1]["status"] == "processed"
 
 
+def test_a_tie_stripe_settles_as_deleted_deletes_with_stripes_clock(
+    port: int, fake: FakeStripe, engine: Engine
+) -> None:
+    customer = samples.customer(created=T)
+    fake.deleted.add(customer["id"])
+    fake.clock = T + 30
+    first, second = _updated(customer, name="first"), _updated(customer, name="second")
+    assert post_event(port, first)[1]["status"] == "processed"
+    assert post_event(port, second)[1]["status"] == "processed"  # the tie: Stripe says it is gone
+    assert customer_row(engine, customer["id"]) is None
+    # The tombstone carries Stripe's clock: an event from before the read does not bring it back.
+    late = samples.event("customer.updated", {**customer, "name": "older"}, created=T + 20)
+    assert post_event(port, late)[1]["status"] == "stale"
+    assert customer_row(engine, customer["id"]) is None
+
+
 def test_a_slow_or_failing_stripe_falls_back_within_seconds(port: int, fake: FakeStripe, engine: Engine) -> None:
     customer = samples.customer(created=T)
     fake.customers[customer["id"]] = {**customer, "name": "truth"}
