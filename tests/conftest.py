@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
 from tests.support import settings_for
-from webhook import migrations
+from webhook import migrations, store
 from webhook.app import create_app
 from webhook.config import Settings
 from webhook.store import make_engine
@@ -50,6 +51,25 @@ def own_postgres() -> Any:
     engine = make_engine(str(server.get_uri()), 2)
     migrations.migrate(engine, shim=True)
     return server, engine
+
+
+@pytest.fixture
+def scratch_url(engine: Engine) -> Iterator[str]:
+    """A database of the test's own on the same server, with the shim only: what it breaks (a
+    rollback, a table of another shape, a failed step) stays there, whatever happens to the test."""
+    name = f"scratch_{uuid.uuid4().hex[:12]}"
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    url = engine.url.set(database=name).render_as_string(hide_password=False)
+    scratch = store.make_engine(url, pool_size=1)
+    with scratch.connect() as connection:
+        store.run_sql(connection, migrations.SHIM.read_text())
+    try:
+        yield url
+    finally:
+        scratch.dispose()
+        with engine.connect() as connection:
+            connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
 
 
 @pytest.fixture

@@ -48,9 +48,11 @@ def test_rollback_needs_yes(database_url: str, engine: Engine) -> None:
     assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
 
 
-def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engine: Engine, tmp_path: Path) -> None:
-    env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET}
+def test_migrate_with_backup_rollback_and_migrate_again(scratch_url: str, tmp_path: Path) -> None:
+    env = {"DATABASE_URL": scratch_url, "STRIPE_WEBHOOK_SECRET": SECRET}
+    scratch = make_engine(scratch_url, pool_size=1)
 
+    assert cli("db", "migrate", "--shim", **env).returncode == 0
     migrated = cli("db", "migrate", "--shim", "--backup-dir", str(tmp_path / "backups"), **env)
 
     assert migrated.returncode == 0, migrated.stderr
@@ -59,11 +61,12 @@ def test_migrate_with_backup_rollback_and_migrate_again(database_url: str, engin
 
     rolled_back = cli("db", "rollback", "--yes", **env)
     assert rolled_back.returncode == 0, rolled_back.stderr
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 0
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 0
 
     again = cli("db", "migrate", **env)
     assert again.returncode == 0, again.stderr
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
+    scratch.dispose()
 
 
 def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from tests.server import gunicorn, post_event
 from tests.support import SECRET, cli
-from webhook import samples
+from webhook import migrations, samples
 
 
 def _migrate(database_url: str) -> subprocess.CompletedProcess[str]:
@@ -49,6 +50,13 @@ def _traffic(port: int, stop: threading.Event) -> tuple[Counter[int], float]:
         slowest = max(slowest, time.monotonic() - started)
         statuses[status] += 1
     return statuses, slowest
+
+
+@pytest.fixture(autouse=True)
+def schema_restored(engine: Engine) -> Iterator[None]:
+    """These tests take parts of the shared schema away; it is whole again after each, pass or fail."""
+    yield
+    migrations.migrate(engine, shim=False)
 
 
 def _undo_some_of_the_schema(engine: Engine) -> None:

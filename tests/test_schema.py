@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +32,16 @@ def test_schema_applies_twice(engine: Engine) -> None:
     assert _indexes(engine, "stripe_customers") == before
 
 
-def test_rollback_then_migrate_again(engine: Engine) -> None:
-    migrations.rollback(engine)
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 0
-    assert count(engine, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
-    migrations.rollback(engine)  # idempotent too
-    migrations.migrate(engine, shim=False)
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
+def test_rollback_then_migrate_again(scratch_url: str) -> None:
+    scratch = store.make_engine(scratch_url, pool_size=1)
+    migrations.migrate(scratch, shim=False)
+    migrations.rollback(scratch)
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 0
+    assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
+    migrations.rollback(scratch)  # idempotent too
+    migrations.migrate(scratch, shim=False)
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
+    scratch.dispose()
 
 
 def test_no_duplicate_indexes_and_an_email_index(engine: Engine) -> None:
@@ -57,9 +58,9 @@ def test_no_duplicate_indexes_and_an_email_index(engine: Engine) -> None:
     )
 
 
-def test_seed_table_is_upgraded(engine: Engine) -> None:
+def test_seed_table_is_upgraded(scratch_url: str) -> None:
+    engine = store.make_engine(scratch_url, pool_size=1)
     # A database that followed the original design note: NOT NULL email and three extra indexes.
-    migrations.rollback(engine)
     with engine.connect() as connection:
         connection.execute(
             text(
@@ -93,8 +94,7 @@ def test_seed_table_is_upgraded(engine: Engine) -> None:
         )
         == 1
     )
-    migrations.rollback(engine)
-    migrations.migrate(engine, shim=False)
+    engine.dispose()
 
 
 def test_constraints_hold(engine: Engine) -> None:
@@ -126,9 +126,11 @@ def test_constraints_hold(engine: Engine) -> None:
     assert count(engine, "SELECT count(*) FROM stripe_customers_audit WHERE operation = 'DELETE'") == 1
 
 
-def test_the_events_customer_column_is_added_and_filled_keeping_every_row(engine: Engine) -> None:
+def test_the_events_customer_column_is_added_and_filled_keeping_every_row(scratch_url: str) -> None:
     """A log from before the column: customer events, a checkout naming its customer, an invoice with
     an expanded customer, and an event about no customer; more rows than one fill batch."""
+    engine = store.make_engine(scratch_url, pool_size=1)
+    migrations.migrate(engine, shim=False)
     with engine.connect() as connection:
         connection.execute(text("ALTER TABLE stripe_webhook_events DROP COLUMN stripe_customer_id"))
         connection.execute(
@@ -151,6 +153,7 @@ def test_the_events_customer_column_is_added_and_filled_keeping_every_row(engine
     )
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE stripe_customer_id IS NULL") == 3000
     assert "stripe_webhook_events_customer_idx" in _indexes(engine, "stripe_webhook_events")
+    engine.dispose()
 
 
 SYSTEM_POSTGRES = Path("/usr/lib/postgresql/15/bin")
@@ -176,24 +179,6 @@ def test_large_values_use_lz4_where_the_server_has_it(engine: Engine) -> None:
         connection.close()
     assert count(system, "SELECT count(*) FROM stripe_webhook_events WHERE pg_column_compression(payload) = 'lz4'") == 1
     system.dispose()
-
-
-@pytest.fixture
-def scratch_url(engine: Engine) -> Iterator[str]:
-    """A database of the test's own on the same server, with the shim only: what it breaks stays there."""
-    name = f"scratch_{uuid.uuid4().hex[:12]}"
-    with engine.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    url = engine.url.set(database=name).render_as_string(hide_password=False)
-    scratch = store.make_engine(url, pool_size=1)
-    with scratch.connect() as connection:
-        store.run_sql(connection, migrations.SHIM.read_text())
-    try:
-        yield url
-    finally:
-        scratch.dispose()
-        with engine.connect() as connection:
-            connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
 
 
 # The seed's first draft: no customer_name, no UNIQUE constraints, no primary key, NOT NULL email.

@@ -258,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except stripe.StripeError as error:
         print(f"error: {stripe_api.explain(error)}", file=sys.stderr)
         return EXIT_FAILURES
+    except stripe_api.StripeUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILURES
     except (DatabaseUnavailable, SQLAlchemyError) as error:
         where = f" ({describe_target(settings.database_url)})" if settings.database_url else ""
         print(f"error: database{where}: {describe(error)}", file=sys.stderr)

@@ -33,7 +33,7 @@ class _StandardError(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever sys.stderr is when a line is written, not to what it was when logging was
     configured: a redirected stream (a test's capture, a supervisor's) sees every line."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

@@ -382,18 +382,22 @@ BEGIN
   RETURN v_outcomes;
 END $$;
 
--- The API roles may not call what only the consumer should.
+-- The API roles may call none of the consumer's functions (every public.stripe_* one, whatever a
+-- later release adds; Supabase's default privileges grant EXECUTE on new functions to them).
 DO $$
+DECLARE
+  v_function regprocedure;
 BEGIN
-  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
-    REVOKE EXECUTE ON FUNCTION public.stripe_apply_event(jsonb, jsonb, text),
-      public.stripe_apply_events(text[], text[], text[], text[]),
-      public.stripe_apply_caught(text, text, text, text, boolean),
-      public.stripe_apply_customer(jsonb, text, text, bigint, jsonb),
-      public.stripe_tie_order(jsonb, text), public.stripe_create_trigger(text, text),
-      public.stripe_hand_on_user(uuid, text), public.stripe_relink_users(boolean),
-      public.stripe_fit_table(text, text[], text[]) FROM PUBLIC, anon, authenticated;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+    RETURN;
   END IF;
+  FOR v_function IN
+    SELECT p.oid::regprocedure FROM pg_proc p
+    WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'stripe\_%'
+      AND (has_function_privilege('anon', p.oid, 'EXECUTE') OR has_function_privilege('authenticated', p.oid, 'EXECUTE'))
+  LOOP
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC, anon, authenticated', v_function);
+  END LOOP;
 END $$;
 
 -- step (repeat): events about a customer's subscription, card, discount or tax id were once filed
