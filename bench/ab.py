@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import cluster
 from bench.run import SECRET, _free_port, _full_load, _scratch_database, _serve, _settle, _table
-from webhook.store import make_engine
+from webhook.database import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,9 +21,10 @@ from sqlalchemy import Engine, text
 from werkzeug.security import generate_password_hash
 
 from tests.support import settings_for
-from webhook import console_store, migrations
+from webhook import migrations
 from webhook.app import create_app
-from webhook.store import make_engine
+from webhook.console import queries
+from webhook.database import make_engine
 
 FILL = [
     (
@@ -130,7 +131,7 @@ def main() -> None:
             name: connection.execute(text("EXPLAIN ANALYZE " + sql), {"id": f"cus_{chosen[0]}", "limit": 200})
             .scalars()
             .all()
-            for name, sql in (("events", console_store.EVENTS_OF), ("audit", console_store.AUDIT_OF))
+            for name, sql in (("events", queries.EVENTS_OF), ("audit", queries.AUDIT_OF))
         }
     print(f"\n{args.customers:,} customers, {count:,} events; {args.samples} random customers, in-process Flask app\n")
     print("| request | median ms | p95 ms | max ms |\n|---|---|---|---|")

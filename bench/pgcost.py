@@ -24,9 +24,10 @@ from sqlalchemy import Engine, text
 from bench import cluster
 from bench.ab import ROOT, migrated_database, worktree
 from bench.run import _signed_events, _table, _wal_lsn
-from webhook import store
+from webhook import database, store
 from webhook.config import load_settings
 from webhook.process import change_for
+from webhook.results import Applied, Status
 from webhook.verify import parse_event
 
 TABLES = ("stripe_webhook_events", "stripe_customers", "stripe_customers_audit")
@@ -57,7 +58,7 @@ def _batch(engine: Engine, calls: list[tuple[str, dict[str, Any] | None]]) -> di
         wal_before, cpu_before = _wal_lsn(engine), _backend_cpu(pid)
         for payload, change in calls:
             outcomes = store.apply_events(connection, [store.EventToApply(payload, change, "webhook")])
-            assert outcomes == ["processed"], outcomes
+            assert outcomes == [Applied(Status.PROCESSED)], outcomes
         cpu, wal = _backend_cpu(pid) - cpu_before, (_wal_lsn(engine) or 0) - (wal_before or 0)
     finally:
         connection.close()
@@ -100,7 +101,7 @@ def main() -> None:
         trees = {args.revision: old_tree} if old_tree else {}
         for number, (side, tree) in enumerate({**trees, "working tree": ROOT}.items()):
             url, _ = migrated_database(server_url, f"bench_pgcost_{number}", tree)
-            engines[side] = store.make_engine(url, 2)
+            engines[side] = database.make_engine(url, 2)
         # Each batch its own events (each event applied once per side), 3,000 customers.
         calls = _calls(args.events * args.batches, 3000)
         rows: dict[str, list[dict[str, float]]] = {side: [] for side in engines}

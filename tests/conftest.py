@@ -15,10 +15,10 @@ from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
 from tests.support import settings_for
-from webhook import migrations, store
+from webhook import database, migrations
 from webhook.app import create_app
 from webhook.config import Settings
-from webhook.store import make_engine
+from webhook.database import make_engine
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +61,9 @@ def scratch_url(engine: Engine) -> Iterator[str]:
     with engine.connect() as connection:
         connection.execute(text(f"CREATE DATABASE {name}"))
     url = engine.url.set(database=name).render_as_string(hide_password=False)
-    scratch = store.make_engine(url, pool_size=1)
+    scratch = database.make_engine(url, pool_size=1)
     with scratch.connect() as connection:
-        store.run_sql(connection, migrations.SHIM.read_text())
+        database.run_sql(connection, migrations.SHIM.read_text())
     try:
         yield url
     finally:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from tests.support import SECOND_SECRET, SECRET, sign
-from webhook.cli import gunicorn_command
+from webhook.serving import gunicorn_command
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from tests.support import customer_row, event_row, failing_writes
-from webhook import batch, samples, store
+from webhook import batch, database, samples, store
 from webhook.config import Settings
 from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event
 from webhook.verify import parse_event
@@ -164,7 +164,7 @@ def test_a_payload_jsonb_cannot_hold_fails_alone(engine: Engine, settings: Setti
 def test_a_statement_that_fails_as_a_whole_is_retried_event_by_event(
     engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # stripe_apply_events catches each event's error itself; should a statement still fail as a
+    # stripe_apply_batch catches each event's error itself; should a statement still fail as a
     # whole, the events are sent alone rather than all answered 500.
     real = store.apply_events
 
@@ -203,7 +203,7 @@ def test_a_person_acting_in_a_shared_statement_is_named_for_their_event_only(
 
 def test_a_held_lock_fails_only_the_events_that_wait_for_it(database_url: str, engine: Engine) -> None:
     """16 concurrent deliveries to one worker, 6 of them for customers whose lock another session
-    holds for 8 s: those 6 fail (503, Stripe retries), and the 10 others are applied and answered
+    holds for 20 s: those 6 fail (503, Stripe retries), and the 10 others are applied and answered
     while the lock is still held, however the worker grouped them into statements."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -213,7 +213,7 @@ def test_a_held_lock_fails_only_the_events_that_wait_for_it(database_url: str, e
     free = [samples.customer() for _ in range(10)]
     with gunicorn(database_url, workers=1) as (port, _), engine.connect() as holder:
         holder.execute(text("SELECT " + ", ".join(_customer_lock(customer["id"]) for customer in locked)))
-        release_at = time.monotonic() + 8
+        release_at = time.monotonic() + 20
         try:
             with ThreadPoolExecutor(max_workers=16) as pool:
                 answers = list(
@@ -244,7 +244,7 @@ def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Setti
     silent.listen(64)
     accepted: list[socket.socket] = []
     threading.Thread(target=lambda: accepted.extend(iter(lambda: silent.accept()[0], None)), daemon=True).start()
-    engine = store.make_engine(f"postgresql://u:p@127.0.0.1:{silent.getsockname()[1]}/db", pool_size=5)
+    engine = database.make_engine(f"postgresql://u:p@127.0.0.1:{silent.getsockname()[1]}/db", pool_size=5)
 
     def deliver(_: int) -> tuple[type[BaseException] | None, float]:
         started = time.monotonic()

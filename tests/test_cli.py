@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 
 from tests.server import free_port, wait_until_up
 from tests.support import SECRET, cli, configured, count
-from webhook.store import make_engine
+from webhook.database import make_engine
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,9 @@ BAD = [
     ("STRIPE_EXPECT_LIVEMODE", "yes"),
     ("MAX_WEBHOOK_BYTES", "1MB"),
     ("MAX_WEBHOOK_BYTES", "0"),
+    ("MAX_WEBHOOK_BYTES", "1_000"),  # int() takes these three
+    ("PORT", "８０８０"),
+    ("DB_POOL_SIZE", "+5"),
     ("PORT", "eighty"),
     ("DB_POOL_SIZE", "0"),
     ("STRIPE_REFETCH", "sometimes"),

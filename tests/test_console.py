@@ -17,8 +17,9 @@ from werkzeug.security import generate_password_hash
 
 from tests.fake_stripe import FakeStripe
 from tests.support import add_user, count, customer_row, deliver, event_row, failing_writes, now, settings_for
-from webhook import console_store, samples
+from webhook import samples
 from webhook.app import create_app
+from webhook.console import queries
 from webhook.console.timeline import dashboard_url, state_of
 
 PASSWORD = "correct horse battery staple"
@@ -168,7 +169,7 @@ def test_no_email_in_any_log_line(console: FlaskClient, engine: Engine, capfd: p
 def test_a_customers_page_reads_by_index(engine: Engine) -> None:
     with engine.connect() as connection:
         connection.execute(text("SET enable_seqscan = off"))  # a tiny table would be scanned anyway
-        for sql in (console_store.EVENTS_OF, console_store.AUDIT_OF):
+        for sql in (queries.EVENTS_OF, queries.AUDIT_OF):
             plan = connection.execute(text("EXPLAIN " + sql), {"id": "cus_X", "limit": 200}).scalars().all()
             assert any("Index Scan" in line for line in plan), plan
             assert not any("Seq Scan" in line for line in plan), plan

@@ -23,7 +23,7 @@ from tests.support import (
 )
 from webhook import samples
 from webhook.app import create_app
-from webhook.store import make_engine
+from webhook.database import make_engine
 
 NOTHING_WRITTEN = "SELECT (SELECT count(*) FROM stripe_webhook_events) + (SELECT count(*) FROM stripe_customers)"
 

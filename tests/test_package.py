@@ -72,7 +72,9 @@ def test_db_migrate_from_another_folder(installed: Path, tmp_path: Path, databas
         installed, tmp_path, "db", "migrate", "--shim", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET="whsec_x"
     )
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.startswith("applied supabase_shim.sql, shape.sql, schema.sql, functions.sql, console.sql")
+    assert migrated.stdout.startswith(
+        "applied supabase_shim.sql, shape.sql, schema.sql, functions.sql, console.sql, access.sql"
+    )
 
 
 def test_serve_and_send_from_another_folder(installed: Path, tmp_path: Path) -> None:

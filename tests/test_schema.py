@@ -12,7 +12,8 @@ from sqlalchemy.exc import DBAPIError
 
 from bench import cluster
 from tests.support import SECRET, add_user, cli, count
-from webhook import migrations, samples, store
+from webhook import database, migrations, samples, store
+from webhook.results import Applied, Status
 from webhook.verify import parse_event
 
 
@@ -33,7 +34,7 @@ def test_schema_applies_twice(engine: Engine) -> None:
 
 
 def test_rollback_then_migrate_again(scratch_url: str) -> None:
-    scratch = store.make_engine(scratch_url, pool_size=1)
+    scratch = database.make_engine(scratch_url, pool_size=1)
     migrations.migrate(scratch, shim=False)
     migrations.rollback(scratch)
     assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 0
@@ -59,7 +60,7 @@ def test_no_duplicate_indexes_and_an_email_index(engine: Engine) -> None:
 
 
 def test_seed_table_is_upgraded(scratch_url: str) -> None:
-    engine = store.make_engine(scratch_url, pool_size=1)
+    engine = database.make_engine(scratch_url, pool_size=1)
     # A database that followed the original design note: NOT NULL email and three extra indexes.
     with engine.connect() as connection:
         connection.execute(
@@ -129,7 +130,7 @@ def test_constraints_hold(engine: Engine) -> None:
 def test_the_events_customer_column_is_added_and_filled_keeping_every_row(scratch_url: str) -> None:
     """A log from before the column: customer events, a checkout naming its customer, an invoice with
     an expanded customer, and an event about no customer; more rows than one fill batch."""
-    engine = store.make_engine(scratch_url, pool_size=1)
+    engine = database.make_engine(scratch_url, pool_size=1)
     migrations.migrate(engine, shim=False)
     with engine.connect() as connection:
         connection.execute(text("ALTER TABLE stripe_webhook_events DROP COLUMN stripe_customer_id"))
@@ -167,7 +168,7 @@ def test_large_values_use_lz4_where_the_server_has_it(engine: Engine) -> None:
     # and Supabase's have it.
     with engine.connect() as connection:
         assert connection.execute(text("SHOW default_toast_compression")).scalar_one() == "pglz"
-    system = store.make_engine(cluster.start(SYSTEM_POSTGRES), pool_size=1)
+    system = database.make_engine(cluster.start(SYSTEM_POSTGRES), pool_size=1)
     migrations.migrate(system, shim=True)
     migrations.migrate(system, shim=False)  # nothing left to change: no lock wanted
     assert count(system, "SELECT count(*) FROM pg_attribute WHERE attcompression = 'l'") == 3
@@ -201,9 +202,9 @@ def _migrate_cli(url: str) -> Any:
 
 
 def test_a_table_of_another_shape_is_brought_to_shape_keeping_its_rows(scratch_url: str) -> None:
-    scratch = store.make_engine(scratch_url, pool_size=1)
+    scratch = database.make_engine(scratch_url, pool_size=1)
     with scratch.connect() as connection:
-        store.run_sql(connection, FIRST_DRAFT)
+        database.run_sql(connection, FIRST_DRAFT)
     migrated = _migrate_cli(scratch_url)
     assert migrated.returncode == 0, migrated.stderr
     assert count(scratch, "SELECT count(*) FROM stripe_customers WHERE stripe_customer_id = 'cus_Kept1'") == 1
@@ -211,7 +212,7 @@ def test_a_table_of_another_shape_is_brought_to_shape_keeping_its_rows(scratch_u
     # one customer refused by the added UNIQUE constraint.
     customer = samples.customer("cus_Kept1", name="Now Named")
     for event in (samples.event("customer.updated", customer), samples.event("customer.created", samples.customer())):
-        assert _apply(scratch, event) == "processed"
+        assert _apply(scratch, event) == Applied(Status.PROCESSED)
     with scratch.connect() as connection:
         assert (
             connection.execute(
@@ -243,9 +244,9 @@ def test_a_table_of_another_shape_is_brought_to_shape_keeping_its_rows(scratch_u
     ],
 )
 def test_a_table_that_cannot_be_brought_to_shape_is_refused(scratch_url: str, table: str, refusal: str) -> None:
-    scratch = store.make_engine(scratch_url, pool_size=1)
+    scratch = database.make_engine(scratch_url, pool_size=1)
     with scratch.connect() as connection:
-        store.run_sql(connection, table)
+        database.run_sql(connection, table)
     refused = _migrate_cli(scratch_url)
     assert refused.returncode == 1 and refusal in refused.stderr, refused.stderr
     # Nothing of the consumer was applied, and the table is as it was.
@@ -253,7 +254,7 @@ def test_a_table_that_cannot_be_brought_to_shape_is_refused(scratch_url: str, ta
     scratch.dispose()
 
 
-def _apply(engine: Engine, event: dict[str, Any]) -> str:
+def _apply(engine: Engine, event: dict[str, Any]) -> Applied:
     from webhook import batch
     from webhook.handlers import HANDLERS
 
@@ -263,9 +264,9 @@ def _apply(engine: Engine, event: dict[str, Any]) -> str:
 
 
 def test_a_failed_step_is_named_the_steps_before_it_stay_and_a_rerun_finishes(scratch_url: str) -> None:
-    scratch = store.make_engine(scratch_url, pool_size=1)
+    scratch = database.make_engine(scratch_url, pool_size=1)
     with scratch.connect() as connection:  # a function of the consumer's name with another return type
-        store.run_sql(
+        database.run_sql(
             connection, "CREATE FUNCTION public.stripe_customers_touch() RETURNS integer LANGUAGE sql AS 'SELECT 1'"
         )
     failed = _migrate_cli(scratch_url)
@@ -273,10 +274,26 @@ def test_a_failed_step_is_named_the_steps_before_it_stay_and_a_rerun_finishes(sc
     assert "functions.sql, step 'functions and triggers'" in failed.stderr and "run db migrate again" in failed.stderr
     # schema.sql's steps, before it, stay applied; nothing of the failed step does.
     assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename = 'stripe_customers_audit'") == 1
-    assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname = 'stripe_apply_events'") == 0
+    assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname = 'stripe_apply_batch'") == 0
     with scratch.connect() as connection:
         connection.execute(text("DROP FUNCTION public.stripe_customers_touch()"))
     rerun = _migrate_cli(scratch_url)
     assert rerun.returncode == 0, rerun.stderr
-    assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname = 'stripe_apply_events'") == 1
+    assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname = 'stripe_apply_batch'") == 1
     scratch.dispose()
+
+
+def test_the_previous_releases_batch_call_still_answers_in_its_text_form(engine: Engine) -> None:
+    """During a deploy the old release calls stripe_apply_events and splits text outcomes."""
+    ignored = samples.event("invoice.paid", {"id": "in_1", "customer": "cus_Old1"})
+    broken = '{"id": "evt_broken", "type": "customer.updated", "created": 1, "data": {"object": {}}, "x": "\\ud800"}'
+    with engine.connect() as connection:
+        outcomes = connection.execute(
+            text(
+                "SELECT public.stripe_apply_events("
+                "CAST(:events AS text[]), ARRAY[NULL, NULL], ARRAY['webhook', 'webhook'], NULL)"
+            ),
+            {"events": [json.dumps(ignored), broken]},
+        ).scalar_one()
+    assert outcomes[0] == "ignored"
+    assert outcomes[1].startswith("error:22P02:")  # jsonb refuses the lone surrogate: that event alone

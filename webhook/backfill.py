@@ -14,9 +14,10 @@ from sqlalchemy import Engine
 
 from webhook import jobs_store, store, stripe_api
 from webhook.handlers import customer_state
+from webhook.results import Source
 
 BATCH = 500
-CURSOR = "backfill"
+CURSOR = jobs_store.Cursor.BACKFILL
 
 
 @dataclass
@@ -51,7 +52,7 @@ def backfill(
 
     def write() -> None:
         changes = [customer_state(customer, user_id_key).as_json() for customer in batch]
-        run.outcomes.update(store.apply_customers(engine, changes, "backfill", as_of))
+        run.outcomes.update(store.apply_customers(engine, changes, Source.BACKFILL, as_of))
         run.stopped_after = batch[-1]["id"]
         jobs_store.save_cursor(engine, CURSOR, run.stopped_after)
         batch.clear()

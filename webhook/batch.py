@@ -1,7 +1,7 @@
 """The deliveries one worker process receives at once go to Postgres together.
 
 A thread that finds no statement of its process running sends its event at once, with every event
-that queued meanwhile, as one statement and one commit (stripe_apply_events: a subtransaction per
+that queued meanwhile, as one statement and one commit (stripe_apply_batch: a subtransaction per
 event, so one event's error fails that event alone). The others wait for that statement, and the
 first of those that queued after it sends the next. Each thread gets its own event's outcome, after
 the commit that holds it. Idle, a delivery goes alone and at once; under load, a round trip, a
@@ -18,32 +18,16 @@ import weakref
 from dataclasses import dataclass, field
 
 import psycopg2
-import psycopg2.errors
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from webhook import metrics, store
+from webhook import database, metrics, store
+from webhook.results import Applied
 from webhook.store import EventToApply
 
 # Postgres keeps up to 64 subtransactions of a transaction in shared memory; past that every
 # snapshot taken while it runs gets slower. A worker has 8 threads by default anyway.
 LIMIT = 16
-
-
-class EventFailed(Exception):
-    """stripe_apply_events caught this event's error (the others of its statement were applied)."""
-
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message)
-        self.pgcode = sqlstate  # as on psycopg2's errors: store.busy() reads it
-        self.message = message
-
-    def describe(self) -> str:
-        try:
-            name = psycopg2.errors.lookup(self.pgcode).__name__
-        except KeyError:
-            name = "DatabaseError"
-        return f"{name}: {self.message}"
 
 
 class Unreachable(Exception):
@@ -68,7 +52,7 @@ class _Queued:
     # Released when the outcome is in, or when it is this event's turn to send: a bare lock, taken
     # at birth, is the cheapest wait threading has (Event adds a Condition and a lock per wait).
     turn: _thread.LockType = field(default_factory=_taken_lock)
-    outcome: str | Exception | None = None
+    outcome: Applied | Exception | None = None
 
 
 class Batches:
@@ -79,7 +63,7 @@ class Batches:
         self._queue: list[_Queued] = []
         self._sending = False
 
-    def apply(self, event_id: str, event: EventToApply) -> str:
+    def apply(self, event_id: str, event: EventToApply) -> Applied:
         """The event's outcome name; raises EventFailed for its own error, Unreachable or the
         statement's error when the statement holding it failed as a whole."""
         customer = "" if event.change is None else str(event.change.get("id"))
@@ -123,7 +107,7 @@ class Batches:
                 if queued.turn.locked():
                     queued.turn.release()
 
-    def _statement(self, batch: list[_Queued]) -> list[str | Exception]:
+    def _statement(self, batch: list[_Queued]) -> list[Applied | Exception]:
         try:
             return self._one_statement(batch)
         except (Unreachable, psycopg2.OperationalError):
@@ -135,13 +119,13 @@ class Batches:
             # if it does, each event alone shows whose it was rather than failing them all.
             return [self._alone(queued) for queued in batch]
 
-    def _alone(self, queued: _Queued) -> str | Exception:
+    def _alone(self, queued: _Queued) -> Applied | Exception:
         try:
             return self._one_statement([queued])[0]
         except Exception as error:
             return error
 
-    def _one_statement(self, batch: list[_Queued]) -> list[str | Exception]:
+    def _one_statement(self, batch: list[_Queued]) -> list[Applied | Exception]:
         engine = self._engine()
         assert engine is not None  # its caller holds it
         ordered = sorted(batch, key=lambda queued: queued.order)
@@ -156,7 +140,7 @@ class Batches:
             try:
                 outcomes = store.apply_events(connection, [queued.event for queued in ordered])
             except Exception as error:
-                if not store.connection_lost(engine, connection, error):
+                if not database.connection_lost(engine, connection, error):
                     raise
                 if attempt == 2:
                     raise Unreachable("disconnect", error) from error
@@ -164,16 +148,9 @@ class Batches:
                 continue
             finally:
                 connection.close()  # back to the pool
-            by_queued = dict(zip(ordered, map(_outcome, outcomes), strict=True))
+            by_queued: dict[_Queued, Applied | Exception] = dict(zip(ordered, outcomes, strict=True))
             return [by_queued[queued] for queued in batch]
         raise AssertionError("unreachable")
-
-
-def _outcome(text: str) -> str | Exception:
-    if text.startswith("error:"):
-        _, sqlstate, message = text.split(":", 2)
-        return EventFailed(sqlstate, message)
-    return text
 
 
 _BATCHES: weakref.WeakKeyDictionary[Engine, Batches] = weakref.WeakKeyDictionary()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -14,6 +15,14 @@ from sqlalchemy.exc import ArgumentError
 
 # Embedded mode keeps its database and generated secret here, relative to where it is started.
 DATA_DIR = Path(".data")
+
+
+class Refetch(StrEnum):
+    """When a delivery reads the customer from Stripe (STRIPE_REFETCH)."""
+
+    TIE = "tie"  # only for a same-second tie nothing else orders
+    ALWAYS = "always"  # every customer event (dj-stripe's and Pay's way)
+    NEVER = "never"
 
 
 class ConfigError(Exception):
@@ -33,7 +42,7 @@ class Settings:
     port: int
     db_pool_size: int
     data_dir: Path
-    refetch: str = "never"  # tie | always | never (CONTRACT §4, "Ties")
+    refetch: Refetch = Refetch.NEVER
     heal_interval: int = 600  # seconds
     reconcile_interval: int = 86400  # seconds; 0: never
     event_retention_days: int = 90  # 0: keep every event
@@ -46,14 +55,24 @@ class Settings:
         return self.database_url is None
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def whole_number(text: str) -> int:
+    """ASCII digits only: int() would also take '١٢', '+5' and '1_000'."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: int, minimum: int = 0, parse: Callable[[str], int] = whole_number
+) -> int:
+    """A whole number (or, with parse_duration, seconds) from the environment; unset: default."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number") from None
+        value = parse(raw)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}")
     return value
@@ -74,19 +93,6 @@ def parse_duration(text: str) -> int:
     if seconds > MAX_DURATION:
         raise ValueError(f"{text!r} is longer than 100 years")
     return seconds
-
-
-def _duration(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = parse_duration(raw)
-    except ValueError as error:
-        raise ConfigError(f"{name}: {error}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum} s")
-    return value
 
 
 SUPPORT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
@@ -146,7 +152,7 @@ def embedded_secret(data_dir: Path) -> str:
 
 def max_webhook_bytes(env: Mapping[str, str]) -> int:
     """MAX_WEBHOOK_BYTES: the app answers 413 above it, and the HTTP worker reads no more."""
-    return _int(env, "MAX_WEBHOOK_BYTES", 1_048_576, minimum=1)
+    return _number(env, "MAX_WEBHOOK_BYTES", 1_048_576, minimum=1)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -169,10 +175,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if livemode_raw not in ("", "true", "false"):
         raise ConfigError("STRIPE_EXPECT_LIVEMODE must be true or false")
 
-    refetch = env.get("STRIPE_REFETCH", "").strip().lower() or ("tie" if api_key else "never")
-    if refetch not in ("tie", "always", "never"):
+    refetch_raw = env.get("STRIPE_REFETCH", "").strip().lower() or ("tie" if api_key else "never")
+    if refetch_raw not in set(Refetch):
         raise ConfigError("STRIPE_REFETCH must be tie, always or never")
-    if refetch != "never" and api_key is None:
+    refetch = Refetch(refetch_raw)
+    if refetch is not Refetch.NEVER and api_key is None:
         raise ConfigError(f"STRIPE_REFETCH={refetch} needs STRIPE_API_KEY")
 
     api_base = env.get("STRIPE_API_BASE", "").strip() or "https://api.stripe.com"
@@ -182,20 +189,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=database_url,
         webhook_secrets=webhook_secrets,
-        tolerance=_int(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1),
+        tolerance=_number(env, "STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1),
         stripe_api_key=api_key,
         stripe_api_base=api_base.rstrip("/"),
         user_id_metadata_key=env.get("STRIPE_USER_ID_METADATA_KEY", "").strip() or "user_id",
         expect_livemode=None if not livemode_raw else livemode_raw == "true",
         max_webhook_bytes=max_webhook_bytes(env),
-        port=_int(env, "PORT", 8000, minimum=1),
-        db_pool_size=_int(env, "DB_POOL_SIZE", 5, minimum=1),
+        port=_number(env, "PORT", 8000, minimum=1),
+        db_pool_size=_number(env, "DB_POOL_SIZE", 5, minimum=1),
         data_dir=data_dir,
         refetch=refetch,
-        heal_interval=_duration(env, "HEAL_INTERVAL", 600, minimum=1),
-        reconcile_interval=_duration(env, "RECONCILE_INTERVAL", 86400),
-        event_retention_days=_int(env, "EVENT_RETENTION_DAYS", 90),
-        stripe_api_rate=_int(env, "STRIPE_API_RATE", 20, minimum=1),
+        heal_interval=_number(env, "HEAL_INTERVAL", 600, minimum=1, parse=parse_duration),
+        reconcile_interval=_number(env, "RECONCILE_INTERVAL", 86400, parse=parse_duration),
+        event_retention_days=_number(env, "EVENT_RETENTION_DAYS", 90),
+        stripe_api_rate=_number(env, "STRIPE_API_RATE", 20, minimum=1),
         support_users=_support_users(env.get("SUPPORT_USERS", "")),
         support_session_secret=env.get("SUPPORT_SESSION_SECRET", "").strip() or None,
     )

@@ -52,7 +52,7 @@ class LogHealth:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             health = jobs_store.log_health(self.engine)
-            heal = jobs_store.saved_json(self.engine, jobs_store.HEAL_STATE)
+            heal = jobs_store.saved_json(self.engine, jobs_store.Cursor.HEAL_STATE)
         except SQLAlchemyError:
             return  # the database is down: /readyz and the 503s say so
         now = time.time()

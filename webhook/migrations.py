@@ -13,12 +13,13 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import psycopg2
+from psycopg2 import errorcodes
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from webhook.database import DB_DIR, describe_target, index_valid, run_sql
 from webhook.embedded import pg_bin
-from webhook.store import DB_DIR, describe_target, index_valid, run_sql
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ SHAPE = DB_DIR / "shape.sql"
 SCHEMA = DB_DIR / "schema.sql"
 FUNCTIONS = DB_DIR / "functions.sql"
 CONSOLE = DB_DIR / "console.sql"
+ACCESS = DB_DIR / "access.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
 
 
@@ -86,7 +88,7 @@ _CREATE_CONCURRENTLY = re.compile(r"CREATE INDEX CONCURRENTLY IF NOT EXISTS (\w+
 # a step that could not get its lock is retried, up to LOCK_ATTEMPTS times over about a minute.
 LOCK_TIMEOUT = "1s"
 LOCK_ATTEMPTS = 20
-LOCK_FAILURES = {"55P03", "40P01"}  # lock_not_available, deadlock_detected
+LOCK_FAILURES = {errorcodes.LOCK_NOT_AVAILABLE, errorcodes.DEADLOCK_DETECTED}
 
 
 def steps(path: Traversable) -> list[Step]:
@@ -127,7 +129,9 @@ def _run(connection: Connection, step: Step) -> None:
 def migrate(engine: Engine, shim: bool) -> list[Traversable]:
     """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
     leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
-    applied = [SHIM, SHAPE, SCHEMA, FUNCTIONS, CONSOLE] if shim else [SHAPE, SCHEMA, FUNCTIONS, CONSOLE]
+    applied = [SHAPE, SCHEMA, FUNCTIONS, CONSOLE, ACCESS]
+    if shim:
+        applied.insert(0, SHIM)
     with engine.connect() as connection:
         for path in applied:
             for step in steps(path):

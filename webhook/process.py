@@ -12,10 +12,11 @@ import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from webhook import batch, metrics, refetch, store
-from webhook.config import Settings
+from webhook import batch, database, metrics, refetch, store
+from webhook.config import Refetch, Settings
 from webhook.handlers import HANDLERS, CustomerChange
 from webhook.logs import log
+from webhook.results import Applied, EventFailed, SettledBy, Source, Status
 from webhook.verify import Event
 
 
@@ -50,7 +51,7 @@ def change_for(event: Event, settings: Settings) -> CustomerChange | None:
 def describe(error: BaseException) -> str:
     """An error as last_error and log text: the primary message only. Postgres' DETAIL would
     repeat the failing row, customer email included."""
-    if isinstance(error, batch.EventFailed):
+    if isinstance(error, EventFailed):
         return error.describe()
     cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
     if isinstance(cause, psycopg2.Error) and cause.diag.message_primary:
@@ -75,34 +76,33 @@ def unavailable(engine: Engine, error: BaseException, kind: str) -> DatabaseUnav
     reason = describe(error)
     if reason != _last_unavailable[0]:
         _last_unavailable[0] = reason
-        log(logging.ERROR, "database unavailable", database=store.describe_target(str(engine.url)), error=reason)
+        log(logging.ERROR, "database unavailable", database=database.describe_target(str(engine.url)), error=reason)
     return DatabaseUnavailable(reason)
 
 
 def process_event(
-    engine: Engine, event: Event, settings: Settings, source: str = "webhook", actor: str | None = None
+    engine: Engine, event: Event, settings: Settings, source: Source = Source.WEBHOOK, actor: str | None = None
 ) -> Outcome:
     """Apply one verified event; `actor` names a person acting from the support console (audit)."""
     started = time.perf_counter()
     change = change_for(event, settings)
-    if change is not None and settings.refetch == "always" and change.action != "link":
+    if change is not None and settings.refetch is Refetch.ALWAYS and change.action != "link":
         # dj-stripe's and Pay's way: the event only says which customer to read. If Stripe cannot
         # be read in time, the event's own state goes through the ordering rules instead.
         fresh = refetch.customer_now(settings, change.id)
-        change, source = (change, source) if fresh is None else (fresh, "api")
+        change, source = (change, source) if fresh is None else (fresh, Source.API)
     result = _apply(engine, event, change, source, actor)
-    if result == "tie":
+    if result.status is Status.TIE:
         # Neither the type nor previous_attributes could order two same-second events: ask Stripe.
-        fresh = refetch.customer_now(settings, change.id) if change and settings.refetch != "never" else None
+        assert change is not None  # only a change can tie
+        fresh = refetch.customer_now(settings, change.id) if settings.refetch is not Refetch.NEVER else None
         if fresh is not None:
-            result = _apply(engine, event, fresh, "api", actor) + "/stripe"
+            result = replace(_apply(engine, event, fresh, Source.API, actor), settled_by=SettledBy.STRIPE)
         else:
-            assert change is not None  # only a customer change can tie
             result = _apply(engine, event, replace(change, tie="unsettled"), source, actor)
-    status, _, settled_by = result.partition("/")
-    outcome = Outcome(status)
-    if settled_by:
-        metrics.TIES.labels(settled_by=settled_by).inc()
+    outcome = Outcome(result.status)
+    if result.settled_by is not None:
+        metrics.TIES.labels(settled_by=result.settled_by.value).inc()
     metrics.EVENTS.labels(type=event.type, outcome=outcome.value).inc()
     if outcome is Outcome.PROCESSED:
         metrics.LAST_PROCESSED.set(event.created)
@@ -119,7 +119,7 @@ def process_event(
     return outcome
 
 
-def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: str, actor: str | None) -> str:
+def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: Source, actor: str | None) -> Applied:
     """The event through its process' batches (webhook/batch.py): its outcome, or the answer its error asks for."""
     to_apply = store.EventToApply(event.payload, None if change is None else change.as_json(), source, actor)
     try:
@@ -127,7 +127,7 @@ def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: 
     except batch.Unreachable as unreachable:
         raise unavailable(engine, unreachable.error, unreachable.kind) from unreachable.error
     except Exception as error:
-        if store.busy(error):
+        if database.busy(error):
             # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
             raise unavailable(engine, error, "busy") from error
         _record_failure(engine, event, error)
@@ -136,7 +136,7 @@ def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: 
 
 def _record_failure(engine: Engine, event: Event, error: Exception) -> None:
     metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
-    if isinstance(error, psycopg2.Error | batch.EventFailed):
+    if isinstance(error, psycopg2.Error | EventFailed):
         metrics.DB_ERRORS.labels(kind="statement").inc()
     log(logging.ERROR, "event failed", event_id=event.id, type=event.type, error=describe(error))
     try:
@@ -147,7 +147,7 @@ def _record_failure(engine: Engine, event: Event, error: Exception) -> None:
         store.record_failure(connection, event, describe(error))
     except psycopg2.Error as record_error:
         # Nothing is written either way, so Stripe's retry is the remedy: answer as an outage.
-        store.connection_lost(engine, connection, record_error)
+        database.connection_lost(engine, connection, record_error)
         metrics.DB_ERRORS.labels(kind="record_failure").inc()
         raise DatabaseUnavailable(describe(record_error)) from record_error
     finally:

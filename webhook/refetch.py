@@ -9,7 +9,6 @@ seconds: when Stripe is slow or failing the caller falls back, and the event is 
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import replace
@@ -17,6 +16,7 @@ from email.utils import parsedate_to_datetime
 
 import stripe
 
+from webhook import stripe_api
 from webhook.config import Settings
 from webhook.handlers import CustomerChange, customer_state
 from webhook.logs import log
@@ -25,17 +25,6 @@ from webhook.logs import log
 TIMEOUT_SECONDS = 2.0
 ATTEMPTS = 3
 PAUSE_SECONDS = 0.25
-
-
-@functools.cache
-def _client(api_key: str, api_base: str) -> stripe.StripeClient:
-    # The library's own retries would wait longer than a delivery may; ours stay within the budget.
-    return stripe.StripeClient(
-        api_key,
-        base_addresses={"api": api_base},
-        max_network_retries=0,
-        http_client=stripe.RequestsClient(timeout=TIMEOUT_SECONDS),
-    )
 
 
 def _stripe_clock(customer: stripe.StripeObject) -> int:
@@ -52,7 +41,7 @@ def customer_now(settings: Settings, customer_id: str) -> CustomerChange | None:
     cannot be read in time (or Stripe has no such customer for this key)."""
     if settings.stripe_api_key is None:
         return None
-    client = _client(settings.stripe_api_key, settings.stripe_api_base)
+    client = stripe_api.delivery_client(settings.stripe_api_key, settings.stripe_api_base, TIMEOUT_SECONDS)
     deadline = time.monotonic() + TIMEOUT_SECONDS
     for attempt in range(1, ATTEMPTS + 1):
         try:

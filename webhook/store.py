@@ -1,120 +1,32 @@
-"""Every SQL statement the consumer runs, and the engine that runs them."""
+"""The statements about events and customers: the hot path (one batch call on the pool's raw
+psycopg2 connection), failed events, the customer writes of the commands, and their lookups."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import psycopg2
-from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import PoolProxiedConnection
 
+from webhook.database import RETRY_AT_ONCE
+from webhook.results import Applied, EventFailed, Source, from_row
 from webhook.verify import Event
-
-# The SQL ships inside the package (a wheel, a Docker image); `db/` at the top of a checkout
-# points here.
-DB_DIR = resources.files("webhook") / "db"
 
 
 @dataclass(frozen=True)
 class EventToApply:
     payload: str  # the verified event as JSON text
     change: dict[str, Any] | None  # what it asks of stripe_customers; None: only logged
-    source: str  # webhook | replay | api
+    source: Source
     actor: str | None = None  # support:<name>, for the audit, when a person acts from the console
 
 
 DEADLOCK_RETRIES = 3
-LOCK_TIMEOUT = "2s"  # a held lock turns into a quick error (503 for a delivery), not a wait
-SIDE_POOL_SIZE = 2
-# Left as they are: what cannot run inside a transaction, and the transaction's own control
-# (a savepoint's rollback must run in a transaction that already failed).
-_UNBOUNDED = re.compile(
-    r"\s*(VACUUM|SAVEPOINT|RELEASE|ROLLBACK|COMMIT|BEGIN|(CREATE|DROP)\s+DATABASE|(CREATE|DROP|REINDEX)\b[^;]*\bCONCURRENTLY)\b",
-    re.IGNORECASE,
-)
-
-
-def make_engine(
-    database_url: str, pool_size: int, *, statement_timeout: str = "5s", pool_timeout: float = 10
-) -> Engine:
-    """An engine whose every statement is bounded (statement_timeout, lock_timeout)."""
-    url = make_url(database_url).set(drivername="postgresql+psycopg2")
-    engine = create_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=0,  # DB_POOL_SIZE is a promise to the database's connection limit
-        pool_timeout=pool_timeout,
-        # Each event is one statement, so autocommit makes it one round trip and one transaction;
-        # nothing outlives it, which is what a transaction-mode pooler needs.
-        isolation_level="AUTOCOMMIT",
-        # ... so no transaction is ever open when a connection goes back, and the pool's
-        # rollback-on-return has nothing to undo.
-        pool_reset_on_return=None,
-        connect_args={"connect_timeout": 5, "application_name": "stripe-webhook"},
-    )
-    bound = f"SET LOCAL statement_timeout = '{statement_timeout}'; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; "
-
-    @event.listens_for(engine, "before_cursor_execute", retval=True)
-    def bounded(
-        connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-    ) -> tuple[str, Any]:
-        # Sent with the statement in one simple query: one round trip, one (implicit or open)
-        # transaction, nothing left on the connection (a transaction-mode pooler is fine).
-        if executemany or _UNBOUNDED.match(statement):
-            return statement, parameters
-        return bound + statement, parameters
-
-    return engine
-
-
-def side_engine(database_url: str) -> Engine:
-    """The support console's and /metrics' own small pool: whatever a browser or a scrape does
-    (a page waiting on a locked table, a dozen tabs) never takes a connection deliveries need."""
-    return make_engine(database_url, SIDE_POOL_SIZE, statement_timeout="3s", pool_timeout=3)
-
-
-def describe_target(database_url: str) -> str:
-    """Where the database is, for error messages: host, port, database and user, never the password."""
-    url = make_url(database_url)
-    host = url.host or url.query.get("host") or "local socket"
-    return f"host={host} port={url.port or 5432} database={url.database} user={url.username}"
-
-
-def run_sql(connection: Connection, sql: str, lock_timeout: str | None = None) -> int:
-    """sql as one simple query, which Postgres runs as one implicit transaction (so a step that fails
-    half-way leaves nothing behind); the row count of its last statement. No parameters, so psycopg2
-    leaves the SQL's own % signs (LIKE 'customer.%') alone. With lock_timeout, the transaction gives
-    up on a lock it cannot get in that long."""
-    concurrently = lock_timeout is not None and "CONCURRENTLY" in sql
-    if lock_timeout and not concurrently:
-        sql = f"SET LOCAL lock_timeout = '{lock_timeout}';\n{sql}"
-    cursor = connection.connection.cursor()
-    try:
-        if concurrently:
-            # CREATE/DROP INDEX CONCURRENTLY cannot run inside a transaction, where SET LOCAL
-            # would do: a session setting, reset after (so db migrate wants a direct connection).
-            cursor.execute(f"SET lock_timeout = '{lock_timeout}'")
-        cursor.execute(sql)
-        return int(cursor.rowcount)
-    finally:
-        if concurrently:
-            cursor.execute("RESET lock_timeout")
-        cursor.close()
-
-
-def index_valid(connection: Connection, name: str) -> bool | None:
-    """Whether the index public.<name> is valid; None when there is none."""
-    found = connection.execute(
-        text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"), {"name": f"public.{name}"}
-    ).scalar_one_or_none()
-    return None if found is None else bool(found)
 
 
 def _jsonb_text(document: str) -> str:
@@ -123,26 +35,25 @@ def _jsonb_text(document: str) -> str:
     return document.replace("\\u0000", "\\ufffd")
 
 
-# Every statement is bounded, per transaction so that a transaction-mode pooler is fine: a hung
-# database turns into a 503 within seconds (Stripe retries), never a delivery that waits with a
-# worker thread (stripe_apply_event bounds its lock waits itself). Sent with the statement in one
+# The hot statements bound themselves as the engine's hook bounds the rest (database.make_engine): a
+# hung database turns into a 503 within seconds (Stripe retries), never a delivery that waits with a
+# worker thread (stripe_apply_batch bounds its lock waits itself). Sent with the statement in one
 # simple query, Postgres runs them as one implicit transaction: still one round trip.
 STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = '5s'; "
-# SQLSTATEs that mean "not now" rather than "this event is bad": lock and statement timeouts,
-# deadlock and serialization victims, a server refusing connections. Nothing was written.
-BUSY = {"55P03", "57014", "40P01", "40001", "53300", "57P03"}
-
 # The per-event statements run on the pool's psycopg2 connection itself. Under load, SQLAlchemy's
 # statement layer (Connection, compiled text(), CursorResult) was a quarter of a worker's CPU per
 # event (py-spy; README, Performance); the pool, its limits and recovery stay. The events go as
-# text and are cast to jsonb inside stripe_apply_events, one subtransaction each: one that jsonb
+# text and are cast to jsonb inside stripe_apply_batch, one subtransaction each: one that jsonb
 # cannot hold fails alone, not the statement it shares.
-_APPLY_EVENTS = STATEMENT_TIMEOUT + "SELECT public.stripe_apply_events(%s::text[], %s::text[], %s::text[], %s::text[])"
+_APPLY_EVENTS = STATEMENT_TIMEOUT + (
+    "SELECT status, settled_by, sqlstate, message "
+    "FROM public.stripe_apply_batch(%s::text[], %s::text[], %s::text[], %s::text[])"
+)
 
 
-def apply_events(connection: PoolProxiedConnection, events: Sequence[EventToApply]) -> list[str]:
+def apply_events(connection: PoolProxiedConnection, events: Sequence[EventToApply]) -> list[Applied | EventFailed]:
     """Log, deduplicate and apply the events in one statement and one transaction, each in its own
-    subtransaction; each one's outcome name, or 'error:<SQLSTATE>:<message>' for one that failed."""
+    subtransaction; each one's outcome, in their order, or the error that failed it alone."""
     actors = [event.actor for event in events]
     cursor = connection.cursor()
     try:
@@ -155,7 +66,7 @@ def apply_events(connection: PoolProxiedConnection, events: Sequence[EventToAppl
                 actors if any(actors) else None,
             ),
         )
-        return [str(outcome) for outcome in cursor.fetchall()[0][0]]
+        return [from_row(*row) for row in cursor.fetchall()]
     finally:
         cursor.close()
 
@@ -198,27 +109,6 @@ def record_failure(connection: PoolProxiedConnection, event: Event, error: str) 
         cursor.close()
 
 
-def connection_lost(engine: Engine, connection: PoolProxiedConnection, error: BaseException) -> bool:
-    """Whether `error` closed the connection. If so, every pooled connection opened before now is
-    presumed dead as well (a server restart kills them all) and each is replaced when next checked
-    out, as SQLAlchemy's own disconnect handling does; this one is dropped at once."""
-    lost = isinstance(error, psycopg2.Error) and bool(getattr(connection.dbapi_connection, "closed", 1))
-    if lost:
-        engine.pool._invalidate(connection, error if isinstance(error, Exception) else None)
-    return lost
-
-
-def busy(error: BaseException) -> bool:
-    return getattr(error, "pgcode", None) in BUSY
-
-
-_SCHEMA_READY = text("SELECT to_regprocedure('public.stripe_apply_events(text[], text[], text[], text[])') IS NOT NULL")
-
-
-def schema_ready(connection: Connection) -> bool:
-    return bool(connection.execute(_SCHEMA_READY).scalar_one())
-
-
 _APPLY_CUSTOMERS = text(
     """
     SELECT applied.status
@@ -231,7 +121,7 @@ _APPLY_CUSTOMERS_ACTING = text("SELECT set_config('stripe_webhook.actor', :actor
 
 
 def apply_customers(
-    engine: Engine, changes: list[dict[str, Any]], source: str, as_of: int, actor: str | None = None
+    engine: Engine, changes: list[dict[str, Any]], source: Source, as_of: int, actor: str | None = None
 ) -> list[str]:
     """Apply customer states read from the Stripe API at `as_of` (unix seconds), in one statement
     and one transaction; a row that a newer event already set is left alone ('stale')."""
@@ -247,7 +137,7 @@ def apply_customers(
                 )
                 return [str(outcome) for outcome in result.scalars()]
         except OperationalError as error:
-            if getattr(error.orig, "pgcode", None) not in ("40P01", "40001") or attempt == DEADLOCK_RETRIES - 1:
+            if getattr(error.orig, "pgcode", None) not in RETRY_AT_ONCE or attempt == DEADLOCK_RETRIES - 1:
                 raise
     raise AssertionError("unreachable")
 

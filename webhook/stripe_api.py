@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -56,6 +57,19 @@ def make_client(settings: Settings, background: bool = False) -> stripe.StripeCl
         http_client=stripe.RequestsClient(
             timeout=TIMEOUT_SECONDS, session=_session(settings.stripe_api_rate if background else None)
         ),
+    )
+
+
+@functools.cache
+def delivery_client(api_key: str, api_base: str, timeout: float) -> stripe.StripeClient:
+    """A client for reads made while a delivery waits (a tie's third rule, STRIPE_REFETCH=always):
+    no retries of its own, since the library's would wait longer than a delivery may; the caller
+    retries within its budget. One per process, its connections kept alive."""
+    return stripe.StripeClient(
+        api_key,
+        base_addresses={"api": api_base},
+        max_network_retries=0,
+        http_client=stripe.RequestsClient(timeout=timeout),
     )
 
 

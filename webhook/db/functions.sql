@@ -299,8 +299,27 @@ $$;
 -- Returns processed | duplicate | ignored | stale, followed by '/<rule>' when a same-second tie
 -- was settled, or 'tie' when it could not be (nothing written). p_change NULL: only logged.
 -- `replay` (p_source 'replay') re-runs ignored and stale events too.
+-- What one event came to, as the caller reads it: status processed | duplicate | ignored | stale |
+-- tie (nothing written: the caller asks Stripe, or calls again with tie = 'unsettled'), and how a
+-- same-second tie was settled; or, for an event that failed alone, its SQLSTATE and message.
+DO $$
+BEGIN
+  IF to_regtype('public.stripe_outcome') IS NULL THEN
+    CREATE TYPE public.stripe_outcome AS (status text, settled_by text, sqlstate text, message text);
+  END IF;
+  -- Releases before the type returned text from these two: replaced (same step, one transaction).
+  IF (SELECT prorettype FROM pg_proc WHERE oid = to_regprocedure('public.stripe_apply_event(jsonb, jsonb, text)'))
+     = 'text'::regtype THEN
+    DROP FUNCTION public.stripe_apply_event(jsonb, jsonb, text);
+  END IF;
+  IF (SELECT prorettype FROM pg_proc
+      WHERE oid = to_regprocedure('public.stripe_apply_caught(text, text, text, text, boolean)')) = 'text'::regtype THEN
+    DROP FUNCTION public.stripe_apply_caught(text, text, text, text, boolean);
+  END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION public.stripe_apply_event(p_event jsonb, p_change jsonb, p_source text)
-RETURNS text LANGUAGE plpgsql AS $$
+RETURNS public.stripe_outcome LANGUAGE plpgsql AS $$
 DECLARE
   v_id text := p_event ->> 'id';
   v_status text := 'ignored';
@@ -312,14 +331,14 @@ BEGIN
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_event:' || v_id, 0));
   IF EXISTS (SELECT 1 FROM public.stripe_webhook_events WHERE id = v_id AND status NOT IN ('received', 'failed')
              AND (p_source <> 'replay' OR status = 'processed')) THEN
-    RETURN 'duplicate';
+    RETURN ROW('duplicate', NULL, NULL, NULL)::public.stripe_outcome;
   END IF;
   PERFORM set_config('stripe_webhook.event_id', v_id, true);
   IF p_change IS NOT NULL THEN
     -- Assigned, not SELECTed FROM: a function in FROM is run through a tuplestore (pg_stat_statements).
     v_applied := public.stripe_apply_customer(p_change, p_source, v_id, (p_event ->> 'created')::bigint, p_event);
     v_status := v_applied.status; v_note := v_applied.note; v_tie := v_applied.tie;
-    IF v_status = 'tie' THEN RETURN 'tie'; END IF;
+    IF v_status = 'tie' THEN RETURN ROW('tie', NULL, NULL, NULL)::public.stripe_outcome; END IF;
   END IF;
   -- Written once, with its outcome: an insert, or the retry of a failed, received (or replayed) event.
   INSERT INTO public.stripe_webhook_events AS e (id, type, api_version, livemode, created, payload, status,
@@ -329,40 +348,40 @@ BEGIN
           coalesce(p_change ->> 'id', public.stripe_event_customer_id(p_event)))
   ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, attempts = e.attempts + 1,
     last_error = EXCLUDED.last_error, processed_at = EXCLUDED.processed_at;
-  RETURN v_status || coalesce('/' || split_part(v_tie, ':', 2), '');
+  RETURN ROW(v_status, nullif(split_part(v_tie, ':', 2), ''), NULL, NULL)::public.stripe_outcome;
 END $$;
 
 -- One event of a shared statement in a subtransaction of its own, so that its error (a fault, a
--- lock timeout, a payload jsonb cannot hold: cast here, not by the caller) fails it alone:
--- 'error:<SQLSTATE>:<message>' in its place, or 'wait' when p_defer and its lock is held elsewhere.
--- A statement timeout is not caught (query_canceled is not OTHERS): it ends the whole statement.
+-- lock timeout, a payload jsonb cannot hold: cast here, not by the caller) fails it alone, with its
+-- SQLSTATE and message; status 'wait' when p_defer and its lock is held elsewhere. A statement
+-- timeout is not caught (query_canceled is not OTHERS): it ends the whole statement.
 -- p_actor: the console's person ('' for nobody), NULL when nobody in the statement is acting.
 CREATE OR REPLACE FUNCTION public.stripe_apply_caught(
   p_event text, p_change text, p_source text, p_actor text, p_defer boolean
-) RETURNS text LANGUAGE plpgsql AS $$
+) RETURNS public.stripe_outcome LANGUAGE plpgsql AS $$
 BEGIN
   IF p_actor IS NOT NULL THEN
     PERFORM set_config('stripe_webhook.actor', p_actor, true);
   END IF;
   RETURN public.stripe_apply_event(p_event::jsonb, p_change::jsonb, p_source);
 EXCEPTION WHEN OTHERS THEN
-  IF p_defer AND SQLSTATE = '55P03' THEN RETURN 'wait'; END IF;
-  RETURN 'error:' || SQLSTATE || ':' || SQLERRM;
+  IF p_defer AND SQLSTATE = '55P03' THEN RETURN ROW('wait', NULL, NULL, NULL)::public.stripe_outcome; END IF;
+  RETURN ROW(NULL, NULL, SQLSTATE, SQLERRM)::public.stripe_outcome;
 END $$;
 
 -- Several events in one statement and one transaction (webhook/batch.py: the deliveries one worker
--- received while its previous statement ran), each in a subtransaction of its own. A lock held
--- elsewhere (a migration, a stuck transaction, another worker's event of the same customer) must
--- hold up only the events that need it: first every event whose locks are free now, then those
--- that found theirs held, sharing one lock timeout between them. So an event that waits in vain
--- fails alone (answered 503, Stripe retries), and the others of its statement wait at most that
--- long for their commit. All settings are transaction-local: pooler-safe.
-CREATE OR REPLACE FUNCTION public.stripe_apply_events(
+-- received while its previous statement ran), each in a subtransaction of its own; one outcome row
+-- per event, in their order. A lock held elsewhere (a migration, a stuck transaction, another
+-- worker's event of the same customer) must hold up only the events that need it: first every
+-- event whose locks are free now, then those that found theirs held, sharing one lock timeout. So
+-- an event that waits in vain fails alone (answered 503, Stripe retries), and the others of its
+-- statement wait at most that long for their commit. All settings are transaction-local.
+CREATE OR REPLACE FUNCTION public.stripe_apply_batch(
   p_events text[], p_changes text[], p_sources text[], p_actors text[]
-) RETURNS text[] LANGUAGE plpgsql AS $$
+) RETURNS SETOF public.stripe_outcome LANGUAGE plpgsql AS $$
 DECLARE
   v_count int := coalesce(array_length(p_events, 1), 0);
-  v_outcomes text[] := array_fill(NULL::text, ARRAY[v_count]);
+  v_outcomes public.stripe_outcome[] := array_fill(NULL::public.stripe_outcome, ARRAY[v_count]);
   v_waiting int[] := '{}';
   v_deadline timestamptz := clock_timestamp() + interval '2 seconds';
   i int;
@@ -371,7 +390,7 @@ BEGIN
   FOR i IN 1 .. v_count LOOP
     v_outcomes[i] := public.stripe_apply_caught(p_events[i], p_changes[i], p_sources[i],
       CASE WHEN p_actors IS NOT NULL THEN coalesce(p_actors[i], '') END, true);
-    IF v_outcomes[i] = 'wait' THEN v_waiting := v_waiting || i; END IF;
+    IF (v_outcomes[i]).status = 'wait' THEN v_waiting := v_waiting || i; END IF;
   END LOOP;
   FOREACH i IN ARRAY v_waiting LOOP
     PERFORM set_config('lock_timeout',
@@ -379,26 +398,20 @@ BEGIN
     v_outcomes[i] := public.stripe_apply_caught(p_events[i], p_changes[i], p_sources[i],
       CASE WHEN p_actors IS NOT NULL THEN coalesce(p_actors[i], '') END, false);
   END LOOP;
-  RETURN v_outcomes;
+  RETURN QUERY SELECT * FROM unnest(v_outcomes);
 END $$;
 
--- The API roles may call none of the consumer's functions (every public.stripe_* one, whatever a
--- later release adds; Supabase's default privileges grant EXECUTE on new functions to them).
-DO $$
-DECLARE
-  v_function regprocedure;
-BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
-    RETURN;
-  END IF;
-  FOR v_function IN
-    SELECT p.oid::regprocedure FROM pg_proc p
-    WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'stripe\_%'
-      AND (has_function_privilege('anon', p.oid, 'EXECUTE') OR has_function_privilege('authenticated', p.oid, 'EXECUTE'))
-  LOOP
-    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC, anon, authenticated', v_function);
-  END LOOP;
-END $$;
+-- The batch as the release before this one calls it (text outcomes: 'processed/type', 'tie',
+-- 'error:<SQLSTATE>:<message>'), so that it keeps taking deliveries while this one is deployed.
+CREATE OR REPLACE FUNCTION public.stripe_apply_events(
+  p_events text[], p_changes text[], p_sources text[], p_actors text[]
+) RETURNS text[] LANGUAGE sql AS $$
+  SELECT coalesce(array_agg(CASE WHEN o.sqlstate IS NOT NULL THEN 'error:' || o.sqlstate || ':' || o.message
+                                 ELSE o.status || coalesce('/' || o.settled_by, '') END ORDER BY o.n), '{}')
+  FROM public.stripe_apply_batch(p_events, p_changes, p_sources, p_actors)
+    WITH ORDINALITY AS o (status, settled_by, sqlstate, message, n)
+$$;
+
 
 -- step (repeat): events about a customer's subscription, card, discount or tax id were once filed
 -- under that object's own id; file them under their customer, a batch a transaction

@@ -16,10 +16,10 @@ from werkzeug.exceptions import HTTPException
 
 from webhook import console, metrics
 from webhook.config import Settings, load_settings
+from webhook.database import make_engine, schema_ready, side_engine
 from webhook.logs import configure_logging, log
 from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
 from webhook.readiness import Readiness
-from webhook.store import make_engine, schema_ready, side_engine
 from webhook.verify import RejectedDelivery, parse_event, verify_signature
 
 WEBHOOK_PATH = "/webhooks/stripe"

@@ -7,6 +7,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -14,6 +15,14 @@ from sqlalchemy.exc import ArgumentError
 
 # Embedded mode keeps its database and generated secret here, relative to where it is started.
 DATA_DIR = Path(".data")
+
+
+class Refetch(StrEnum):
+    """When a delivery reads the customer from Stripe (STRIPE_REFETCH)."""
+
+    TIE = "tie"  # only for a same-second tie nothing else orders
+    ALWAYS = "always"  # every customer event (dj-stripe's and Pay's way)
+    NEVER = "never"
 
 
 class ConfigError(Exception):
@@ -33,7 +42,7 @@ class Settings:
     port: int
     db_pool_size: int
     data_dir: Path
-    refetch: str = "never"  # tie | always | never (CONTRACT §4, "Ties")
+    refetch: Refetch = Refetch.NEVER
     heal_interval: int = 600  # seconds
     reconcile_interval: int = 86400  # seconds; 0: never
     event_retention_days: int = 90  # 0: keep every event
@@ -169,10 +178,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if livemode_raw not in ("", "true", "false"):
         raise ConfigError("STRIPE_EXPECT_LIVEMODE must be true or false")
 
-    refetch = env.get("STRIPE_REFETCH", "").strip().lower() or ("tie" if api_key else "never")
-    if refetch not in ("tie", "always", "never"):
+    refetch_raw = env.get("STRIPE_REFETCH", "").strip().lower() or ("tie" if api_key else "never")
+    if refetch_raw not in set(Refetch):
         raise ConfigError("STRIPE_REFETCH must be tie, always or never")
-    if refetch != "never" and api_key is None:
+    refetch = Refetch(refetch_raw)
+    if refetch is not Refetch.NEVER and api_key is None:
         raise ConfigError(f"STRIPE_REFETCH={refetch} needs STRIPE_API_KEY")
 
     api_base = env.get("STRIPE_API_BASE", "").strip() or "https://api.stripe.com"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import stripe
@@ -13,6 +14,7 @@ from sqlalchemy import Engine
 
 from webhook import store, stripe_api
 from webhook.handlers import CustomerChange, customer_state
+from webhook.results import Source
 
 DELETED_RETRIES = 3
 
@@ -50,7 +52,7 @@ def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, u
     else:
         raise stripe_api.StripeUnavailable("Stripe kept answering with deleted customers")
     change = customer_state(customer, user_id_key).as_json()
-    store.apply_customers(engine, [change], "api", int(customer.get("created") or time.time()))
+    store.apply_customers(engine, [change], Source.API, int(customer.get("created") or time.time()))
     with engine.connect() as connection:
         linked = store.customer_id_for_user(connection, user_id)
     # Another customer may have claimed the user meanwhile (a checkout's webhook): that one wins.
@@ -72,16 +74,23 @@ def push_profile(
     return customer_id
 
 
+class DriftKind(StrEnum):
+    MISSING = "missing"  # Stripe does not know the customer
+    DELETED = "deleted"  # Stripe has it as deleted
+    CHANGED = "changed"  # email or name differ
+    UNLINKED = "unlinked"  # a user no customer holds while this one names them
+
+
 @dataclass(frozen=True)
 class Drift:
     stripe_customer_id: str
-    kind: str  # missing | deleted | changed | unlinked (a user no customer holds while this one names them)
+    kind: DriftKind
     fields: tuple[str, ...] = ()
     stripe_state: CustomerChange | None = None
 
     @property
     def deletes(self) -> bool:
-        return self.kind in ("missing", "deleted")
+        return self.kind in (DriftKind.MISSING, DriftKind.DELETED)
 
     def line(self) -> str:
         detail = f" ({', '.join(self.fields)} differ)" if self.fields else ""
@@ -106,16 +115,16 @@ def find_drift(
     for customer_id, email, name in rows:
         remote = live.get(customer_id) or stripe_api.retrieve_customer(client, customer_id)
         if remote is None:
-            drifts.append(Drift(customer_id, "missing"))
+            drifts.append(Drift(customer_id, DriftKind.MISSING))
         elif remote.get("deleted"):
-            drifts.append(Drift(customer_id, "deleted"))
+            drifts.append(Drift(customer_id, DriftKind.DELETED))
         else:
             differ = tuple(field for field, local in (("email", email), ("name", name)) if remote.get(field) != local)
             if differ:
-                drifts.append(Drift(customer_id, "changed", differ, customer_state(remote, user_id_key)))
+                drifts.append(Drift(customer_id, DriftKind.CHANGED, differ, customer_state(remote, user_id_key)))
     with engine.connect() as connection:
         orphans = store.relink_users(connection, fix=False)
-    drifts.extend(Drift(customer_id, "unlinked", ("user_id",)) for _, customer_id in orphans)
+    drifts.extend(Drift(customer_id, DriftKind.UNLINKED, ("user_id",)) for _, customer_id in orphans)
     return len(rows), drifts
 
 
@@ -162,8 +171,8 @@ def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
     no longer has are deleted (a row an event set after `as_of` is left alone), and a user left
     unlinked is linked to the newest customer that names them."""
     changes = [change.as_json() for change in map(_fix_of, drifts) if change is not None]
-    outcomes = store.apply_customers(engine, changes, "api", as_of) if changes else []
-    if any(drift.kind == "unlinked" for drift in drifts):
+    outcomes = store.apply_customers(engine, changes, Source.API, as_of) if changes else []
+    if any(drift.kind is DriftKind.UNLINKED for drift in drifts):
         with engine.connect() as connection:
             outcomes += ["processed"] * len(store.relink_users(connection, fix=True))
     return outcomes
@@ -187,4 +196,4 @@ def resync(
         if remote.get("deleted")
         else customer_state(remote, user_id_key)
     )
-    return store.apply_customers(engine, [change.as_json()], "api", as_of, actor)[0]
+    return store.apply_customers(engine, [change.as_json()], Source.API, as_of, actor)[0]

@@ -30,8 +30,7 @@ from webhook.process import DatabaseUnavailable
 from webhook.prune import prune
 from webhook.replay import replay_from_stripe
 
-LEASE, EVENTS_CURSOR = "heal_lease", "heal_events"
-STATE = jobs_store.HEAL_STATE
+LEASE, EVENTS_CURSOR, STATE = jobs_store.Cursor.HEAL_LEASE, jobs_store.Cursor.HEAL_EVENTS, jobs_store.Cursor.HEAL_STATE
 # Stripe lists an event by its `created`, but may make it visible a little later: each round looks
 # this far behind where the last one started.
 OVERLAP_SECONDS = 600

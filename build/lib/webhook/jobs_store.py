@@ -5,14 +5,22 @@ stay in store.py."""
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Engine, text
 
-HEAL_STATE = "heal_state"  # JSON: when heal's rounds ran and what the last one found (for /metrics)
+
+class Cursor(StrEnum):
+    """Every row of stripe_sync_cursors, named once."""
+
+    BACKFILL = "backfill"  # the last customer a stopped backfill wrote: the next run resumes after it
+    HEAL_EVENTS = "heal_events"  # where heal's last recovery round started (unix seconds)
+    HEAL_LEASE = "heal_lease"  # which heal process works now (the lease, renewed during a round)
+    HEAL_STATE = "heal_state"  # JSON: when heal's rounds ran and what the last one found (for /metrics)
 
 
-def saved_cursor(engine: Engine, name: str) -> str | None:
+def saved_cursor(engine: Engine, name: Cursor) -> str | None:
     with engine.connect() as connection:
         found = connection.execute(
             text("SELECT value FROM stripe_sync_cursors WHERE name = :name"), {"name": name}
@@ -20,7 +28,7 @@ def saved_cursor(engine: Engine, name: str) -> str | None:
     return None if found is None else str(found)
 
 
-def save_cursor(engine: Engine, name: str, value: str | None) -> None:
+def save_cursor(engine: Engine, name: Cursor, value: str | None) -> None:
     """Remember where a job got to (or, as JSON, what it found); None forgets it."""
     with engine.connect() as connection:
         if value is None:
@@ -35,7 +43,7 @@ def save_cursor(engine: Engine, name: str, value: str | None) -> None:
         )
 
 
-def saved_json(engine: Engine, name: str) -> dict[str, Any]:
+def saved_json(engine: Engine, name: Cursor) -> dict[str, Any]:
     value = saved_cursor(engine, name)
     return dict(json.loads(value)) if value else {}
 
@@ -53,14 +61,14 @@ _TAKE_LEASE = text(
 )
 
 
-def take_lease(engine: Engine, name: str, holder: str, seconds: float) -> bool:
+def take_lease(engine: Engine, name: Cursor, holder: str, seconds: float) -> bool:
     """Take, or renew, the lease `name` for `seconds`; False while another holder's is live."""
     with engine.connect() as connection:
         taken = connection.execute(_TAKE_LEASE, {"name": name, "holder": holder, "seconds": seconds})
         return taken.first() is not None
 
 
-def release_lease(engine: Engine, name: str, holder: str) -> None:
+def release_lease(engine: Engine, name: Cursor, holder: str) -> None:
     with engine.connect() as connection:
         connection.execute(
             text("DELETE FROM stripe_sync_cursors WHERE name = :name AND value = :holder"),
@@ -68,7 +76,6 @@ def release_lease(engine: Engine, name: str, holder: str) -> None:
         )
 
 
-SETTLED = ("processed", "ignored", "stale")
 _PRUNABLE = "status IN ('processed', 'ignored', 'stale') AND received_at < to_timestamp(:cutoff)"
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from webhook.store import schema_ready
+from webhook.database import schema_ready
 
 READY_SECONDS = 2.0
 

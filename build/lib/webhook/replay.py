@@ -17,6 +17,7 @@ from webhook import store, stripe_api
 from webhook.config import Settings
 from webhook.handlers import HANDLERS
 from webhook.process import ProcessingFailed, process_event
+from webhook.results import Source
 from webhook.verify import RejectedDelivery, parse_event
 
 
@@ -54,7 +55,7 @@ def _run(
             summary.failures.append(f"{event_id}: malformed, skipped: {malformed}")
             continue
         try:
-            outcome = process_event(engine, event, settings, source="replay", actor=actor).value
+            outcome = process_event(engine, event, settings, source=Source.REPLAY, actor=actor).value
         except ProcessingFailed as failure:
             outcome = "failed"
             summary.failures.append(f"{event_id}: {failure}")

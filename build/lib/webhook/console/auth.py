@@ -17,8 +17,8 @@ from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import Engine
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from webhook import console_store
 from webhook.config import Settings
+from webhook.console import queries
 from webhook.logs import log
 
 SESSION_HOURS = 8
@@ -67,14 +67,14 @@ def _token_hash(token: str) -> str:
 def sign_in(engine: Engine, settings: Settings, name: str, password: str) -> bool:
     users = dict(settings.support_users)
     key = name if name in users else "?"  # unknown names share one count: no row per guess
-    if console_store.count_signin_attempt(engine, key, SIGNIN_WINDOW_SECONDS) > MAX_FAILED_SIGNINS:
+    if queries.count_signin_attempt(engine, key, SIGNIN_WINDOW_SECONDS) > MAX_FAILED_SIGNINS:
         raise TooManyAttempts()
     if not check_password_hash(users.get(name, _NOBODY), password) or name not in users:
         log(logging.WARNING, "support sign-in failed", name=key)
         return False
-    console_store.clear_signin_attempts(engine, key)
+    queries.clear_signin_attempts(engine, key)
     token = secrets.token_urlsafe(32)
-    console_store.open_session(engine, _token_hash(token), name, SESSION_HOURS * 3600)
+    queries.open_session(engine, _token_hash(token), name, SESSION_HOURS * 3600)
     session.clear()
     session.permanent = True
     session["who"] = name
@@ -87,7 +87,7 @@ def sign_in(engine: Engine, settings: Settings, name: str, password: str) -> boo
 def sign_out(engine: Engine) -> None:
     token = session.get("token")
     if isinstance(token, str):
-        console_store.close_session(engine, _token_hash(token))
+        queries.close_session(engine, _token_hash(token))
     session.clear()
 
 
@@ -104,4 +104,4 @@ def _check_session(engine: Engine, settings: Settings) -> str | None:
     hashed = dict(settings.support_users).get(name or "")
     if hashed is None or not isinstance(token, str) or session.get("fingerprint") != _fingerprint(hashed):
         return None
-    return str(name) if console_store.session_open(engine, _token_hash(token), str(name)) else None
+    return str(name) if queries.session_open(engine, _token_hash(token), str(name)) else None

@@ -20,22 +20,5 @@ CREATE TABLE IF NOT EXISTS public.stripe_support_signins (
   window_started timestamptz NOT NULL DEFAULT now()
 );
 
--- step: the console's tables: row level security on, no policies, nothing for the API roles
-DO $$
-DECLARE
-  v_table text;
-BEGIN
-  FOREACH v_table IN ARRAY ARRAY['public.stripe_support_sessions', 'public.stripe_support_signins'] LOOP
-    IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = v_table::regclass) THEN
-      EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', v_table);
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') AND (
-        has_table_privilege('anon', v_table, 'SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER')
-        OR has_table_privilege('authenticated', v_table, 'SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER')) THEN
-      EXECUTE format('REVOKE ALL ON %s FROM anon, authenticated', v_table);
-    END IF;
-  END LOOP;
-END $$;
-
 -- step: sign-in counts kept in the jobs' cursors by earlier releases
 DELETE FROM public.stripe_sync_cursors WHERE name LIKE 'support-signin:%';

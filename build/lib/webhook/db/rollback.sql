@@ -4,6 +4,7 @@
 -- auth.* and the API roles are left alone: they belong to Supabase (or db/supabase_shim.sql).
 
 DROP FUNCTION IF EXISTS public.stripe_apply_events(text[], text[], text[], text[]);
+DROP FUNCTION IF EXISTS public.stripe_apply_batch(text[], text[], text[], text[]);
 DROP FUNCTION IF EXISTS public.stripe_apply_caught(text, text, text, text, boolean);
 DROP FUNCTION IF EXISTS public.stripe_apply_event(jsonb, jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint, jsonb);
@@ -27,4 +28,5 @@ DROP FUNCTION IF EXISTS public.stripe_customers_moved();
 DROP FUNCTION IF EXISTS public.stripe_relink_users(boolean);
 DROP FUNCTION IF EXISTS public.stripe_hand_on_user(uuid, text);
 DROP FUNCTION IF EXISTS public.stripe_create_trigger(text, text);
+DROP TYPE IF EXISTS public.stripe_outcome;
 DROP FUNCTION IF EXISTS public.stripe_fit_table(text, text[], text[]);

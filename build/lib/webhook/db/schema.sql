@@ -2,6 +2,7 @@
 -- tombstones. db/functions.sql (applied right after this file) holds the functions and triggers the
 -- consumer calls. Needs auth.users, auth.uid(), auth.role() (Supabase, or db/supabase_shim.sql on
 -- a plain Postgres 14+). Idempotent: every statement may run again. Undone by db/rollback.sql.
+-- Row level security, policies and grants for every table are db/access.sql's, applied last.
 --
 -- Run while the previous release still takes deliveries: `db migrate` runs each step below in a
 -- transaction of its own with a short lock_timeout, and retries a step that could not get its lock,
@@ -145,55 +146,10 @@ CREATE TABLE IF NOT EXISTS public.stripe_customers_audit (
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_audit_customer_idx
   ON public.stripe_customers_audit (stripe_customer_id, changed_at);
 
--- step: stripe_sync_cursors: where a paging job stopped (backfill's last customer), to resume there
+-- step: stripe_sync_cursors: the background jobs' state, a row each (named in jobs_store.Cursor):
+-- where a stopped backfill resumes, heal's cursor, its lease and what its last round found
 CREATE TABLE IF NOT EXISTS public.stripe_sync_cursors (
   name text PRIMARY KEY,
   value text NOT NULL,
   updated_at timestamptz NOT NULL DEFAULT now()
 );
-
--- step: row level security: users read their own customer row, only the service role writes; the
--- other tables have no policies. A policy is created when missing (a changed one needs a new name).
-DO $$
-DECLARE
-  v_table text;
-BEGIN
-  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events', 'public.stripe_customers_audit',
-      'public.stripe_customer_tombstones', 'public.stripe_customer_claims', 'public.stripe_sync_cursors'] LOOP
-    IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = v_table::regclass) THEN
-      EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', v_table);
-    END IF;
-  END LOOP;
-  IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = 'stripe_customers'
-                 AND policyname = 'Users can view own customer data') THEN
-    CREATE POLICY "Users can view own customer data" ON public.stripe_customers
-      FOR SELECT USING (auth.uid() = user_id);
-  END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = 'stripe_customers'
-                 AND policyname = 'Service role only modifications') THEN
-    CREATE POLICY "Service role only modifications" ON public.stripe_customers
-      FOR ALL USING (auth.role() = 'service_role');
-  END IF;
-END $$;
-
--- step: what the API roles may not do
--- Supabase's default grants give the API roles every privilege; TRUNCATE ignores row level security
--- and fires no row trigger (no audit, no tombstone), and writes belong to the consumer alone.
-DO $$
-DECLARE
-  v_table text;
-  v_privilege text;
-BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
-    RETURN;
-  END IF;
-  FOREACH v_table IN ARRAY ARRAY['public.stripe_customers', 'public.stripe_webhook_events', 'public.stripe_customers_audit',
-      'public.stripe_customer_tombstones', 'public.stripe_customer_claims', 'public.stripe_sync_cursors'] LOOP
-    FOREACH v_privilege IN ARRAY ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER'] LOOP
-      CONTINUE WHEN v_table = 'public.stripe_customers' AND v_privilege = 'SELECT';  -- row level security decides
-      IF has_table_privilege('anon', v_table, v_privilege) OR has_table_privilege('authenticated', v_table, v_privilege) THEN
-        EXECUTE format('REVOKE %s ON %s FROM anon, authenticated', v_privilege, v_table);
-      END IF;
-    END LOOP;
-  END LOOP;
-END $$;

@@ -1,5 +1,6 @@
-"""Nothing wrong, nothing wiped: checkouts, deletions and the destructive commands, driven from the
-outside (signed deliveries to gunicorn, CLI subprocesses, the fake Stripe over HTTP)."""
+"""Links that move or go, tombstones, checkouts, verify --fix's refusals and replays of stale events:
+what must never be wrong or lost, tried from the outside (signed deliveries to gunicorn, CLI
+subprocesses, the fake Stripe over HTTP)."""
 
 from __future__ import annotations
 

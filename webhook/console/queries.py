@@ -1,6 +1,7 @@
 """The support console's SQL: lookups by each kind of key, one customer's row, events and audit
-(each an index scan: see tests/test_console.py for the plans), the failed events, and the count of
-failed sign-ins that slows guessing down on every worker and host alike."""
+(each an index scan: see tests/test_console.py for the plans), the failed events, the sessions,
+and the count of sign-in attempts that slows guessing down on every worker and host alike. Run on
+the console's own pool (database.side_engine), every statement bounded."""
 
 from __future__ import annotations
 

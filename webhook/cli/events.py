@@ -1,5 +1,5 @@
-"""The long-running commands: backfill, verify, prune and heal. On a terminal they show a progress
-bar (tqdm, on stderr); their summary lines go to stdout either way."""
+"""The events' commands: replay (stored, or from Stripe), backfill, verify, prune and heal. On a
+terminal the long ones show a progress bar (tqdm, on stderr); their summary lines go to stdout."""
 
 from __future__ import annotations
 
@@ -9,45 +9,88 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import stripe
-from sqlalchemy import Engine
-from tqdm import tqdm
 
-from webhook import embedded, stripe_api
+from webhook import stripe_api
 from webhook.backfill import backfill
+from webhook.cli.common import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    Commands,
+    UsageError,
+    duration,
+    engine_for,
+    progress_bar,
+)
 from webhook.config import Settings
 from webhook.customers import FixRefused, check_fix, find_drift, fix_drift
 from webhook.heal import Healer
 from webhook.logs import configure_logging, log
 from webhook.prune import PruneRefused, prune
-from webhook.store import make_engine
+from webhook.replay import ReplaySummary, replay_from_stripe, replay_stored
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2  # CONTRACT §5, for every command
-
-
-def engine_for(settings: Settings) -> Engine:
-    """The commands' engine. Their statements read whole tables at times (verify at a million
-    rows): bounded, but by a minute rather than a delivery's seconds."""
-    return make_engine(embedded.database_url(settings), pool_size=2, statement_timeout="60s")
+STOP_GRACE_SECONDS = 3.0
 
 
-@contextmanager
-def progress_bar(what: str, unit: str) -> Iterator[Callable[..., None]]:
-    """update(done, total) for a job's progress: a bar on a terminal, nothing otherwise."""
-    bar = tqdm(desc=what, unit=f" {unit}", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+def add_commands(commands: Commands) -> None:
+    replay = commands.add_parser("replay", help="run events through the consumer again")
+    replay.add_argument("--status", choices=["failed", "received", "stale", "ignored"], help="default: failed")
+    replay.add_argument("--event", help="one stored event, evt_…")
+    replay.add_argument("--since", type=duration, help="received within this window (24h); with --from-stripe, 72h")
+    replay.add_argument("--from-stripe", action="store_true", help="fetch from Stripe the events the log lacks")
+    replay.set_defaults(run=cmd_replay)
 
-    def update(done: int, total: int | None = None) -> None:
-        if total is not None:
-            bar.total = total
-        bar.update(done - bar.n)
+    backfill_parser = commands.add_parser("backfill", help="upsert every Stripe customer (resumes a stopped run)")
+    backfill_parser.add_argument(
+        "--from-start", action="store_true", help="ignore where a stopped run got to and list every customer again"
+    )
+    backfill_parser.set_defaults(run=cmd_backfill)
 
-    try:
-        yield update
-    finally:
-        bar.close()
+    verify = commands.add_parser("verify", help="compare every row with Stripe; exit 1 on drift")
+    verify.add_argument("--fix", action="store_true", help="apply Stripe's state to drifted rows")
+    verify.add_argument(
+        "--allow-mass-delete",
+        action="store_true",
+        help="with --fix, delete rows even when more than a tenth of them look gone from Stripe",
+    )
+    verify.set_defaults(run=cmd_verify)
+
+    prune_parser = commands.add_parser("prune", help="delete settled events older than the retention")
+    prune_parser.add_argument("--older-than", type=duration, help="default: EVENT_RETENTION_DAYS (90) days")
+    prune_parser.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    prune_parser.set_defaults(run=cmd_prune)
+
+    heal = commands.add_parser("heal", help="recover missed events, fix drift and prune, for ever (a Procfile line)")
+    heal.add_argument("--once", action="store_true", help="one round, then exit (cron, tests)")
+    heal.set_defaults(run=cmd_heal)
+
+
+def _finish(summary: ReplaySummary) -> int:
+    for failure in summary.failures:
+        print(f"failed {failure}")
+    print(summary.line())
+    return EXIT_FAILURES if summary.failed else EXIT_OK
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    engine = engine_for(settings)
+    if args.from_stripe:
+        if args.event or args.status:
+            raise UsageError("--from-stripe takes only --since")
+        window = min(args.since or 72 * 3600, stripe_api.EVENTS_KEPT_SECONDS)
+        client = stripe_api.make_client(settings)
+        return _finish(replay_from_stripe(engine, settings, client, since=int(time.time()) - window))
+    if args.event and (args.status or args.since):
+        raise UsageError("--event names one event; it takes no --status or --since")
+    summary = replay_stored(
+        engine, settings, event_id=args.event, status=args.status or "failed", since_seconds=args.since
+    )
+    if args.event and not summary.outcomes:
+        print(f"error: no stored event {args.event}", file=sys.stderr)
+        return EXIT_FAILURES
+    return _finish(summary)
 
 
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
@@ -101,9 +144,6 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-STOP_GRACE_SECONDS = 3.0
-
-
 def cmd_heal(settings: Settings, args: argparse.Namespace) -> int:
     configure_logging()
     healer = Healer(engine_for(settings), settings, stripe_api.make_client(settings, background=True))
@@ -130,29 +170,3 @@ def cmd_heal(settings: Settings, args: argparse.Namespace) -> int:
         log(logging.WARNING, "heal stopped mid-round; the round is abandoned and stays due", holder=healer.holder)
         healer.release_lease()
     return EXIT_OK
-
-
-def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser], duration: Callable[[str], int]) -> None:
-    backfill_parser = commands.add_parser("backfill", help="upsert every Stripe customer (resumes a stopped run)")
-    backfill_parser.add_argument(
-        "--from-start", action="store_true", help="ignore where a stopped run got to and list every customer again"
-    )
-    backfill_parser.set_defaults(run=cmd_backfill)
-
-    verify = commands.add_parser("verify", help="compare every row with Stripe; exit 1 on drift")
-    verify.add_argument("--fix", action="store_true", help="apply Stripe's state to drifted rows")
-    verify.add_argument(
-        "--allow-mass-delete",
-        action="store_true",
-        help="with --fix, delete rows even when more than a tenth of them look gone from Stripe",
-    )
-    verify.set_defaults(run=cmd_verify)
-
-    prune_parser = commands.add_parser("prune", help="delete settled events older than the retention")
-    prune_parser.add_argument("--older-than", type=duration, help="default: EVENT_RETENTION_DAYS (90) days")
-    prune_parser.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
-    prune_parser.set_defaults(run=cmd_prune)
-
-    heal = commands.add_parser("heal", help="recover missed events, fix drift and prune, for ever (a Procfile line)")
-    heal.add_argument("--once", action="store_true", help="one round, then exit (cron, tests)")
-    heal.set_defaults(run=cmd_heal)

@@ -1,0 +1,78 @@
+"""What each handled event type asks of the customer table, without a database."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from webhook import samples
+from webhook.handlers import HANDLERS, BadCustomerId, customer_state, user_link
+
+
+def test_a_customer_object_as_the_upsert_it_implies() -> None:
+    user = str(uuid.uuid4())
+    customer = samples.customer(
+        email="a@example.com", name="A", metadata={"user_id": user, "plan": "pro"}, default_payment_method="pm_1"
+    )
+    change = customer_state(customer, "user_id")
+    assert (change.action, change.id, change.email, change.name) == ("upsert", customer["id"], "a@example.com", "A")
+    assert (change.default_payment_method, change.metadata, change.user_id, change.note) == (
+        "pm_1",
+        {"user_id": user, "plan": "pro"},
+        user,
+        None,
+    )
+
+
+def test_expanded_objects_and_odd_values() -> None:
+    customer = {
+        **samples.customer(email=None, name=None),
+        "invoice_settings": {"default_payment_method": {"id": "pm_expanded", "object": "payment_method"}},
+        "metadata": "not a dict",
+    }
+    change = customer_state(customer, "user_id")
+    assert (change.email, change.name, change.default_payment_method, change.metadata) == (
+        None,
+        None,
+        "pm_expanded",
+        {},
+    )
+    assert change.note == "metadata.user_id has no user id"
+
+
+@pytest.mark.parametrize(
+    ("candidate", "expected"),
+    [
+        (None, (None, "x has no user id")),
+        ("", (None, "x has no user id")),
+        ("not-a-uuid", (None, "x is not a UUID")),
+        ("6F1C0E52-0B8A-4B1E-9C3A-2D6A1B9F0C11", ("6f1c0e52-0b8a-4b1e-9c3a-2d6a1b9f0c11", None)),
+    ],
+)
+def test_user_links(candidate: object, expected: tuple[str | None, str | None]) -> None:
+    assert user_link(candidate, "x") == expected
+
+
+@pytest.mark.parametrize("bad", [None, "", "sub_123", "cus_", "cus_bad-id", 42, {"id": "cu_1"}])
+def test_a_customer_event_without_a_cus_id_is_bad_input(bad: object) -> None:
+    for event_type in ("customer.created", "customer.updated", "customer.deleted"):
+        with pytest.raises(BadCustomerId):
+            HANDLERS[event_type]({"id": bad}, "user_id")
+
+
+def test_deletion_and_checkout() -> None:
+    deleted = HANDLERS["customer.deleted"]({"id": "cus_Gone1"}, "user_id")
+    assert deleted is not None and (deleted.action, deleted.id) == ("delete", "cus_Gone1")
+    user = str(uuid.uuid4())
+    session = samples.checkout_session("cus_Buyer1", user, email="b@example.com", name="B")
+    linked = HANDLERS["checkout.session.completed"](session, "user_id")
+    assert linked is not None and (linked.action, linked.id, linked.user_id, linked.email) == (
+        "link",
+        "cus_Buyer1",
+        user,
+        "b@example.com",
+    )
+    # A payment-mode session without a customer, or one started without the app's user: nothing.
+    assert HANDLERS["checkout.session.completed"]({**session, "customer": None}, "user_id") is None
+    assert HANDLERS["checkout.session.completed"]({**session, "client_reference_id": None}, "user_id") is None
