@@ -1,4 +1,4 @@
-"""stripe-sync-engine, the peer `bench.run` measures in the same run (issue 12), in both of its
+"""stripe-sync-engine, the peer `bench.run` measures in the same run, in both of its
 lines: 0.48.5 (`@supabase/stripe-sync-engine`) and 1.0.32 (`@stripe/sync-engine`). npm-installed
 into a scratch folder (Node from Debian's packages when missing) and run by bench/peers/server.cjs,
 each on a database of its own. Skipped, with the reason, when any of that fails."""

@@ -1,4 +1,4 @@
-"""CONTRACT §4: what each event does to stripe_customers, told as deliveries to the real app."""
+"""Event semantics (README): what each event does to stripe_customers, told as deliveries to the real app."""
 
 from __future__ import annotations
 

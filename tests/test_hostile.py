@@ -1,4 +1,4 @@
-"""Hostile and malformed deliveries: each gets its CONTRACT §2 answer, writes nothing it should not,
+"""Hostile and malformed deliveries: each gets its documented answer, writes nothing it should not,
 and leaks nothing in the answer or the logs."""
 
 from __future__ import annotations

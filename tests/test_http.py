@@ -1,4 +1,4 @@
-"""Every answer of CONTRACT §2, from the real Flask app, with real signatures on a real Postgres."""
+"""Every answer of POST /webhooks/stripe (README), from the real Flask app, with real signatures on a real Postgres."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CONTRACT §5 operations against a fake Stripe API (mocked at the HTTP layer) and a real Postgres."""
+"""The operations (README, "Operating it") against a fake Stripe API (mocked at the HTTP layer) and a real Postgres."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CONTRACT §3: the migration is idempotent and reversible, and the tables are as promised."""
+"""The tables (README): the migration is idempotent and reversible, and the tables are as promised."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CONTRACT §4, "Ties": two events of one customer in one second, settled by the ladder, in both
+"""Ties (README): two events of one customer in one second, settled by the ladder, in both
 delivery orders and duplicated, through a real gunicorn with two workers; the fake Stripe over HTTP
 (STRIPE_API_BASE) holds the truth for the third rung."""
 

@@ -29,7 +29,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 def answer_delivery(
     body: bytes, signature: str | None, engine: Engine, settings: Settings
 ) -> tuple[int, dict[str, Any]]:
-    """Every webhook delivery's answer (CONTRACT §2), whichever way it came in."""
+    """Every webhook delivery's answer (README, "Answers"), whichever way it came in."""
     started = time.perf_counter()
     try:
         # Verify the exact bytes Stripe signed, before anything trusts them.

@@ -6,7 +6,7 @@ event, so one event's error fails that event alone). The others wait for that st
 first of those that queued after it sends the next. Each thread gets its own event's outcome, after
 the commit that holds it. Idle, a delivery goes alone and at once; under load, a round trip, a
 commit and a backend's wake-up are shared by a few events: those were a third of Postgres' CPU per
-event (issue 12; README, Performance). One statement at a time per process, on purpose: with two or
+event (docs/performance.md). One statement at a time per process, on purpose: with two or
 more in flight, the batches shrink and both Postgres and the workers spent more CPU per event.
 """
 

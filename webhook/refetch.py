@@ -1,5 +1,5 @@
 """A customer's state read from Stripe while an event is delivered: the third rule of a same-second
-tie, and every customer event under STRIPE_REFETCH=always (CONTRACT §4).
+tie, and every customer event under STRIPE_REFETCH=always (README, "Ties").
 
 Stripe's `created` has one-second resolution, so an event cannot say which of two in one second came
 last; a retrieve can, stamped with Stripe's own clock (the response's Date header) so that events

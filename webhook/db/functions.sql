@@ -156,7 +156,7 @@ BEGIN
 END $$;
 
 -- Stripe's `created` has one-second resolution and Stripe delivers in any order, so two events of
--- one customer in one second need another rule (CONTRACT §4, "Ties"): the type first, then the
+-- one customer in one second need another rule (README, "Ties"): the type first, then the
 -- updates' previous_attributes against the other event's payload from the log. Returns
 -- 'newer:<rule>' or 'older:<rule>' for p_event against p_other_id, or NULL when neither decides.
 CREATE OR REPLACE FUNCTION public.stripe_tie_order(p_event jsonb, p_other_id text)
@@ -211,7 +211,7 @@ BEGIN
   END IF;
   SELECT * INTO v_row FROM public.stripe_customers WHERE stripe_customer_id = v_cus;
   v_row_created := (v_row.customer_metadata #>> '{sync,event_created}')::bigint;
-  -- A checkout carries no customer state: it neither goes stale nor stamps the row (CONTRACT §4).
+  -- A checkout carries no customer state: it neither goes stale nor stamps the row.
   IF v_action <> 'link' AND v_row_created > v_as_of THEN
     status := 'stale'; RETURN;
   ELSIF v_action <> 'link' AND v_row_created = v_as_of AND v_event_id IS NOT NULL
