@@ -156,7 +156,7 @@ BEGIN
 END $$;
 
 -- Stripe's `created` has one-second resolution and Stripe delivers in any order, so two events of
--- one customer in one second need another rule (README, "Ties"): the type first, then the
+-- one object in one second need another rule (README, "Ties"): the type first, then the
 -- updates' previous_attributes against the other event's payload from the log. Returns
 -- 'newer:<rule>' or 'older:<rule>' for p_event against p_other_id, or NULL when neither decides.
 CREATE OR REPLACE FUNCTION public.stripe_tie_order(p_event jsonb, p_other_id text)
@@ -166,10 +166,10 @@ DECLARE
   v_after boolean;
   v_before boolean;
 BEGIN
-  IF p_event ->> 'type' = 'customer.deleted' THEN RETURN 'newer:type'; END IF;
-  IF p_event ->> 'type' = 'customer.created' THEN RETURN 'older:type'; END IF;
+  IF p_event ->> 'type' LIKE '%.deleted' THEN RETURN 'newer:type'; END IF;
+  IF p_event ->> 'type' LIKE '%.created' THEN RETURN 'older:type'; END IF;
   SELECT payload INTO v_other FROM public.stripe_webhook_events WHERE id = p_other_id;
-  IF v_other ->> 'type' = 'customer.created' THEN RETURN 'newer:type'; END IF;
+  IF v_other ->> 'type' LIKE '%.created' THEN RETURN 'newer:type'; END IF;
   IF v_other IS NULL THEN RETURN NULL; END IF;
   v_after := public.stripe_attrs_match(p_event #> '{data,previous_attributes}', v_other #> '{data,object}');
   v_before := public.stripe_attrs_match(v_other #> '{data,previous_attributes}', p_event #> '{data,object}');
@@ -186,6 +186,34 @@ END $$;
 -- Stripe delivers out of order and retries, and several workers run at once, so each customer is
 -- serialised by a transaction-scoped lock (safe behind a transaction-mode pooler), then checked
 -- against its tombstone and the newest event it reflects.
+-- Whether a state may be applied to an object's row: the ordering rules every Stripe object shares.
+-- p_sync: the row's sync stamp (event_id, event_created), NULL when there is no row; p_gone: the
+-- newest event time of a row that left the table (its tombstone); p_as_of: the event's created, or
+-- the clock of a Stripe read (p_event_id NULL). verdict: apply | stale | tie (neither the type nor
+-- previous_attributes could order two same-second events: the caller asks Stripe, or calls again
+-- with p_unsettled, and the event delivered last is applied with tie_note saying so).
+CREATE OR REPLACE FUNCTION public.stripe_order(
+  p_sync jsonb, p_gone bigint, p_as_of bigint, p_event_id text, p_event jsonb, p_unsettled boolean,
+  OUT verdict text, OUT tie text, OUT tie_note text
+) LANGUAGE plpgsql STABLE AS $$
+DECLARE
+  v_row_created bigint := (p_sync ->> 'event_created')::bigint;
+BEGIN
+  verdict := 'apply';
+  IF p_gone >= p_as_of OR v_row_created > p_as_of THEN
+    verdict := 'stale';
+  ELSIF v_row_created = p_as_of AND p_event_id IS NOT NULL AND p_event_id IS DISTINCT FROM p_sync ->> 'event_id' THEN
+    IF p_unsettled THEN
+      tie := 'newer:unsettled';
+      tie_note := 'tie not settled: ' || coalesce(p_sync ->> 'event_id', 'a read from Stripe')
+        || ' has the same second and their order could not be told; the event delivered last was applied';
+    ELSE
+      tie := public.stripe_tie_order(p_event, p_sync ->> 'event_id');
+      verdict := CASE WHEN tie IS NULL THEN 'tie' WHEN tie LIKE 'older:%' THEN 'stale' ELSE 'apply' END;
+    END IF;
+  END IF;
+END $$;
+
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);  -- before it took p_event
 CREATE OR REPLACE FUNCTION public.stripe_apply_customer(
   p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
@@ -199,33 +227,24 @@ DECLARE
   v_note text := p_change ->> 'note';
   v_as_of bigint := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
   v_row public.stripe_customers;
-  v_row_created bigint;
   v_event_id text := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
+  v_gone bigint;
+  v_order record;
   v_tie_note text;
 BEGIN
   status := 'processed';
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_customer:' || v_cus, 0));
-  IF EXISTS (SELECT 1 FROM public.stripe_customer_tombstones t
-             WHERE t.stripe_customer_id = v_cus AND t.event_created >= v_as_of) THEN
-    status := 'stale'; RETURN;
-  END IF;
+  SELECT event_created INTO v_gone FROM public.stripe_customer_tombstones WHERE stripe_customer_id = v_cus;
   SELECT * INTO v_row FROM public.stripe_customers WHERE stripe_customer_id = v_cus;
-  v_row_created := (v_row.customer_metadata #>> '{sync,event_created}')::bigint;
-  -- A checkout carries no customer state: it neither goes stale nor stamps the row.
-  IF v_action <> 'link' AND v_row_created > v_as_of THEN
-    status := 'stale'; RETURN;
-  ELSIF v_action <> 'link' AND v_row_created = v_as_of AND v_event_id IS NOT NULL
-        AND v_event_id IS DISTINCT FROM v_row.customer_metadata #>> '{sync,event_id}' THEN
-    IF p_change ->> 'tie' = 'unsettled' THEN
-      tie := 'newer:unsettled';
-      v_tie_note := 'tie not settled: ' || coalesce(v_row.customer_metadata #>> '{sync,event_id}', 'a read from Stripe')
-        || ' has the same second and their order could not be told; the event delivered last was applied';
-    ELSE
-      tie := public.stripe_tie_order(p_event, v_row.customer_metadata #>> '{sync,event_id}');
-      IF tie IS NULL THEN status := 'tie'; RETURN; END IF;
-      IF tie LIKE 'older:%' THEN status := 'stale'; RETURN; END IF;
-    END IF;
+  -- A checkout carries no customer state: it neither goes stale nor stamps the row, but does not
+  -- bring a deleted customer back either.
+  v_order := public.stripe_order(CASE WHEN v_action <> 'link' THEN v_row.customer_metadata -> 'sync' END, v_gone,
+                                 v_as_of, v_event_id, p_event, p_change ->> 'tie' = 'unsettled');
+  tie := v_order.tie;  -- how a same-second pair was ordered, also when this event came out older
+  IF v_order.verdict <> 'apply' THEN
+    status := v_order.verdict; RETURN;
   END IF;
+  v_tie_note := v_order.tie_note;
   IF v_action = 'delete' THEN
     DELETE FROM public.stripe_customers WHERE id = v_row.id;  -- stripe_customers_gone hands the user on
     INSERT INTO public.stripe_customer_tombstones AS t (stripe_customer_id, event_id, event_created)

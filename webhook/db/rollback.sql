@@ -9,6 +9,7 @@ DROP FUNCTION IF EXISTS public.stripe_apply_caught(text, text, text, text, boole
 DROP FUNCTION IF EXISTS public.stripe_apply_event(jsonb, jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);
+DROP FUNCTION IF EXISTS public.stripe_order(jsonb, bigint, bigint, text, jsonb, boolean);
 DROP FUNCTION IF EXISTS public.stripe_tie_order(jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_attrs_match(jsonb, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_event_customer_id(jsonb);
