@@ -113,5 +113,5 @@ def backfill_database_work(engine: Engine, customers: int) -> float:
     ]
     started = time.perf_counter()
     for start in range(0, customers, 500):
-        store.apply_customers(engine, changes[start : start + 500], "backfill", int(time.time()))
+        store.apply_states(engine, changes[start : start + 500], "backfill", int(time.time()))
     return customers / (time.perf_counter() - started)

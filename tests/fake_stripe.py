@@ -42,6 +42,8 @@ class FakeStripe:
         self.customers: dict[str, dict[str, Any]] = {}
         self.deleted: set[str] = set()
         self.events: list[dict[str, Any]] = []
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.entitlements: dict[str, list[dict[str, Any]]] = {}  # customer -> active entitlements
         self.failures: list[Answer] = []  # answered, in order, before anything else ...
         self.fail_from = 0  # ... once this many requests have been answered
         self.requests: list[tuple[str, str]] = []
@@ -92,6 +94,16 @@ class FakeStripe:
             return 200, {"id": match[1], "object": "customer", "deleted": True}
         if match:
             return _error(404, "invalid_request_error", f"No such customer: '{match[1]}'", "resource_missing")
+        found = re.fullmatch(r"/v1/subscriptions/(\w+)", path)
+        if found and found[1] in self.subscriptions:
+            return 200, self.subscriptions[found[1]]
+        if found:
+            return _error(404, "invalid_request_error", f"No such subscription: '{found[1]}'", "resource_missing")
+        if path == "/v1/subscriptions" and method == "GET":
+            return 200, self._page(list(self.subscriptions.values()), params, "/v1/subscriptions")
+        if path == "/v1/entitlements/active_entitlements" and method == "GET":
+            listed = self.entitlements.get(params.get("customer", ""), [])
+            return 200, self._page(listed, params, "/v1/entitlements/active_entitlements")
         if path == "/v1/events" and method == "GET":
             since = int(params.get("created[gte]", 0))
             types = {value for key, value in query if key.startswith("types[")}

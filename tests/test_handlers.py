@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from webhook import samples
+from webhook.config import Keys
 from webhook.handlers import HANDLERS, BadCustomerId, customer_state, user_link
 
 
@@ -15,7 +16,7 @@ def test_a_customer_object_as_the_upsert_it_implies() -> None:
     customer = samples.customer(
         email="a@example.com", name="A", metadata={"user_id": user, "plan": "pro"}, default_payment_method="pm_1"
     )
-    change = customer_state(customer, "user_id")
+    change = customer_state(customer, Keys())
     assert (change.action, change.id, change.email, change.name) == ("upsert", customer["id"], "a@example.com", "A")
     assert (change.default_payment_method, change.metadata, change.user_id, change.note) == (
         "pm_1",
@@ -31,7 +32,7 @@ def test_expanded_objects_and_odd_values() -> None:
         "invoice_settings": {"default_payment_method": {"id": "pm_expanded", "object": "payment_method"}},
         "metadata": "not a dict",
     }
-    change = customer_state(customer, "user_id")
+    change = customer_state(customer, Keys())
     assert (change.email, change.name, change.default_payment_method, change.metadata) == (
         None,
         None,
@@ -58,15 +59,15 @@ def test_user_links(candidate: object, expected: tuple[str | None, str | None]) 
 def test_a_customer_event_without_a_cus_id_is_bad_input(bad: object) -> None:
     for event_type in ("customer.created", "customer.updated", "customer.deleted"):
         with pytest.raises(BadCustomerId):
-            HANDLERS[event_type]({"id": bad}, "user_id")
+            HANDLERS[event_type]({"id": bad}, Keys())
 
 
 def test_deletion_and_checkout() -> None:
-    deleted = HANDLERS["customer.deleted"]({"id": "cus_Gone1"}, "user_id")
+    deleted = HANDLERS["customer.deleted"]({"id": "cus_Gone1"}, Keys())
     assert deleted is not None and (deleted.action, deleted.id) == ("delete", "cus_Gone1")
     user = str(uuid.uuid4())
     session = samples.checkout_session("cus_Buyer1", user, email="b@example.com", name="B")
-    linked = HANDLERS["checkout.session.completed"](session, "user_id")
+    linked = HANDLERS["checkout.session.completed"](session, Keys())
     assert linked is not None and (linked.action, linked.id, linked.user_id, linked.email) == (
         "link",
         "cus_Buyer1",
@@ -74,5 +75,5 @@ def test_deletion_and_checkout() -> None:
         "b@example.com",
     )
     # A payment-mode session without a customer, or one started without the app's user: nothing.
-    assert HANDLERS["checkout.session.completed"]({**session, "customer": None}, "user_id") is None
-    assert HANDLERS["checkout.session.completed"]({**session, "client_reference_id": None}, "user_id") is None
+    assert HANDLERS["checkout.session.completed"]({**session, "customer": None}, Keys()) is None
+    assert HANDLERS["checkout.session.completed"]({**session, "client_reference_id": None}, Keys()) is None

@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from tests.support import SECRET, count, deliver, event_row, failing_writes, now, sign
 from webhook import samples
+from webhook.config import Keys
 from webhook.handlers import HANDLERS, BadCustomerId
 from webhook.logs import LOGGER, JsonFormatter
 
@@ -126,7 +127,7 @@ def test_signed_event_shapes_get_the_answer_their_shape_asks_for(
         )
         return
     try:
-        handler(data_object, "user_id")
+        handler(data_object, Keys())
     except BadCustomerId:  # a handled type that names no cus_… customer: bad input, nothing written
         assert (answer.status_code, answer.get_json()) == (400, {"error": "the event names no cus_… customer id"})
         assert logged is None

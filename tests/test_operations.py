@@ -26,7 +26,7 @@ from tests.support import (
 from webhook import samples, stripe_api
 from webhook.backfill import backfill
 from webhook.cli import main as cli_main
-from webhook.config import ConfigError
+from webhook.config import ConfigError, Keys
 from webhook.customers import UnknownUser, ensure_customer, find_drift, fix_drift, push_profile
 from webhook.replay import replay_from_stripe, replay_stored
 
@@ -55,7 +55,7 @@ def test_backfill_pages_through_every_customer(
     deliver(client, newer)
 
     with fake.mocked():
-        outcomes = backfill(engine, client_api, "user_id").outcomes
+        outcomes = backfill(engine, client_api, Keys()).outcomes
 
     assert outcomes == {"processed": 249, "stale": 1}
     assert sum(1 for method, path in fake.requests if path == "/v1/customers") == 3  # 100 + 100 + 50
@@ -93,7 +93,8 @@ def test_backfill_stopped_by_a_429_storm_says_so_and_resumes(
     with fake.mocked():
         assert cli_main(["backfill"]) == 0
     assert capsys.readouterr().out.startswith("backfilled 50 customers (resumed after cus_")
-    assert fake.requests == [("GET", "/v1/customers")]  # the last page only
+    # The customers' last page only; then the subscriptions (none: no entitlements to read).
+    assert fake.requests == [("GET", "/v1/customers"), ("GET", "/v1/subscriptions")]
     assert count(engine, "SELECT count(*) FROM stripe_customers") == 250
     assert count(engine, "SELECT count(*) FROM stripe_sync_cursors") == 0  # finished: the next run starts over
 
@@ -149,7 +150,7 @@ def test_verify_reports_drift_and_fix_applies_stripe_state(
     fake.delete_customer(deleted["id"])
 
     with fake.mocked():
-        checked, drifts = find_drift(engine, client_api, "user_id")
+        checked, drifts = find_drift(engine, client_api, Keys())
         lines = sorted(drift.line() for drift in drifts)
 
         assert checked == 4
@@ -163,7 +164,7 @@ def test_verify_reports_drift_and_fix_applies_stripe_state(
         assert not any("@" in line for line in lines)  # drift lines never print emails
 
         assert fix_drift(engine, drifts, now()) == ["processed"] * 3
-        assert find_drift(engine, client_api, "user_id") == (2, [])
+        assert find_drift(engine, client_api, Keys()) == (2, [])
     row = customer_row(engine, changed["id"])
     assert row is not None and row["customer_email"] == "new@example.com"
     assert row["customer_metadata"]["sync"]["source"] == "api"

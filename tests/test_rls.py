@@ -23,6 +23,11 @@ TABLES = (
     "stripe_sync_cursors",
     "stripe_support_sessions",
     "stripe_support_signins",
+    "stripe_subscriptions",
+    "stripe_entitlements",
+    "stripe_entitlement_sets",
+    "stripe_object_tombstones",
+    "stripe_billing_audit",
 )
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from bench import cluster
 from tests.support import SECRET, add_user, cli, count
 from webhook import database, migrations, samples, store
+from webhook.config import Keys
 from webhook.results import Applied, Status
 from webhook.verify import parse_event
 
@@ -41,7 +42,7 @@ def test_rollback_then_migrate_again(scratch_url: str) -> None:
     assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
     migrations.rollback(scratch)  # idempotent too
     migrations.migrate(scratch, shim=False)
-    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 8
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 13
     scratch.dispose()
 
 
@@ -258,7 +259,7 @@ def _apply(engine: Engine, event: dict[str, Any]) -> Applied:
     from webhook import batch
     from webhook.handlers import HANDLERS
 
-    change = HANDLERS[event["type"]](event["data"]["object"], "user_id")
+    change = HANDLERS[event["type"]](event["data"]["object"], Keys())
     to_apply = store.EventToApply(json.dumps(event), None if change is None else change.as_json(), "webhook")
     return batch.batches(engine).apply(event["id"], to_apply)
 

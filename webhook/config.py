@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -23,6 +24,13 @@ class Refetch(StrEnum):
     TIE = "tie"  # only for a same-second tie nothing else orders
     ALWAYS = "always"  # every customer event (dj-stripe's and Pay's way)
     NEVER = "never"
+
+
+class Keys(NamedTuple):
+    """The metadata keys the handlers read (STRIPE_USER_ID_METADATA_KEY, STRIPE_TIER_METADATA_KEY)."""
+
+    user_id: str = "user_id"
+    tier: str = "tier"
 
 
 class ConfigError(Exception):
@@ -49,6 +57,11 @@ class Settings:
     stripe_api_rate: int = 20  # requests per second for background work
     support_users: tuple[tuple[str, str], ...] = ()  # (name, password hash); empty: no console
     support_session_secret: str | None = None
+    tier_metadata_key: str = "tier"
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.user_id_metadata_key, self.tier_metadata_key)
 
     @property
     def embedded(self) -> bool:
@@ -205,4 +218,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stripe_api_rate=_number(env, "STRIPE_API_RATE", 20, minimum=1),
         support_users=_support_users(env.get("SUPPORT_USERS", "")),
         support_session_secret=env.get("SUPPORT_SESSION_SECRET", "").strip() or None,
+        tier_metadata_key=env.get("STRIPE_TIER_METADATA_KEY", "").strip() or "tier",
     )

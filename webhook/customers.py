@@ -13,7 +13,8 @@ import stripe
 from sqlalchemy import Engine
 
 from webhook import store, stripe_api
-from webhook.handlers import CustomerChange, customer_state
+from webhook.config import Keys
+from webhook.handlers import Change, CustomerChange, EntitlementsChange, customer_state, entitlement, subscription_state
 from webhook.results import Source
 
 DELETED_RETRIES = 3
@@ -52,7 +53,7 @@ def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, u
     else:
         raise stripe_api.StripeUnavailable("Stripe kept answering with deleted customers")
     change = customer_state(customer, user_id_key).as_json()
-    store.apply_customers(engine, [change], Source.API, int(customer.get("created") or time.time()))
+    store.apply_states(engine, [change], Source.API, int(customer.get("created") or time.time()))
     with engine.connect() as connection:
         linked = store.customer_id_for_user(connection, user_id)
     # Another customer may have claimed the user meanwhile (a checkout's webhook): that one wins.
@@ -83,24 +84,28 @@ class DriftKind(StrEnum):
 
 @dataclass(frozen=True)
 class Drift:
-    stripe_customer_id: str
+    stripe_id: str  # the customer, the subscription, or (entitlements) the customer whose set it is
     kind: DriftKind
     fields: tuple[str, ...] = ()
-    stripe_state: CustomerChange | None = None
+    stripe_state: Change | None = None
+    object: str = "customer"
 
     @property
     def deletes(self) -> bool:
-        return self.kind in (DriftKind.MISSING, DriftKind.DELETED)
+        """Fixing it deletes a row: a customer Stripe does not have (or has deleted). A subscription
+        Stripe does not know is reported, never deleted: Stripe keeps canceled ones."""
+        return self.object == "customer" and self.kind in (DriftKind.MISSING, DriftKind.DELETED)
 
     def line(self) -> str:
         detail = f" ({', '.join(self.fields)} differ)" if self.fields else ""
-        return f"drift {self.stripe_customer_id}: {self.kind}{detail}"
+        what = "" if self.object == "customer" else f"{self.object} "
+        return f"drift {what}{self.stripe_id}: {self.kind}{detail}"
 
 
 def find_drift(
     engine: Engine,
     client: stripe.StripeClient,
-    user_id_key: str,
+    keys: Keys,
     progress: Callable[[int], None] = lambda listed: None,
 ) -> tuple[int, list[Drift]]:
     """Compare every local row with Stripe: (rows checked, drifts). Stripe's list is read once
@@ -121,11 +126,39 @@ def find_drift(
         else:
             differ = tuple(field for field, local in (("email", email), ("name", name)) if remote.get(field) != local)
             if differ:
-                drifts.append(Drift(customer_id, DriftKind.CHANGED, differ, customer_state(remote, user_id_key)))
+                drifts.append(Drift(customer_id, DriftKind.CHANGED, differ, customer_state(remote, keys.user_id)))
     with engine.connect() as connection:
         orphans = store.relink_users(connection, fix=False)
     drifts.extend(Drift(customer_id, DriftKind.UNLINKED, ("user_id",)) for _, customer_id in orphans)
+    drifts += _billing_drift(engine, client, keys)
     return len(rows), drifts
+
+
+def _billing_drift(engine: Engine, client: stripe.StripeClient, keys: Keys) -> list[Drift]:
+    """Subscriptions (status, period end, items) and entitlement sets (the same lookup keys)."""
+    drifts = []
+    live = {found["id"]: found for found in stripe_api.list_subscriptions(client)}
+    with engine.connect() as connection:
+        subscriptions = store.local_subscriptions(connection)
+        sets = store.local_entitlement_sets(connection)
+    for subscription_id, local in subscriptions.items():
+        remote = live.get(subscription_id)
+        if remote is None:
+            drifts.append(Drift(subscription_id, DriftKind.MISSING, object="subscription"))
+            continue
+        state = subscription_state(remote, keys)
+        differ = tuple(
+            name for name in ("status", "current_period_end", "items") if getattr(state, name) != local[name]
+        )
+        if differ:
+            drifts.append(Drift(subscription_id, DriftKind.CHANGED, differ, state, object="subscription"))
+    for customer_id, local_keys in sets.items():
+        active = [entitlement(item) for item in stripe_api.list_active_entitlements(client, customer_id)]
+        active = [item for item in active if item["lookup_key"]]
+        if sorted(item["lookup_key"] for item in active) != local_keys:
+            whole = EntitlementsChange(id=customer_id, entitlements=active, complete=True)
+            drifts.append(Drift(customer_id, DriftKind.CHANGED, ("entitlements",), whole, object="entitlements"))
+    return drifts
 
 
 class FixRefused(Exception):
@@ -161,9 +194,10 @@ def check_fix(engine: Engine, api_key: str, rows: int, drifts: list[Drift], allo
         )
 
 
-def _fix_of(drift: Drift) -> CustomerChange | None:
-    """What applying Stripe's state to the row means; None for an unlinked user (relinked in SQL)."""
-    return CustomerChange(action="delete", id=drift.stripe_customer_id) if drift.deletes else drift.stripe_state
+def _fix_of(drift: Drift) -> Change | None:
+    """What applying Stripe's state to the row means; None for an unlinked user (relinked in SQL)
+    and a subscription Stripe does not know (reported only)."""
+    return CustomerChange(action="delete", id=drift.stripe_id) if drift.deletes else drift.stripe_state
 
 
 def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
@@ -171,7 +205,7 @@ def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
     no longer has are deleted (a row an event set after `as_of` is left alone), and a user left
     unlinked is linked to the newest customer that names them."""
     changes = [change.as_json() for change in map(_fix_of, drifts) if change is not None]
-    outcomes = store.apply_customers(engine, changes, Source.API, as_of) if changes else []
+    outcomes = store.apply_states(engine, changes, Source.API, as_of) if changes else []
     if any(drift.kind is DriftKind.UNLINKED for drift in drifts):
         with engine.connect() as connection:
             outcomes += ["processed"] * len(store.relink_users(connection, fix=True))
@@ -196,4 +230,4 @@ def resync(
         if remote.get("deleted")
         else customer_state(remote, user_id_key)
     )
-    return store.apply_customers(engine, [change.as_json()], Source.API, as_of, actor)[0]
+    return store.apply_states(engine, [change.as_json()], Source.API, as_of, actor)[0]

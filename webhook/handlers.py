@@ -1,8 +1,9 @@
-"""What each handled Stripe event type means for stripe_customers, as one registry.
+"""What each handled Stripe event type asks of the tables, as one registry.
 
-A handler reads the event's data.object and returns the CustomerChange to apply, or None when the
-event asks for nothing; types with no handler are logged as ignored. Handlers only read: every
-write happens in store.py.
+A handler reads the event's data.object and returns the change to apply (a CustomerChange, a
+SubscriptionChange or an EntitlementsChange: one per Stripe object, each applied by its own SQL
+function under the same ordering rules), or None when the event asks for nothing; types with no
+handler are logged as ignored. Handlers only read: every write happens in the database.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from webhook.config import Keys
 from webhook.verify import RejectedDelivery
 
 Action = Literal["upsert", "delete", "link"]
@@ -32,12 +34,58 @@ class CustomerChange:
     as_of: int | None = None  # unix time of the Stripe read this state comes from (not an event's)
     tie: str | None = None  # "unsettled": apply over a same-second tie nothing could order
 
+    @property
+    def customer(self) -> str:
+        return self.id
+
     def as_json(self) -> dict[str, Any]:
         # A shallow copy: asdict() deep-copies the metadata, on every event, for json.dumps to read.
         return dict(vars(self))
 
 
-Handler = Callable[[dict[str, Any], str], CustomerChange | None]
+@dataclass(frozen=True)
+class SubscriptionChange:
+    id: str  # sub_…
+    customer: str  # cus_…
+    status: str
+    items: list[dict[str, Any]]  # price, product, lookup_key, quantity, tier
+    current_period_end: int | None
+    cancel_at_period_end: bool
+    cancel_at: int | None
+    canceled_at: int | None
+    ended_at: int | None
+    trial_end: int | None
+    metadata: dict[str, Any]
+    as_of: int | None = None
+    tie: str | None = None
+    object: Literal["subscription"] = "subscription"
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class EntitlementsChange:
+    id: str  # the customer, cus_…: a customer's set of active entitlements is one object
+    entitlements: list[dict[str, Any]]  # id, lookup_key, feature
+    complete: bool  # False: Stripe said there were more than it sent (has_more), not read yet
+    note: str | None = None
+    as_of: int | None = None
+    tie: str | None = None
+    object: Literal["entitlements"] = "entitlements"
+
+    @property
+    def customer(self) -> str:
+        return self.id
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+Change = CustomerChange | SubscriptionChange | EntitlementsChange
+
+
+Handler = Callable[[dict[str, Any], Keys], Change | None]
 HANDLERS: dict[str, Handler] = {}
 
 
@@ -103,17 +151,17 @@ def customer_state(customer: dict[str, Any], user_id_key: str) -> CustomerChange
 
 
 @handles("customer.created", "customer.updated")
-def customer_upserted(customer: dict[str, Any], user_id_key: str) -> CustomerChange:
-    return customer_state(customer, user_id_key)
+def customer_upserted(customer: dict[str, Any], keys: Keys) -> CustomerChange:
+    return customer_state(customer, keys.user_id)
 
 
 @handles("customer.deleted")
-def customer_deleted(customer: dict[str, Any], user_id_key: str) -> CustomerChange:
+def customer_deleted(customer: dict[str, Any], keys: Keys) -> CustomerChange:
     return CustomerChange(action="delete", id=_customer_id(customer.get("id")))
 
 
 @handles("checkout.session.completed")
-def checkout_completed(session: dict[str, Any], user_id_key: str) -> CustomerChange | None:
+def checkout_completed(session: dict[str, Any], keys: Keys) -> CustomerChange | None:
     # Sessions in payment mode may have no customer, and a session started without the app's
     # user id has nobody to link: there is nothing to apply.
     if _optional_id(session.get("customer")) is None or not session.get("client_reference_id"):
@@ -129,4 +177,93 @@ def checkout_completed(session: dict[str, Any], user_id_key: str) -> CustomerCha
         metadata={},
         user_id=user_id,
         note=note,
+    )
+
+
+SUBSCRIPTION_ID = re.compile(r"sub_[a-zA-Z0-9]+")
+SUBSCRIPTION_STATUSES = {
+    "incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused",
+}  # fmt: skip
+
+
+class BadObjectId(RejectedDelivery):
+    """A billing event whose object has no well-formed id: bad input, answered 400."""
+
+
+def _time(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _item(item: dict[str, Any], tier_key: str) -> dict[str, Any]:
+    price = _dict(item.get("price")) or _dict(item.get("plan"))
+    return {
+        "price": _optional_id(price.get("id")),
+        "product": _optional_id(price.get("product")),
+        "lookup_key": _text(price.get("lookup_key")),
+        "quantity": _time(item.get("quantity")),
+        "tier": _text(_dict(price.get("metadata")).get(tier_key)) or _text(price.get("lookup_key")),
+    }
+
+
+def subscription_state(subscription: dict[str, Any], keys: Keys) -> SubscriptionChange:
+    """A full Stripe subscription object as the upsert it implies. Since API version 2025-03-31 the
+    period is on the items, not the subscription: the subscription's when present, else the latest
+    of its items' (events of both versions arrive during an upgrade)."""
+    subscription_id = subscription.get("id")
+    if not isinstance(subscription_id, str) or SUBSCRIPTION_ID.fullmatch(subscription_id) is None:
+        raise BadObjectId("the event names no sub_… subscription id")
+    status = subscription.get("status")
+    if status not in SUBSCRIPTION_STATUSES:
+        raise BadObjectId("the subscription has no known status")
+    items = [item for item in _dict(subscription.get("items")).get("data") or [] if isinstance(item, dict)]
+    item_ends = [end for end in (_time(item.get("current_period_end")) for item in items) if end is not None]
+    return SubscriptionChange(
+        id=subscription_id,
+        customer=_customer_id(subscription.get("customer")),
+        status=str(status),
+        items=[_item(item, keys.tier) for item in items],
+        current_period_end=_time(subscription.get("current_period_end")) or (max(item_ends) if item_ends else None),
+        cancel_at_period_end=subscription.get("cancel_at_period_end") is True,
+        cancel_at=_time(subscription.get("cancel_at")),
+        canceled_at=_time(subscription.get("canceled_at")),
+        ended_at=_time(subscription.get("ended_at")),
+        trial_end=_time(subscription.get("trial_end")),
+        metadata=_dict(subscription.get("metadata")),
+    )
+
+
+@handles(
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.subscription.pending_update_applied",
+    "customer.subscription.pending_update_expired",
+    "customer.subscription.trial_will_end",
+)
+def subscription_changed(subscription: dict[str, Any], keys: Keys) -> SubscriptionChange:
+    return subscription_state(subscription, keys)
+
+
+def entitlement(active: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": _optional_id(active.get("id")),
+        "lookup_key": _text(active.get("lookup_key")),
+        "feature": _optional_id(active.get("feature")),
+    }
+
+
+@handles("entitlements.active_entitlement_summary.updated")
+def entitlements_changed(summary: dict[str, Any], keys: Keys) -> EntitlementsChange:
+    listed = _dict(summary.get("entitlements"))
+    active = [entitlement(item) for item in listed.get("data") or [] if isinstance(item, dict)]
+    return EntitlementsChange(
+        id=_customer_id(summary.get("customer")),
+        entitlements=[item for item in active if item["lookup_key"]],
+        complete=listed.get("has_more") is not True,
     )

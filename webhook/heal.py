@@ -141,7 +141,7 @@ class Healer:
 
     def _reconcile(self, result: Round) -> None:
         as_of = int(time.time())
-        checked, drifts = find_drift(self.engine, self.client, self.settings.user_id_metadata_key)
+        checked, drifts = find_drift(self.engine, self.client, self.settings.keys)
         result.drift_found, result.drift_fixed = len(drifts), 0
         if drifts:
             assert self.settings.stripe_api_key is not None  # the client needed it

@@ -27,6 +27,7 @@ SHIM = DB_DIR / "supabase_shim.sql"
 SHAPE = DB_DIR / "shape.sql"
 SCHEMA = DB_DIR / "schema.sql"
 FUNCTIONS = DB_DIR / "functions.sql"
+BILLING = DB_DIR / "billing.sql"
 CONSOLE = DB_DIR / "console.sql"
 ACCESS = DB_DIR / "access.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
@@ -129,7 +130,7 @@ def _run(connection: Connection, step: Step) -> None:
 def migrate(engine: Engine, shim: bool) -> list[Traversable]:
     """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
     leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
-    applied = [SHAPE, SCHEMA, FUNCTIONS, CONSOLE, ACCESS]
+    applied = [SHAPE, SCHEMA, FUNCTIONS, BILLING, CONSOLE, ACCESS]
     if shim:
         applied.insert(0, SHIM)
     with engine.connect() as connection:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from webhook import batch, database, metrics, refetch, store
 from webhook.config import Refetch, Settings
-from webhook.handlers import HANDLERS, CustomerChange
+from webhook.handlers import HANDLERS, Change, CustomerChange, EntitlementsChange
 from webhook.logs import log
 from webhook.results import Applied, EventFailed, SettledBy, Source, Status
 from webhook.verify import Event
@@ -40,12 +40,26 @@ class ProcessingFailed(Exception):
         self.error = error
 
 
-def change_for(event: Event, settings: Settings) -> CustomerChange | None:
+def change_for(event: Event, settings: Settings) -> Change | None:
     """The change the event asks for; None means log it as ignored."""
     if settings.expect_livemode is not None and event.livemode != settings.expect_livemode:
         return None
     handler = HANDLERS.get(event.type)
-    return None if handler is None else handler(event.object, settings.user_id_metadata_key)
+    return None if handler is None else handler(event.object, settings.keys)
+
+
+def _completed(change: Change, settings: Settings) -> Change:
+    """An entitlement summary lists at most 10: the rest is read from Stripe (with the key) before
+    the set replaces the customer's; without the key, or when Stripe cannot answer in time, the set
+    is stored as far as it goes and marked incomplete, with a note saying why."""
+    if not isinstance(change, EntitlementsChange) or change.complete:
+        return change
+    if settings.stripe_api_key is None:
+        return replace(change, note="entitlements not complete: the summary lists 10, and no API key to read the rest")
+    whole = refetch.entitlements_now(settings, change.id)
+    if whole is None:
+        return replace(change, note="entitlements not complete: Stripe could not be read for the rest")
+    return replace(change, entitlements=whole.entitlements, complete=True)
 
 
 def describe(error: BaseException) -> str:
@@ -85,17 +99,18 @@ def process_event(
 ) -> Outcome:
     """Apply one verified event; `actor` names a person acting from the support console (audit)."""
     started = time.perf_counter()
-    change = change_for(event, settings)
-    if change is not None and settings.refetch is Refetch.ALWAYS and change.action != "link":
+    found = change_for(event, settings)
+    change = None if found is None else _completed(found, settings)
+    if isinstance(change, CustomerChange) and settings.refetch is Refetch.ALWAYS and change.action != "link":
         # dj-stripe's and Pay's way: the event only says which customer to read. If Stripe cannot
         # be read in time, the event's own state goes through the ordering rules instead.
-        fresh = refetch.customer_now(settings, change.id)
-        change, source = (change, source) if fresh is None else (fresh, Source.API)
+        fresh_customer = refetch.customer_now(settings, change.id)
+        change, source = (change, source) if fresh_customer is None else (fresh_customer, Source.API)
     result = _apply(engine, event, change, source, actor)
     if result.status is Status.TIE:
         # Neither the type nor previous_attributes could order two same-second events: ask Stripe.
         assert change is not None  # only a change can tie
-        fresh = refetch.customer_now(settings, change.id) if settings.refetch is not Refetch.NEVER else None
+        fresh = refetch.state_now(settings, change) if settings.refetch is not Refetch.NEVER else None
         if fresh is not None:
             result = replace(_apply(engine, event, fresh, Source.API, actor), settled_by=SettledBy.STRIPE)
         else:
@@ -112,14 +127,14 @@ def process_event(
         event_id=event.id,
         type=event.type,
         outcome=outcome.value,
-        stripe_customer_id=None if change is None else change.id,
+        stripe_customer_id=None if change is None else change.customer,
         source=source,
         latency_ms=round((time.perf_counter() - started) * 1000, 2),
     )
     return outcome
 
 
-def _apply(engine: Engine, event: Event, change: CustomerChange | None, source: Source, actor: str | None) -> Applied:
+def _apply(engine: Engine, event: Event, change: Change | None, source: Source, actor: str | None) -> Applied:
     """The event through its process' batches (webhook/batch.py): its outcome, or the answer its error asks for."""
     to_apply = store.EventToApply(event.payload, None if change is None else change.as_json(), source, actor)
     try:

@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import stripe
 
 from webhook import stripe_api
 from webhook.config import Settings
-from webhook.handlers import CustomerChange, customer_state
+from webhook.handlers import (
+    Change,
+    CustomerChange,
+    EntitlementsChange,
+    SubscriptionChange,
+    customer_state,
+    entitlement,
+    subscription_state,
+)
 from webhook.logs import log
 
 # Whole budget for one read: a 429 or a 5xx is tried again after a short pause within it.
@@ -27,8 +37,8 @@ ATTEMPTS = 3
 PAUSE_SECONDS = 0.25
 
 
-def _stripe_clock(customer: stripe.StripeObject) -> int:
-    response = customer.last_response
+def _stripe_clock(answer: Any) -> int:
+    response = answer.last_response
     date = response.headers.get("Date") if response is not None else None
     try:
         return int(parsedate_to_datetime(date).timestamp()) if date else int(time.time())
@@ -36,29 +46,75 @@ def _stripe_clock(customer: stripe.StripeObject) -> int:
         return int(time.time())
 
 
+def _read(settings: Settings, what: str, read: Callable[[stripe.StripeClient], Any]) -> Any | None:
+    """read(client) within the budget: a 429 or a 5xx tried again after a short pause; None when
+    Stripe cannot answer in time (or refuses: no such object for this key)."""
+    assert settings.stripe_api_key is not None
+    client = stripe_api.delivery_client(settings.stripe_api_key, settings.stripe_api_base, TIMEOUT_SECONDS)
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return read(client)
+        except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as error:
+            retry = attempt < ATTEMPTS and time.monotonic() + PAUSE_SECONDS < deadline
+            log(logging.WARNING, "stripe read failed", stripe_id=what, error=type(error).__name__)
+            if not retry:
+                return None
+            time.sleep(PAUSE_SECONDS * attempt)
+        except stripe.StripeError as error:
+            log(logging.WARNING, "stripe read refused", stripe_id=what, error=type(error).__name__)
+            return None
+    return None
+
+
 def customer_now(settings: Settings, customer_id: str) -> CustomerChange | None:
     """The customer as Stripe has it now, as a change stamped with Stripe's clock; None when it
     cannot be read in time (or Stripe has no such customer for this key)."""
     if settings.stripe_api_key is None:
         return None
-    client = stripe_api.delivery_client(settings.stripe_api_key, settings.stripe_api_base, TIMEOUT_SECONDS)
-    deadline = time.monotonic() + TIMEOUT_SECONDS
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            customer = client.v1.customers.retrieve(customer_id)
-        except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as error:
-            retry = attempt < ATTEMPTS and time.monotonic() + PAUSE_SECONDS < deadline
-            log(logging.WARNING, "stripe read failed", stripe_customer_id=customer_id, error=type(error).__name__)
-            if not retry:
-                return None
-            time.sleep(PAUSE_SECONDS * attempt)
-            continue
-        except stripe.StripeError as error:
-            log(logging.WARNING, "stripe read refused", stripe_customer_id=customer_id, error=type(error).__name__)
-            return None
-        as_of = _stripe_clock(customer)
-        state = customer.to_dict()
-        if state.get("deleted"):
-            return CustomerChange(action="delete", id=customer_id, as_of=as_of)
-        return replace(customer_state(state, settings.user_id_metadata_key), as_of=as_of)
-    return None
+    customer = _read(settings, customer_id, lambda client: client.v1.customers.retrieve(customer_id))
+    if customer is None:
+        return None
+    as_of = _stripe_clock(customer)
+    state = customer.to_dict()
+    if state.get("deleted"):
+        return CustomerChange(action="delete", id=customer_id, as_of=as_of)
+    return replace(customer_state(state, settings.user_id_metadata_key), as_of=as_of)
+
+
+def subscription_now(settings: Settings, subscription_id: str) -> SubscriptionChange | None:
+    """The subscription as Stripe has it now (Stripe keeps canceled ones), stamped with its clock."""
+    if settings.stripe_api_key is None:
+        return None
+    found = _read(settings, subscription_id, lambda client: client.v1.subscriptions.retrieve(subscription_id))
+    if found is None:
+        return None
+    return replace(subscription_state(stripe_api.plain(found), settings.keys), as_of=_stripe_clock(found))
+
+
+def entitlements_now(settings: Settings, customer_id: str) -> EntitlementsChange | None:
+    """The customer's whole set of active entitlements as Stripe lists it now (every page)."""
+    if settings.stripe_api_key is None:
+        return None
+
+    def listed(client: stripe.StripeClient) -> tuple[list[dict[str, Any]], int]:
+        page = client.v1.entitlements.active_entitlements.list(params={"customer": customer_id, "limit": 100})
+        items = [entitlement(stripe_api.plain(item)) for item in page.auto_paging_iter()]
+        return items, _stripe_clock(page)
+
+    found = _read(settings, customer_id, listed)
+    if found is None:
+        return None
+    items, as_of = found
+    return EntitlementsChange(
+        id=customer_id, entitlements=[i for i in items if i["lookup_key"]], complete=True, as_of=as_of
+    )
+
+
+def state_now(settings: Settings, change: Change) -> Change | None:
+    """What Stripe says now of the object a change is about (the third rule of a same-second tie)."""
+    if isinstance(change, SubscriptionChange):
+        return subscription_now(settings, change.id)
+    if isinstance(change, EntitlementsChange):
+        return entitlements_now(settings, change.id)
+    return customer_now(settings, change.id)

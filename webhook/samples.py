@@ -80,6 +80,97 @@ def checkout_session(customer_id: str, user_id: str | None, *, email: str | None
     }
 
 
+NEW_PERIOD_API = "2025-03-31.basil"  # from here on the period is on the items, not the subscription
+
+
+def price(lookup_key: str = "pro_monthly", *, tier: str | None = "pro", amount: int = 2000) -> dict[str, Any]:
+    return {
+        "id": stripe_id("price"),
+        "object": "price",
+        "active": True,
+        "currency": "usd",
+        "lookup_key": lookup_key,
+        "metadata": {"tier": tier} if tier else {},
+        "nickname": None,
+        "product": stripe_id("prod"),
+        "recurring": {"interval": "month", "interval_count": 1, "usage_type": "licensed"},
+        "type": "recurring",
+        "unit_amount": amount,
+        "unit_amount_decimal": str(amount),
+    }
+
+
+def subscription(
+    customer_id: str,
+    subscription_id: str | None = None,
+    *,
+    status: str = "active",
+    prices: list[dict[str, Any]] | None = None,
+    period_end: int | None = None,
+    cancel_at_period_end: bool = False,
+    canceled_at: int | None = None,
+    new_period_shape: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A subscription as Stripe sends it: before API version 2025-03-31 the period is on the
+    subscription, from it on (new_period_shape) only on its items."""
+    now = int(time.time())
+    end = period_end or now + 30 * 86400
+    period = {"current_period_start": end - 30 * 86400, "current_period_end": end}
+    items = [
+        {
+            "id": stripe_id("si"),
+            "object": "subscription_item",
+            "price": item_price,
+            "quantity": 1,
+            **(period if new_period_shape else {}),
+        }
+        for item_price in (prices or [price()])
+    ]
+    return {
+        "id": subscription_id or stripe_id("sub"),
+        "object": "subscription",
+        "cancel_at": None,
+        "cancel_at_period_end": cancel_at_period_end,
+        "canceled_at": canceled_at,
+        "created": now - 86400,
+        "currency": "usd",
+        **({} if new_period_shape else period),
+        "customer": customer_id,
+        "ended_at": canceled_at if status == "canceled" else None,
+        "items": {"object": "list", "data": items, "has_more": False, "url": "/v1/subscription_items"},
+        "livemode": False,
+        "metadata": metadata or {},
+        "status": status,
+        "trial_end": None,
+    }
+
+
+def entitlement_summary(customer_id: str, lookup_keys: list[str], *, has_more: bool = False) -> dict[str, Any]:
+    """An entitlements.active_entitlement_summary as Stripe sends it (at most 10 listed)."""
+    data = [
+        {
+            "id": stripe_id("ent"),
+            "object": "entitlements.active_entitlement",
+            "feature": stripe_id("feat"),
+            "livemode": False,
+            "lookup_key": key,
+        }
+        for key in lookup_keys[:10]
+    ]
+    return {
+        "object": "entitlements.active_entitlement_summary",
+        "customer": customer_id,
+        "entitlements": {
+            "object": "list",
+            "data": data,
+            "has_more": has_more or len(lookup_keys) > 10,
+            "url": f"/v1/customer/{customer_id}/entitlements",
+        },
+        "livemode": False,
+    }
+
+
 def event(
     event_type: str,
     data_object: dict[str, Any],
@@ -123,5 +214,11 @@ def event_of_type(
         return event(event_type, data_object, created=created)
     if event_type == "checkout.session.completed":
         return event(event_type, checkout_session(customer_id, user_id, email=email, name=name), created=created)
+    if event_type.startswith("customer.subscription."):
+        status = "canceled" if event_type.endswith(".deleted") else "active"
+        made = event(event_type, subscription(customer_id, status=status, new_period_shape=True), created=created)
+        return {**made, "api_version": NEW_PERIOD_API}
+    if event_type == "entitlements.active_entitlement_summary.updated":
+        return event(event_type, entitlement_summary(customer_id, ["pro"]), created=created)
     noun = event_type.rsplit(".", 1)[0]
     return event(event_type, {"id": stripe_id("obj"), "object": noun, "customer": customer_id}, created=created)

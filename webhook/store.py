@@ -109,30 +109,32 @@ def record_failure(connection: PoolProxiedConnection, event: Event, error: str) 
         cursor.close()
 
 
-_APPLY_CUSTOMERS = text(
+_APPLY_STATES = text(
     """
     SELECT applied.status
     FROM jsonb_array_elements(CAST(:changes AS jsonb)) WITH ORDINALITY AS change (value, position),
-      LATERAL public.stripe_apply_customer(change.value, :source, NULL, :as_of) AS applied
+      LATERAL public.stripe_apply_object(change.value, :source, NULL, :as_of) AS applied
     ORDER BY change.position
     """
 )
-_APPLY_CUSTOMERS_ACTING = text("SELECT set_config('stripe_webhook.actor', :actor, true);" + _APPLY_CUSTOMERS.text)
+_APPLY_STATES_ACTING = text("SELECT set_config('stripe_webhook.actor', :actor, true);" + _APPLY_STATES.text)
 
 
-def apply_customers(
+def apply_states(
     engine: Engine, changes: list[dict[str, Any]], source: Source, as_of: int, actor: str | None = None
 ) -> list[str]:
-    """Apply customer states read from the Stripe API at `as_of` (unix seconds), in one statement
-    and one transaction; a row that a newer event already set is left alone ('stale')."""
-    # Sorted, so concurrent batches take their customer locks in one order. A webhook that holds
+    """Apply states read from the Stripe API at `as_of` (unix seconds): customers, subscriptions,
+    entitlement sets (each change says which), in one statement and one transaction; a row that a
+    newer event already set is left alone ('stale').
+    """
+    # Sorted, so concurrent batches take their locks in one order. A webhook that holds
     # a user lock can still deadlock with a batch; Postgres aborts one side and the batch retries.
     changes_json = _jsonb_text(json.dumps(sorted(changes, key=lambda change: str(change["id"]))))
     for attempt in range(DEADLOCK_RETRIES):
         try:
             with engine.connect() as connection:
                 result = connection.execute(
-                    _APPLY_CUSTOMERS_ACTING if actor else _APPLY_CUSTOMERS,
+                    _APPLY_STATES_ACTING if actor else _APPLY_STATES,
                     {"changes": changes_json, "source": source, "as_of": as_of, "actor": actor},
                 )
                 return [str(outcome) for outcome in result.scalars()]
@@ -190,6 +192,25 @@ def relink_users(connection: Connection, fix: bool) -> list[tuple[str, str]]:
     with fix, each linked to the newest such customer (as a deletion or a moved link would)."""
     statement = text("SELECT user_id::text, stripe_customer_id FROM public.stripe_relink_users(:fix)")
     return [(row[0], row[1]) for row in connection.execute(statement, {"fix": fix})]
+
+
+def local_subscriptions(connection: Connection) -> dict[str, dict[str, Any]]:
+    """Each subscription's status, period end (unix seconds) and items, as verify compares them."""
+    statement = text(
+        "SELECT stripe_subscription_id, status, extract(epoch FROM current_period_end)::bigint AS current_period_end, "
+        "items FROM public.stripe_subscriptions ORDER BY stripe_subscription_id"
+    )
+    return {row[0]: dict(row._mapping) for row in connection.execute(statement)}
+
+
+def local_entitlement_sets(connection: Connection) -> dict[str, list[str]]:
+    """Each customer's set of entitlement lookup keys, sorted, for every set the consumer keeps."""
+    statement = text(
+        "SELECT s.stripe_customer_id, coalesce(array_agg(e.lookup_key ORDER BY e.lookup_key) "
+        "FILTER (WHERE e.lookup_key IS NOT NULL), '{}') FROM public.stripe_entitlement_sets s "
+        "LEFT JOIN public.stripe_entitlements e USING (stripe_customer_id) GROUP BY 1 ORDER BY 1"
+    )
+    return {row[0]: list(row[1]) for row in connection.execute(statement)}
 
 
 def local_customers(connection: Connection) -> list[tuple[str, str | None, str | None]]:

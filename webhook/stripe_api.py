@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -98,15 +99,17 @@ def explain(error: stripe.StripeError) -> str:
     return f"{reason}{status}{code}"
 
 
-def _plain(stripe_object: Any) -> dict[str, Any]:
-    return dict(stripe_object.to_dict())
+def plain(stripe_object: Any) -> dict[str, Any]:
+    """A Stripe object as the JSON Stripe sent: to_dict() turns decimal strings (a price's
+    unit_amount_decimal) into Decimal, which json.dumps refuses; str gives back Stripe's text."""
+    return dict(json.loads(json.dumps(stripe_object.to_dict(), default=str)))
 
 
 def list_events(client: stripe.StripeClient, since: int, types: Sequence[str]) -> Iterator[dict[str, Any]]:
     """Every event of the given types created since `since` (Stripe keeps 30 days), newest first."""
     page = client.v1.events.list(params={"created": {"gte": since}, "types": list(types), "limit": PAGE})
     for event in page.auto_paging_iter():
-        yield _plain(event)
+        yield plain(event)
 
 
 def list_customers(client: stripe.StripeClient, after: str | None = None) -> Iterator[dict[str, Any]]:
@@ -116,13 +119,25 @@ def list_customers(client: stripe.StripeClient, after: str | None = None) -> Ite
     if after:
         params["starting_after"] = after
     for customer in client.v1.customers.list(params=params).auto_paging_iter():
-        yield _plain(customer)
+        yield plain(customer)
+
+
+def list_subscriptions(client: stripe.StripeClient) -> Iterator[dict[str, Any]]:
+    """Every subscription of the account, canceled ones too (status=all), newest first."""
+    for subscription in client.v1.subscriptions.list(params={"status": "all", "limit": PAGE}).auto_paging_iter():
+        yield plain(subscription)
+
+
+def list_active_entitlements(client: stripe.StripeClient, customer_id: str) -> list[dict[str, Any]]:
+    """A customer's active entitlements, every page."""
+    page = client.v1.entitlements.active_entitlements.list(params={"customer": customer_id, "limit": PAGE})
+    return [plain(item) for item in page.auto_paging_iter()]
 
 
 def retrieve_customer(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:
     """The customer, `{"id", "deleted": true}` for a deleted one, or None when Stripe has none."""
     try:
-        return _plain(client.v1.customers.retrieve(customer_id))
+        return plain(client.v1.customers.retrieve(customer_id))
     except stripe.InvalidRequestError as error:
         if error.http_status == 404:
             return None
@@ -136,8 +151,8 @@ def create_customer(
     if email:
         params["email"] = email
     customer = client.v1.customers.create(params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
-    return _plain(customer)
+    return plain(customer)
 
 
 def update_customer(client: stripe.StripeClient, customer_id: str, changes: dict[str, str]) -> dict[str, Any]:
-    return _plain(client.v1.customers.update(customer_id, params=changes))  # type: ignore[arg-type]
+    return plain(client.v1.customers.update(customer_id, params=changes))  # type: ignore[arg-type]

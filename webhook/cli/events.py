@@ -97,7 +97,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     client = stripe_api.make_client(settings, background=True)
     started = time.monotonic()
     with progress_bar("backfill", "customers") as update:
-        run = backfill(engine_for(settings), client, settings.user_id_metadata_key, update, args.from_start)
+        run = backfill(engine_for(settings), client, settings.keys, update, args.from_start)
     print(f"{run.summary()} in {time.monotonic() - started:.1f}s")
     if run.failed is not None:
         where = f"after {run.stopped_after}" if run.stopped_after else "where this one started"
@@ -111,7 +111,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     engine = engine_for(settings)
     as_of = int(time.time())
     with progress_bar("verify: listing Stripe's customers", "customers") as update:
-        checked, drifts = find_drift(engine, client, settings.user_id_metadata_key, update)
+        checked, drifts = find_drift(engine, client, settings.keys, update)
     for drift in drifts:
         print(drift.line())
     print(f"checked {checked} rows: {len(drifts)} drifted")

@@ -51,8 +51,32 @@ BEGIN
   END LOOP;
   FOR v_function IN SELECT p.oid::regprocedure FROM pg_proc p
       WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'stripe\_%'
+        AND p.oid <> 'public.stripe_has_access(text)'::regprocedure
         AND (has_function_privilege('anon', p.oid, 'EXECUTE') OR has_function_privilege('authenticated', p.oid, 'EXECUTE'))
   LOOP
     EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC, anon, authenticated', v_function);
   END LOOP;
+END $$;
+
+-- step: what the app may ask: stripe_has_access(feature) about the signed-in user (anon gets
+-- false), the two-argument form for the service role, and a user's own row of stripe_user_billing
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+    RETURN;
+  END IF;
+  IF NOT has_function_privilege('authenticated', 'public.stripe_has_access(text)', 'EXECUTE')
+     OR NOT has_function_privilege('anon', 'public.stripe_has_access(text)', 'EXECUTE') THEN
+    GRANT EXECUTE ON FUNCTION public.stripe_has_access(text) TO anon, authenticated, service_role;
+  END IF;
+  IF NOT has_function_privilege('service_role', 'public.stripe_has_access(text, uuid)', 'EXECUTE') THEN
+    GRANT EXECUTE ON FUNCTION public.stripe_has_access(text, uuid) TO service_role;
+  END IF;
+  IF has_table_privilege('anon', 'public.stripe_user_billing', 'SELECT,INSERT,UPDATE,DELETE,TRUNCATE')
+     OR has_table_privilege('authenticated', 'public.stripe_user_billing', 'INSERT,UPDATE,DELETE,TRUNCATE') THEN
+    REVOKE ALL ON public.stripe_user_billing FROM anon, authenticated;
+  END IF;
+  IF NOT has_table_privilege('authenticated', 'public.stripe_user_billing', 'SELECT') THEN
+    GRANT SELECT ON public.stripe_user_billing TO authenticated, service_role;
+  END IF;
 END $$;

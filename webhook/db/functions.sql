@@ -8,7 +8,8 @@
 CREATE OR REPLACE FUNCTION public.stripe_create_trigger(p_name text, p_definition text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'public.stripe_customers'::regclass AND tgname = p_name) THEN
+  -- Trigger names are the consumer's own (stripe_…) whatever the table, so the name alone decides.
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = p_name AND NOT tgisinternal) THEN
     EXECUTE format('CREATE TRIGGER %I %s', p_name, p_definition);
   END IF;
 END $$;
@@ -355,7 +356,7 @@ BEGIN
   PERFORM set_config('stripe_webhook.event_id', v_id, true);
   IF p_change IS NOT NULL THEN
     -- Assigned, not SELECTed FROM: a function in FROM is run through a tuplestore (pg_stat_statements).
-    v_applied := public.stripe_apply_customer(p_change, p_source, v_id, (p_event ->> 'created')::bigint, p_event);
+    v_applied := public.stripe_apply_object(p_change, p_source, v_id, (p_event ->> 'created')::bigint, p_event);
     v_status := v_applied.status; v_note := v_applied.note; v_tie := v_applied.tie;
     IF v_status = 'tie' THEN RETURN ROW('tie', NULL, NULL, NULL)::public.stripe_outcome; END IF;
   END IF;
@@ -364,7 +365,7 @@ BEGIN
     attempts, last_error, processed_at, stripe_customer_id)
   VALUES (v_id, p_event ->> 'type', p_event ->> 'api_version', coalesce((p_event ->> 'livemode')::boolean, false),
           to_timestamp((p_event ->> 'created')::bigint), p_event, v_status, 1, v_note, now(),
-          coalesce(p_change ->> 'id', public.stripe_event_customer_id(p_event)))
+          coalesce(p_change ->> 'customer', p_change ->> 'id', public.stripe_event_customer_id(p_event)))
   ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, attempts = e.attempts + 1,
     last_error = EXCLUDED.last_error, processed_at = EXCLUDED.processed_at;
   RETURN ROW(v_status, nullif(split_part(v_tie, ':', 2), ''), NULL, NULL)::public.stripe_outcome;

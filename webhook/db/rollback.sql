@@ -13,7 +13,21 @@ DROP FUNCTION IF EXISTS public.stripe_order(jsonb, bigint, bigint, text, jsonb, 
 DROP FUNCTION IF EXISTS public.stripe_tie_order(jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_attrs_match(jsonb, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_event_customer_id(jsonb);
+DROP VIEW IF EXISTS public.stripe_user_billing;
+DROP FUNCTION IF EXISTS public.stripe_has_access(text);
+DROP FUNCTION IF EXISTS public.stripe_has_access(text, uuid);
+DROP FUNCTION IF EXISTS public.stripe_apply_object(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_sync_stamp(text, text, bigint, text);
 -- Dropping the tables drops their triggers, indexes and policies with them.
+DROP TABLE IF EXISTS public.stripe_subscriptions;
+DROP TABLE IF EXISTS public.stripe_entitlements;
+DROP TABLE IF EXISTS public.stripe_entitlement_sets;
+DROP TABLE IF EXISTS public.stripe_object_tombstones;
+DROP TABLE IF EXISTS public.stripe_billing_audit;
+DROP FUNCTION IF EXISTS public.stripe_billing_audit_row();
+DROP FUNCTION IF EXISTS public.stripe_billing_gone();
 DROP TABLE IF EXISTS public.stripe_customers_audit;
 DROP TABLE IF EXISTS public.stripe_webhook_events;
 DROP TABLE IF EXISTS public.stripe_customers;
