@@ -310,3 +310,32 @@ def test_replay_all_runs_every_failed_event_as_the_person(console: FlaskClient, 
     with engine.connect() as connection:
         audit = connection.execute(text("SELECT DISTINCT changed_by FROM stripe_customers_audit")).scalars().all()
     assert audit == ["support:alice"]
+
+
+def test_the_customer_page_says_in_words_why_a_user_has_no_access(console: FlaskClient, engine: Engine) -> None:
+    from datetime import UTC, datetime
+
+    user_id = add_user(engine, email="paid@example.com")
+    customer = samples.customer(metadata={"user_id": user_id})
+    assert deliver(console, samples.event("customer.created", customer, created=now() - 100)).status_code == 200
+    assert sign_in(console) == 302
+    page = f"/support/customers/{customer['id']}"
+
+    def access() -> str:
+        html = console.get(page).get_data(as_text=True)
+        return re.sub(r"\s+", " ", html.split('id="access"', 1)[1].split("</div>", 1)[0])
+
+    assert "no subscription; entitlements not synced: no API key" in access()
+    canceled_at = now() - 50
+    subscription = samples.subscription(customer["id"], status="canceled", canceled_at=canceled_at)
+    deliver(console, samples.event("customer.subscription.deleted", subscription, created=now() - 50))
+    day = datetime.fromtimestamp(canceled_at, UTC).strftime("%Y-%m-%d")
+    assert f"no active subscription: {subscription['id']} canceled on {day}" in access()
+
+    active = samples.subscription(customer["id"], status="active")
+    deliver(console, samples.event("customer.subscription.created", active, created=now() - 40))
+    summary = samples.entitlement_summary(customer["id"], ["pro", "export"])
+    deliver(console, samples.event("entitlements.active_entitlement_summary.updated", summary, created=now() - 40))
+    assert "Access to: export, pro" in access() and f"active subscription {active['id']}" in access()
+    html = console.get(page).get_data(as_text=True)
+    assert f"subscription {active['id']} added" in html and "entitlement pro added" in html  # the timeline

@@ -98,6 +98,39 @@ def audit_of(engine: Engine, customer_id: str) -> list[dict[str, Any]]:
     return _all(engine, AUDIT_OF, id=customer_id, limit=TIMELINE_LIMIT)
 
 
+def subscriptions_of(engine: Engine, customer_id: str) -> list[dict[str, Any]]:
+    return _all(
+        engine,
+        "SELECT stripe_subscription_id, status, items, current_period_end, cancel_at_period_end, canceled_at, "
+        "ended_at, trial_end FROM stripe_subscriptions WHERE stripe_customer_id = :id "
+        "ORDER BY current_period_end DESC NULLS LAST LIMIT 50",
+        id=customer_id,
+    )
+
+
+def entitlements_of(engine: Engine, customer_id: str) -> tuple[list[str], dict[str, Any] | None]:
+    """The customer's active entitlement lookup keys, and its set's row (None: never synced)."""
+    keys = _all(
+        engine,
+        "SELECT lookup_key FROM stripe_entitlements WHERE stripe_customer_id = :id ORDER BY lookup_key LIMIT 200",
+        id=customer_id,
+    )
+    found = _one(
+        engine, "SELECT complete, sync FROM stripe_entitlement_sets WHERE stripe_customer_id = :id", id=customer_id
+    )
+    return [str(row["lookup_key"]) for row in keys], found
+
+
+BILLING_AUDIT_OF = (
+    "SELECT object, stripe_id, operation, old_row, new_row, event_id, changed_by, changed_at FROM stripe_billing_audit "
+    "WHERE stripe_customer_id = :id ORDER BY changed_at DESC LIMIT :limit"
+)
+
+
+def billing_audit_of(engine: Engine, customer_id: str) -> list[dict[str, Any]]:
+    return _all(engine, BILLING_AUDIT_OF, id=customer_id, limit=TIMELINE_LIMIT)
+
+
 def failed_events(engine: Engine) -> list[dict[str, Any]]:
     return _all(
         engine,

@@ -4,6 +4,7 @@ timeline of its events and audit rows."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -37,6 +38,48 @@ def state_of(row: dict[str, Any] | None, user: dict[str, Any] | None, tombstone:
     if note and note.startswith("tie not settled"):
         return State(f"Linked to {who}", f"{note}: the order of two same-second events could not be told", True)
     return State(f"Linked to {who}", note, False)
+
+
+# Best first, as stripe_user_billing ranks a user's subscriptions.
+PLAN_RANK = ["active", "trialing", "past_due", "unpaid", "paused", "incomplete", "canceled", "incomplete_expired"]
+
+
+def _day(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d") if value else "?"
+
+
+def access_of(
+    row: dict[str, Any] | None,
+    subscriptions: list[dict[str, Any]],
+    entitlements: list[str],
+    entitlement_set: dict[str, Any] | None,
+    has_api_key: bool,
+) -> State:
+    """Whether the customer's user has access, and if not, why, in words."""
+    if row is None or row.get("user_id") is None:
+        reason = "no customer row" if row is None else "the customer is linked to no user"
+        return State("No access through this customer", reason, True)
+    ranked = sorted(subscriptions, key=lambda found: PLAN_RANK.index(found["status"]))
+    best = ranked[0] if ranked else None
+    if best is None:
+        plan = "no subscription"
+    elif best["status"] in ("active", "trialing"):
+        plan = (
+            f"{best['status']} subscription {best['stripe_subscription_id']} until {_day(best['current_period_end'])}"
+        )
+    else:
+        ended = best.get("canceled_at") or best.get("ended_at")
+        when = f" on {_day(ended)}" if ended and best["status"] == "canceled" else ""
+        plan = f"no active subscription: {best['stripe_subscription_id']} {best['status']}{when}"
+    if entitlement_set is None:
+        why = "no API key" if not has_api_key else "no entitlement summary has arrived from Stripe"
+        return State("No entitlements", f"{plan}; entitlements not synced: {why}", True)
+    if not entitlement_set.get("complete", True):
+        note = (entitlement_set.get("sync") or {}).get("note") or "more than the summary listed"
+        return State(f"Access to: {', '.join(entitlements) or 'nothing'}", f"{plan}; {note}", True)
+    if not entitlements:
+        return State("No access: no active entitlements", plan, True)
+    return State(f"Access to: {', '.join(entitlements)}", plan, False)
 
 
 def dashboard_url(customer_id: str, livemode: bool) -> str:
@@ -83,7 +126,33 @@ def changes_of(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[t
     return found
 
 
-def timeline(events: list[dict[str, Any]], audit: list[dict[str, Any]]) -> list[Entry]:
+BILLING_FIELDS = {
+    "status": "status",
+    "current_period_end": "period end",
+    "cancel_at_period_end": "cancels at period end",
+    "feature": "feature",
+}
+
+
+def billing_changes_of(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    old, new = old or {}, new or {}
+    found = [
+        (label, _shown(old.get(column)), _shown(new.get(column)))
+        for column, label in BILLING_FIELDS.items()
+        if old.get(column) != new.get(column)
+    ]
+    old_prices = [item.get("lookup_key") or item.get("price") for item in old.get("items") or []]
+    new_prices = [item.get("lookup_key") or item.get("price") for item in new.get("items") or []]
+    if old_prices != new_prices:
+        found.append(("items", _shown(old_prices), _shown(new_prices)))
+    return found
+
+
+def timeline(
+    events: list[dict[str, Any]],
+    audit: list[dict[str, Any]],
+    billing_audit: list[dict[str, Any]] = (),  # type: ignore[assignment]
+) -> list[Entry]:
     entries = [
         Entry(
             at=event["created"],
@@ -114,6 +183,21 @@ def timeline(events: list[dict[str, Any]], audit: list[dict[str, Any]]) -> list[
                 event_id=change["event_id"],
                 changes=changes_of(change["old_row"], change["new_row"]),
                 by=by,
+            )
+        )
+    for change in billing_audit:
+        what = "entitlement" if change["object"] == "entitlement" else change["object"]
+        verb = {"INSERT": "added", "UPDATE": "changed", "DELETE": "removed"}[change["operation"]]
+        actor = change["changed_by"] or ""
+        entries.append(
+            Entry(
+                at=change["changed_at"],
+                what="change",
+                title=f"{what} {change['stripe_id']} {verb}",
+                alarming=change["operation"] == "DELETE" and what == "subscription",
+                event_id=change["event_id"],
+                changes=billing_changes_of(change["old_row"], change["new_row"]),
+                by=f"event {change['event_id']}" if change["event_id"] else actor.removeprefix("support:"),
             )
         )
     return sorted(entries, key=lambda entry: entry.at, reverse=True)

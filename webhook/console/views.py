@@ -16,7 +16,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from webhook import stripe_api
 from webhook.config import Settings
 from webhook.console import auth, queries
-from webhook.console.timeline import dashboard_url, state_of, timeline
+from webhook.console.timeline import access_of, dashboard_url, state_of, timeline
 from webhook.customers import FixRefused, resync
 from webhook.replay import replay_stored
 
@@ -129,6 +129,8 @@ def customer(customer_id: str) -> Page:
         abort(404)
     linked = queries.user(_engine(), str(row["user_id"])) if row and row["user_id"] else None
     tombstone = queries.tombstone(_engine(), customer_id)
+    subscriptions = queries.subscriptions_of(_engine(), customer_id)
+    entitlements, entitlement_set = queries.entitlements_of(_engine(), customer_id)
     livemode = bool(events[0]["livemode"]) if events else "_live_" in (_settings().stripe_api_key or "")
     return render_template(
         "console/customer.html",
@@ -139,8 +141,13 @@ def customer(customer_id: str) -> Page:
         state=state_of(row, linked, tombstone),
         tombstone=tombstone,
         dashboard=dashboard_url(customer_id, livemode),
-        entries=timeline(events, queries.audit_of(_engine(), customer_id)),
+        entries=timeline(
+            events, queries.audit_of(_engine(), customer_id), queries.billing_audit_of(_engine(), customer_id)
+        ),
         can_resync=_settings().stripe_api_key is not None,
+        subscriptions=subscriptions,
+        entitlements=entitlements,
+        access=access_of(row, subscriptions, entitlements, entitlement_set, _settings().stripe_api_key is not None),
     )
 
 
