@@ -1,9 +1,11 @@
 """Model-based: random customer histories as Stripe would produce them (same-second creates and
-updates, same-second update pairs, deletions, checkouts, users deleted from auth.users), every event
-possibly delivered twice, shuffled, from 10 concurrent clients to a real gunicorn with two workers,
-with Postgres stopped and started in the middle. Afterwards every row equals the model.
+updates, same-second update pairs, deletions, checkouts, users deleted from auth.users; for half of
+them a subscription going through its statuses, perhaps canceled, and entitlement summaries), every
+event possibly delivered twice, shuffled, from 10 concurrent clients to a real gunicorn with two
+workers, with Postgres stopped and started in the middle. Afterwards every customer row,
+subscription and entitlement set equals the model.
 
-MODEL_CUSTOMERS sets the size (default 300, a few seconds; the closing note gives a larger run).
+MODEL_CUSTOMERS sets the size (default 300, a few seconds).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class History:
     user_id: str | None = None  # the user it should end linked to
     deleted: bool = False  # by a customer.deleted event
     user_removed: bool = False  # its user deleted from auth.users during the deliveries
+    subscription: dict[str, Any] | None = None  # Stripe's final state of its subscription
+    entitlements: list[str] | None = None  # the lookup keys of its final entitlement summary
 
 
 def _history(rng: random.Random, engine: Engine, start: int) -> History:
@@ -60,7 +64,38 @@ def _history(rng: random.Random, engine: Engine, start: int) -> History:
         last = max(t, start + 2) if by_checkout else t  # Stripe deletes after the checkout completed
         history.events.append(samples.event("customer.deleted", customer, created=last + rng.randint(0, 2)))
     history.user_removed = not (history.deleted or by_checkout) and rng.random() < 0.05
+    if rng.random() < 0.5:
+        _billing_history(rng, history, start)
     return history
+
+
+def _billing_history(rng: random.Random, history: History, start: int) -> None:
+    """A subscription going through statuses (same-second pairs among them, some only Stripe can
+    order), perhaps canceled; and entitlement summaries replacing each other."""
+    customer_id = history.customer["id"]
+    subscription = samples.subscription(customer_id, status="trialing")
+    t = start + 1
+    history.events.append(samples.event("customer.subscription.created", subscription, created=t))
+    # Distinct statuses: a status that comes back within one second (A, B, A) after an update
+    # without previous_attributes is beyond what the rules can tell (README, "Ties").
+    for status in rng.sample(["active", "past_due", "unpaid", "paused"], rng.randint(1, 3)):
+        t += 0 if rng.random() < 0.3 else rng.randint(1, 3)
+        previous = None if rng.random() < 0.4 else {"status": subscription["status"]}
+        subscription = {**subscription, "status": status}
+        history.events.append(
+            samples.event("customer.subscription.updated", subscription, created=t, previous_attributes=previous)
+        )
+    if rng.random() < 0.2:
+        subscription = {**subscription, "status": "canceled", "canceled_at": t + 1, "ended_at": t + 1}
+        history.events.append(samples.event("customer.subscription.deleted", subscription, created=t + 1))
+    history.subscription = subscription
+    t = start + 1
+    for _ in range(rng.randint(1, 3)):
+        t += 0 if rng.random() < 0.2 else rng.randint(1, 3)
+        keys = sorted(rng.sample(["pro", "export", "api", "seats", "sso"], rng.randint(0, 3)))
+        summary = samples.entitlement_summary(customer_id, keys)
+        history.events.append(samples.event("entitlements.active_entitlement_summary.updated", summary, created=t))
+    history.entitlements = keys
 
 
 def _deliver_until_accepted(port: int, event: dict[str, Any]) -> str:
@@ -107,6 +142,18 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
 
     stripe = FakeStripe()  # holds the truth for ties only Stripe can settle
     for history in histories:
+        if history.subscription is not None:
+            stripe.subscriptions[history.subscription["id"]] = history.subscription
+        if history.entitlements is not None:
+            stripe.entitlements[history.customer["id"]] = [
+                {
+                    "id": f"ent_{key}",
+                    "object": "entitlements.active_entitlement",
+                    "feature": f"feat_{key}",
+                    "lookup_key": key,
+                }
+                for key in history.entitlements
+            ]
         if history.deleted:
             stripe.deleted.add(history.customer["id"])
         else:
@@ -152,10 +199,31 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
         rows = {row.stripe_customer_id: row for row in connection.execute(text("SELECT * FROM stripe_customers"))}
         logged = connection.execute(text("SELECT count(*), count(DISTINCT id) FROM stripe_webhook_events")).one()
         failed = connection.execute(text("SELECT count(*) FROM stripe_webhook_events WHERE status = 'failed'")).scalar()
+        statuses = dict(
+            connection.execute(text("SELECT stripe_subscription_id, status FROM stripe_subscriptions")).all()
+        )
+        sets = dict(
+            connection.execute(
+                text(
+                    "SELECT s.stripe_customer_id, coalesce(array_agg(e.lookup_key ORDER BY e.lookup_key) "
+                    "FILTER (WHERE e.lookup_key IS NOT NULL), '{}') FROM stripe_entitlement_sets s "
+                    "LEFT JOIN stripe_entitlements e USING (stripe_customer_id) GROUP BY 1"
+                )
+            ).all()
+        )
 
     wrong = []
     for history in histories:
         customer_id, row = history.customer["id"], rows.get(history.customer["id"])
+        if (
+            history.subscription is not None
+            and statuses.get(history.subscription["id"]) != history.subscription["status"]
+        ):
+            wrong.append(
+                (history.subscription["id"], history.subscription["status"], statuses.get(history.subscription["id"]))
+            )
+        if history.entitlements is not None and list(sets.get(customer_id, [])) != history.entitlements:
+            wrong.append((customer_id, history.entitlements, sets.get(customer_id)))
         if history.user_removed:
             # Every event of it applied before its user went; the cascade took the row, and the
             # copies delivered afterwards are duplicates.
