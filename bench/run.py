@@ -304,7 +304,7 @@ def main() -> None:
     args = parser.parse_args()
 
     database_url = cluster.server(args.postgres_bin, os.environ.get("DATABASE_URL"))
-    engine = database.make_engine(database_url, pool_size=2)
+    engine = database.make_engine(database_url, pool_size=2, statement_timeout="1h")
     migrations.migrate(engine, shim=True)
 
     def clean() -> None:

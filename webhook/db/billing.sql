@@ -248,18 +248,31 @@ $$;
 -- unpaid > paused > incomplete > canceled > incomplete_expired, else 'none'), its period end and
 -- cancellation, its tier (the first item's), and their entitlements. A signed-in user (anon,
 -- authenticated) sees only their own row; the service role and the consumer see every row.
-CREATE OR REPLACE VIEW public.stripe_user_billing AS
-SELECT c.user_id, c.stripe_customer_id, NULL::uuid AS organization_id,
-  coalesce(best.status, 'none') AS plan_status, best.current_period_end, best.cancel_at_period_end,
-  best.items -> 0 ->> 'tier' AS tier,
-  coalesce((SELECT array_agg(e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
-            WHERE e.stripe_customer_id = c.stripe_customer_id), '{}') AS entitlements
-FROM public.stripe_customers c
-LEFT JOIN LATERAL (
-  SELECT s.status, s.current_period_end, s.cancel_at_period_end, s.items FROM public.stripe_subscriptions s
-  WHERE s.stripe_customer_id = c.stripe_customer_id
-  ORDER BY array_position(ARRAY['active', 'trialing', 'past_due', 'unpaid', 'paused', 'incomplete', 'canceled',
-                                'incomplete_expired'], s.status), s.current_period_end DESC NULLS LAST
-  LIMIT 1) AS best ON true
-WHERE c.user_id IS NOT NULL
-  AND (c.user_id = auth.uid() OR current_user NOT IN ('anon', 'authenticated'));
+-- Replaced only when its version (the view's comment) differs: replacing locks the view.
+-- Two branches, each gated by a condition Postgres checks once: a signed-in user's is one index
+-- lookup (stripe_customers.user_id); an OR of both would scan every customer for every user.
+DO $view$
+BEGIN
+  IF obj_description(to_regclass('public.stripe_user_billing'), 'pg_class') IS DISTINCT FROM 'stripe_user_billing 1' THEN
+    CREATE OR REPLACE VIEW public.stripe_user_billing AS
+    SELECT c.user_id, c.stripe_customer_id, NULL::uuid AS organization_id,
+      coalesce(best.status, 'none') AS plan_status, best.current_period_end, best.cancel_at_period_end,
+      best.items -> 0 ->> 'tier' AS tier,
+      coalesce((SELECT array_agg(e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
+                WHERE e.stripe_customer_id = c.stripe_customer_id), '{}') AS entitlements
+    FROM (
+      SELECT own.user_id, own.stripe_customer_id FROM public.stripe_customers own
+      WHERE own.user_id = auth.uid() AND current_user IN ('anon', 'authenticated')
+      UNION ALL
+      SELECT every.user_id, every.stripe_customer_id FROM public.stripe_customers every
+      WHERE every.user_id IS NOT NULL AND current_user NOT IN ('anon', 'authenticated')
+    ) AS c
+    LEFT JOIN LATERAL (
+      SELECT s.status, s.current_period_end, s.cancel_at_period_end, s.items FROM public.stripe_subscriptions s
+      WHERE s.stripe_customer_id = c.stripe_customer_id
+      ORDER BY array_position(ARRAY['active', 'trialing', 'past_due', 'unpaid', 'paused', 'incomplete', 'canceled',
+                                    'incomplete_expired'], s.status), s.current_period_end DESC NULLS LAST
+      LIMIT 1) AS best ON true;
+    COMMENT ON VIEW public.stripe_user_billing IS 'stripe_user_billing 1';
+  END IF;
+END $view$;

