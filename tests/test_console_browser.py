@@ -118,6 +118,30 @@ def test_support_person_answers_why_a_user_has_no_access(
         assert "payment method: — → pm_card_visa" in browser.find_element(By.TAG_NAME, "main").text
         _shot(browser, tmp_path, "customer")
 
+        # "I paid but I'm still on the free plan": a canceled subscription, then a new one with the
+        # entitlements it brings, each seen on the page as support would read it.
+        canceled = samples.subscription(customer["id"], status="canceled", canceled_at=second + 40)
+        assert post_event(port, samples.event("customer.subscription.deleted", canceled, created=second + 40))[0] == 200
+        browser.refresh()
+        access = browser.find_element(By.ID, "access")
+        assert f"no active subscription: {canceled['id']} canceled on" in access.text
+        assert "entitlements not synced: no API key" in access.text and "alarm" in access.get_attribute("class")
+        _shot(browser, tmp_path, "customer-without-access")
+        active = samples.subscription(
+            customer["id"], status="active", prices=[samples.price("pro_monthly", tier="pro")]
+        )
+        summary = samples.entitlement_summary(customer["id"], ["pro", "export"])
+        for event in (
+            samples.event("customer.subscription.created", active, created=second + 50),
+            samples.event("entitlements.active_entitlement_summary.updated", summary, created=second + 50),
+        ):
+            assert post_event(port, event)[1]["status"] == "processed"
+        browser.refresh()
+        access = browser.find_element(By.ID, "access")
+        assert "Access to: export, pro" in access.text and "alarm" not in access.get_attribute("class")
+        assert "pro_monthly (pro)" in browser.find_element(By.ID, "subscriptions").text
+        _shot(browser, tmp_path, "customer-with-access")
+
         deleted = samples.event("customer.deleted", customer, created=second + 60)
         assert post_event(port, deleted)[0] == 200
         browser.refresh()
