@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -23,8 +24,24 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh venv holding the project's wheel; its dependencies are read from this environment's
     site-packages (a path entry, so the checkout's editable install is not seen there)."""
     where = tmp_path_factory.mktemp("installed")
+    # Built from a copy: setuptools leaves a build/ folder in the tree it builds.
+    source = where / "source"
+    shutil.copytree(
+        ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(".venv", ".git", ".data", "build", "*.egg-info")
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(where), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(where),
+            str(source),
+        ],
         check=True,
         capture_output=True,
     )
