@@ -44,6 +44,7 @@ class FakeStripe:
         self.events: list[dict[str, Any]] = []
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.entitlements: dict[str, list[dict[str, Any]]] = {}  # customer -> active entitlements
+        self.v2_events: dict[str, dict[str, Any]] = {}  # GET /v2/core/events/{id}
         self.failures: list[Answer] = []  # answered, in order, before anything else ...
         self.fail_from = 0  # ... once this many requests have been answered
         self.requests: list[tuple[str, str]] = []
@@ -104,6 +105,9 @@ class FakeStripe:
         if path == "/v1/entitlements/active_entitlements" and method == "GET":
             listed = self.entitlements.get(params.get("customer", ""), [])
             return 200, self._page(listed, params, "/v1/entitlements/active_entitlements")
+        thin = re.fullmatch(r"/v2/core/events/(\w+)", path)
+        if thin and thin[1] in self.v2_events:
+            return 200, self.v2_events[thin[1]]
         if path == "/v1/events" and method == "GET":
             since = int(params.get("created[gte]", 0))
             types = {value for key, value in query if key.startswith("types[")}
@@ -146,7 +150,7 @@ class FakeStripe:
 
         with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
             for method in ("GET", "POST", "DELETE"):
-                mock.add_callback(method, re.compile(re.escape(base) + r"/v1/.*"), callback=callback)
+                mock.add_callback(method, re.compile(re.escape(base) + r"/v[12]/.*"), callback=callback)
             yield mock
 
     # Served over real HTTP, for the CLI as a subprocess.

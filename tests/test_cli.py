@@ -109,6 +109,13 @@ def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
             ).scalar_one()
         embedded.dispose()
         assert email == "a@example.com"
+
+        # Thin notifications, signed the same way: a ping is ignored; a customer's needs the API key.
+        target = f"http://127.0.0.1:{port}/webhooks/stripe"
+        ping = cli("send", "--thin", "v2.core.event_destination.ping", "--url", target, cwd=tmp_path)
+        assert ping.returncode == 0 and '"status": "ignored"' in ping.stdout, ping.stdout + ping.stderr
+        keyless = cli("send", "--thin", "v1.customer.updated", "--url", target, cwd=tmp_path)
+        assert keyless.returncode == 1 and " -> 500 " in keyless.stdout
     finally:
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=60)

@@ -18,7 +18,7 @@ from webhook import console, metrics
 from webhook.config import Settings, load_settings
 from webhook.database import make_engine, schema_ready, side_engine
 from webhook.logs import configure_logging, log
-from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
+from webhook.process import DatabaseUnavailable, ProcessingFailed, StripeUnavailable, process_event, unavailable
 from webhook.readiness import Readiness
 from webhook.verify import RejectedDelivery, parse_event, verify_signature
 
@@ -42,6 +42,8 @@ def answer_delivery(
         return 400, {"error": str(rejection)}
     except DatabaseUnavailable:
         return 503, {"error": "database unavailable; retry later"}
+    except StripeUnavailable:
+        return 503, {"error": "Stripe could not be read for this thin event; retry later", "event_id": event.id}
     except ProcessingFailed as failure:
         return 500, {"error": "processing failed; the event is kept for replay", "event_id": failure.event_id}
     finally:

@@ -7,12 +7,13 @@ import logging
 import time
 from dataclasses import replace
 from enum import StrEnum
+from typing import Any
 
 import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from webhook import batch, database, metrics, refetch, store
+from webhook import batch, database, metrics, refetch, store, thin
 from webhook.config import Refetch, Settings
 from webhook.handlers import HANDLERS, Change, CustomerChange, EntitlementsChange
 from webhook.logs import log
@@ -29,6 +30,11 @@ class Outcome(StrEnum):
 
 class DatabaseUnavailable(Exception):
     """Nothing was written; the delivery should be retried later."""
+
+
+class StripeUnavailable(Exception):
+    """A thin event's object could not be read from Stripe in time: kept as received; answered 503
+    so that Stripe retries it (and replay and heal can run it)."""
 
 
 class ProcessingFailed(Exception):
@@ -99,8 +105,11 @@ def process_event(
 ) -> Outcome:
     """Apply one verified event; `actor` names a person acting from the support console (audit)."""
     started = time.perf_counter()
-    found = change_for(event, settings)
-    change = None if found is None else _completed(found, settings)
+    if event.thin:
+        change, source = _thin_change(engine, event, settings), Source.THIN
+    else:
+        found = change_for(event, settings)
+        change = None if found is None else _completed(found, settings)
     if isinstance(change, CustomerChange) and settings.refetch is Refetch.ALWAYS and change.action != "link":
         # dj-stripe's and Pay's way: the event only says which customer to read. If Stripe cannot
         # be read in time, the event's own state goes through the ordering rules instead.
@@ -134,6 +143,33 @@ def process_event(
     return outcome
 
 
+def _thin_change(engine: Engine, event: Event, settings: Settings) -> Change | None:
+    """What Stripe says now of the object a thin event names (webhook/thin.py)."""
+    try:
+        return thin.change_for(event, settings)
+    except thin.ThinNeedsKey as error:
+        _record_failure(engine, event, error)
+        raise ProcessingFailed(event.id, describe(error)) from error
+    except thin.StripeNotAnswering as error:
+        connection = _connection(engine)
+        try:
+            store.record_received(connection, event)
+        except psycopg2.Error as record_error:
+            database.connection_lost(engine, connection, record_error)
+            raise unavailable(engine, record_error, "record_received") from record_error
+        finally:
+            connection.close()
+        log(logging.WARNING, "thin event kept for a retry", event_id=event.id, type=event.type, error=str(error))
+        raise StripeUnavailable(str(error)) from error
+
+
+def _connection(engine: Engine) -> Any:
+    try:
+        return engine.raw_connection()
+    except (psycopg2.Error, SQLAlchemyError) as connect_error:
+        raise unavailable(engine, connect_error, "connect") from connect_error
+
+
 def _apply(engine: Engine, event: Event, change: Change | None, source: Source, actor: str | None) -> Applied:
     """The event through its process' batches (webhook/batch.py): its outcome, or the answer its error asks for."""
     to_apply = store.EventToApply(event.payload, None if change is None else change.as_json(), source, actor)
@@ -154,10 +190,7 @@ def _record_failure(engine: Engine, event: Event, error: Exception) -> None:
     if isinstance(error, psycopg2.Error | EventFailed):
         metrics.DB_ERRORS.labels(kind="statement").inc()
     log(logging.ERROR, "event failed", event_id=event.id, type=event.type, error=describe(error))
-    try:
-        connection = engine.raw_connection()
-    except (psycopg2.Error, SQLAlchemyError) as connect_error:
-        raise unavailable(engine, connect_error, "connect") from connect_error
+    connection = _connection(engine)
     try:
         store.record_failure(connection, event, describe(error))
     except psycopg2.Error as record_error:

@@ -16,6 +16,7 @@ class Source(StrEnum):
     REPLAY = "replay"
     BACKFILL = "backfill"
     API = "api"  # a read of the Stripe API (a tie's third rule, verify --fix, re-sync, ensure-customer)
+    THIN = "thin"  # the read a thin event (an event destination's notification) asked for
 
 
 class Status(StrEnum):

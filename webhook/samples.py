@@ -195,6 +195,32 @@ def event(
     }
 
 
+def thin_event(
+    event_type: str, related_id: str | None, *, created: float | None = None, context: str | None = None
+) -> dict[str, Any]:
+    """An event destination's thin notification (object v2.core.event): it names the object, and
+    the consumer reads its current state from Stripe."""
+    moment = created if created is not None else time.time()
+    kind = "subscription" if event_type.startswith("v1.customer.subscription.") else "customer"
+    path = "subscriptions" if kind == "subscription" else "customers"
+    notification: dict[str, Any] = {
+        "id": stripe_id("evt_test"),
+        "object": "v2.core.event",
+        "type": event_type,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z",
+        "livemode": False,
+        "context": context,
+        "reason": None,
+    }
+    if event_type == "v2.core.event_destination.ping":
+        destination = stripe_id("ed_test")
+        url = f"/v2/core/event_destinations/{destination}"
+        notification["related_object"] = {"id": destination, "type": "v2.core.event_destination", "url": url}
+    elif related_id is not None:
+        notification["related_object"] = {"id": related_id, "type": kind, "url": f"/v1/{path}/{related_id}"}
+    return notification
+
+
 def event_of_type(
     event_type: str,
     *,

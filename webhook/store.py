@@ -71,6 +71,35 @@ def apply_events(connection: PoolProxiedConnection, events: Sequence[EventToAppl
         cursor.close()
 
 
+_RECORD_RECEIVED = (
+    STATEMENT_TIMEOUT
+    + """
+    INSERT INTO public.stripe_webhook_events (id, type, api_version, livemode, created, payload, status, attempts)
+    VALUES (%(id)s, %(type)s, NULL, %(livemode)s, to_timestamp(%(created)s), %(payload)s::jsonb, 'received', 1)
+    ON CONFLICT (id) DO UPDATE SET attempts = stripe_webhook_events.attempts + 1
+"""
+)
+
+
+def record_received(connection: PoolProxiedConnection, event: Event) -> None:
+    """Keep an event that could not be applied yet (a thin event while Stripe cannot be read): Stripe
+    retries it, and replay and heal can run it."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute(
+            _RECORD_RECEIVED,
+            {
+                "id": event.id,
+                "type": event.type,
+                "livemode": event.livemode,
+                "created": event.created,
+                "payload": _jsonb_text(event.payload),
+            },
+        )
+    finally:
+        cursor.close()
+
+
 _RECORD_FAILURE = (
     STATEMENT_TIMEOUT
     + """

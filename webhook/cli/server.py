@@ -44,6 +44,11 @@ def add_commands(commands: Commands) -> None:
     send.add_argument("--name", help="the customer's name")
     send.add_argument("--user-id", help="the auth.users id: metadata.user_id, or a checkout's client_reference_id")
     send.add_argument("--created", type=int, help="unix seconds (default: now)")
+    send.add_argument(
+        "--thin",
+        action="store_true",
+        help="send a thin notification (TYPE like v1.customer.updated; --customer-id names it)",
+    )
     send.set_defaults(run=cmd_send)
 
 
@@ -100,15 +105,20 @@ def cmd_db_rollback(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     url = args.url or f"http://127.0.0.1:{settings.port}/webhooks/stripe"
-    event = samples.event_of_type(
-        args.type,
-        customer_id=args.customer_id,
-        email=args.email,
-        name=args.name,
-        user_id=args.user_id,
-        created=args.created,
-        user_id_key=settings.user_id_metadata_key,
-    )
+    if args.thin:
+        if not args.type.startswith(("v1.", "v2.")):
+            raise UsageError("a thin event's type starts with v1. or v2. (v1.customer.updated, …)")
+        event = samples.thin_event(args.type, args.customer_id or samples.stripe_id("cus"), created=args.created)
+    else:
+        event = samples.event_of_type(
+            args.type,
+            customer_id=args.customer_id,
+            email=args.email,
+            name=args.name,
+            user_id=args.user_id,
+            created=args.created,
+            user_id_key=settings.user_id_metadata_key,
+        )
     body = json.dumps(event)
     header = stripe.WebhookSignature.generate_signature_header(body, settings.webhook_secrets[0])
     request = urllib.request.Request(

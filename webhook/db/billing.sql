@@ -80,6 +80,9 @@ CREATE OR REPLACE FUNCTION public.stripe_billing_audit_row() RETURNS trigger LAN
 DECLARE
   v_row jsonb := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
 BEGIN
+  IF TG_OP = 'UPDATE' AND public.stripe_restamped(to_jsonb(OLD), to_jsonb(NEW), 'subscription_metadata') THEN
+    RETURN NULL;
+  END IF;
   INSERT INTO public.stripe_billing_audit
     (object, stripe_id, stripe_customer_id, operation, old_row, new_row, event_id, changed_by)
   VALUES (TG_ARGV[0], coalesce(v_row ->> TG_ARGV[1], v_row ->> 'stripe_customer_id'), v_row ->> 'stripe_customer_id',

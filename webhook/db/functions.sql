@@ -25,10 +25,24 @@ SELECT public.stripe_create_trigger('stripe_customers_touch',
 -- A trigger, not the consumer, writes the audit so that changes made by hand are caught too.
 -- stripe_webhook.event_id is set transaction-locally by stripe_apply_event; stripe_webhook.actor
 -- (support:<name>) by the console's actions, so the audit names the person who acted.
+-- An update that only moves the row's sync stamp (which event or read it reflects, and when: the
+-- thin and snapshot versions of one change, a Stripe read finding the row already right) is no
+-- change to audit.
+CREATE OR REPLACE FUNCTION public.stripe_restamped(p_old jsonb, p_new jsonb, p_metadata text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT p_old - 'updated_at' - p_metadata = p_new - 'updated_at' - p_metadata
+    AND (p_old -> p_metadata) - 'sync' = (p_new -> p_metadata) - 'sync'
+    AND (p_old #> ARRAY[p_metadata, 'sync']) - '{event_id,event_created,synced_at,source}'::text[]
+      = (p_new #> ARRAY[p_metadata, 'sync']) - '{event_id,event_created,synced_at,source}'::text[]
+$$;
+
 CREATE OR REPLACE FUNCTION public.stripe_customers_audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   v_row public.stripe_customers := CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 BEGIN
+  IF TG_OP = 'UPDATE' AND public.stripe_restamped(to_jsonb(OLD), to_jsonb(NEW), 'customer_metadata') THEN
+    RETURN NULL;
+  END IF;
   INSERT INTO public.stripe_customers_audit
     (stripe_customer_id, user_id, operation, old_row, new_row, event_id, changed_by)
   VALUES (v_row.stripe_customer_id, v_row.user_id, TG_OP,
@@ -342,6 +356,9 @@ CREATE OR REPLACE FUNCTION public.stripe_apply_event(p_event jsonb, p_change jso
 RETURNS public.stripe_outcome LANGUAGE plpgsql AS $$
 DECLARE
   v_id text := p_event ->> 'id';
+  -- A snapshot event's created is unix seconds; a thin notification's an ISO 8601 time.
+  v_created bigint := CASE WHEN jsonb_typeof(p_event -> 'created') = 'number' THEN (p_event ->> 'created')::bigint
+                           ELSE extract(epoch FROM (p_event ->> 'created')::timestamptz)::bigint END;
   v_status text := 'ignored';
   v_note text;
   v_tie text;
@@ -356,7 +373,7 @@ BEGIN
   PERFORM set_config('stripe_webhook.event_id', v_id, true);
   IF p_change IS NOT NULL THEN
     -- Assigned, not SELECTed FROM: a function in FROM is run through a tuplestore (pg_stat_statements).
-    v_applied := public.stripe_apply_object(p_change, p_source, v_id, (p_event ->> 'created')::bigint, p_event);
+    v_applied := public.stripe_apply_object(p_change, p_source, v_id, v_created, p_event);
     v_status := v_applied.status; v_note := v_applied.note; v_tie := v_applied.tie;
     IF v_status = 'tie' THEN RETURN ROW('tie', NULL, NULL, NULL)::public.stripe_outcome; END IF;
   END IF;
@@ -364,7 +381,7 @@ BEGIN
   INSERT INTO public.stripe_webhook_events AS e (id, type, api_version, livemode, created, payload, status,
     attempts, last_error, processed_at, stripe_customer_id)
   VALUES (v_id, p_event ->> 'type', p_event ->> 'api_version', coalesce((p_event ->> 'livemode')::boolean, false),
-          to_timestamp((p_event ->> 'created')::bigint), p_event, v_status, 1, v_note, now(),
+          to_timestamp(v_created), p_event, v_status, 1, v_note, now(),
           coalesce(p_change ->> 'customer', p_change ->> 'id', public.stripe_event_customer_id(p_event)))
   ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, attempts = e.attempts + 1,
     last_error = EXCLUDED.last_error, processed_at = EXCLUDED.processed_at;

@@ -37,6 +37,7 @@ DROP TABLE IF EXISTS public.stripe_sync_cursors;
 DROP TABLE IF EXISTS public.stripe_support_sessions;
 DROP TABLE IF EXISTS public.stripe_support_signins;
 DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
+DROP FUNCTION IF EXISTS public.stripe_restamped(jsonb, jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_customers_touch();
 DROP FUNCTION IF EXISTS public.stripe_customers_gone();
 DROP FUNCTION IF EXISTS public.stripe_customers_moved();
