@@ -9,6 +9,7 @@ import pytest
 from webhook import samples
 from webhook.config import Keys
 from webhook.handlers import HANDLERS, BadCustomerId, customer_state, user_link
+from webhook.verify import RejectedDelivery
 
 
 def test_a_customer_object_as_the_upsert_it_implies() -> None:
@@ -16,7 +17,7 @@ def test_a_customer_object_as_the_upsert_it_implies() -> None:
     customer = samples.customer(
         email="a@example.com", name="A", metadata={"user_id": user, "plan": "pro"}, default_payment_method="pm_1"
     )
-    change = customer_state(customer, Keys())
+    change = customer_state(customer, "user_id")
     assert (change.action, change.id, change.email, change.name) == ("upsert", customer["id"], "a@example.com", "A")
     assert (change.default_payment_method, change.metadata, change.user_id, change.note) == (
         "pm_1",
@@ -32,7 +33,7 @@ def test_expanded_objects_and_odd_values() -> None:
         "invoice_settings": {"default_payment_method": {"id": "pm_expanded", "object": "payment_method"}},
         "metadata": "not a dict",
     }
-    change = customer_state(customer, Keys())
+    change = customer_state(customer, "user_id")
     assert (change.email, change.name, change.default_payment_method, change.metadata) == (
         None,
         None,
@@ -77,3 +78,43 @@ def test_deletion_and_checkout() -> None:
     # A payment-mode session without a customer, or one started without the app's user: nothing.
     assert HANDLERS["checkout.session.completed"]({**session, "customer": None}, Keys()) is None
     assert HANDLERS["checkout.session.completed"]({**session, "client_reference_id": None}, Keys()) is None
+
+
+@pytest.mark.parametrize("new_period_shape", [False, True])
+def test_a_subscription_as_the_change_it_implies(new_period_shape: bool) -> None:
+    subscription = samples.subscription(
+        "cus_Unit1",
+        status="past_due",
+        prices=[samples.price("pro", tier="gold"), samples.price("addon", tier=None)],
+        period_end=1_800_000_000,
+        new_period_shape=new_period_shape,
+    )
+    change = HANDLERS["customer.subscription.updated"](subscription, Keys())
+    assert change is not None and change.as_json()["object"] == "subscription"
+    assert (change.id, change.customer, change.status, change.current_period_end) == (  # type: ignore[union-attr]
+        subscription["id"],
+        "cus_Unit1",
+        "past_due",
+        1_800_000_000,
+    )
+    assert [item["tier"] for item in change.items] == ["gold", "addon"]  # type: ignore[union-attr]
+    # The tier metadata key is configurable.
+    other = HANDLERS["customer.subscription.updated"](subscription, Keys(tier="plan"))
+    assert [item["tier"] for item in other.items] == ["pro", "addon"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{"id": "si_123"}, {"id": "sub_1", "status": "frozen"}, {"id": "sub_1", "status": "active", "customer": None}],
+)
+def test_a_subscription_without_its_ids_or_a_known_status_is_bad_input(broken: dict[str, object]) -> None:
+    with pytest.raises(RejectedDelivery):
+        HANDLERS["customer.subscription.updated"]({"object": "subscription", **broken}, Keys())
+
+
+def test_an_entitlement_summary_and_whether_it_is_complete() -> None:
+    handler = HANDLERS["entitlements.active_entitlement_summary.updated"]
+    few = handler(samples.entitlement_summary("cus_Unit2", ["pro", "export"]), Keys())
+    assert few is not None and few.complete and [e["lookup_key"] for e in few.entitlements] == ["pro", "export"]  # type: ignore[union-attr]
+    many = handler(samples.entitlement_summary("cus_Unit2", [f"f{n}" for n in range(12)]), Keys())
+    assert many is not None and not many.complete and len(many.entitlements) == 10  # type: ignore[union-attr]
