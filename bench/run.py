@@ -247,7 +247,7 @@ def peers_end_to_end(database_url: str, args: argparse.Namespace) -> list[dict[s
     rows = []
     for each in peer.PEERS:
         peer_url = _scratch_database(database_url, each.database)
-        engine = database.make_engine(peer_url, pool_size=1)
+        engine = make_engine(peer_url, pool_size=1)
         port = _free_port()
         try:
             server = peer.serve(each, modules, peer_url, SECRET, port)
@@ -267,7 +267,7 @@ def peers_end_to_end(database_url: str, args: argparse.Namespace) -> list[dict[s
 
 
 def _scratch_database(database_url: str, name: str) -> str:
-    admin = database.make_engine(database_url, pool_size=1)
+    admin = make_engine(database_url, pool_size=1)
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         connection.execute(text(f'CREATE DATABASE "{name}"'))
@@ -304,7 +304,7 @@ def main() -> None:
     args = parser.parse_args()
 
     database_url = cluster.server(args.postgres_bin, os.environ.get("DATABASE_URL"))
-    engine = database.make_engine(database_url, pool_size=2, statement_timeout="1h")
+    engine = make_engine(database_url, pool_size=2, statement_timeout="1h")
     migrations.migrate(engine, shim=True)
 
     def clean() -> None:
