@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 from bench import cluster, database, load, peer, wrk
 from bench.database import percentile
 from webhook import migrations, samples
+from webhook.database import make_engine
 from webhook.serving import gunicorn_command
 
 SECRET = "whsec_bench_secret_0123456789"
