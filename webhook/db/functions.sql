@@ -39,15 +39,18 @@ $$;
 CREATE OR REPLACE FUNCTION public.stripe_customers_audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   v_row public.stripe_customers := CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+  v_old jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;  -- each row image made once
+  v_new jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
 BEGIN
-  IF TG_OP = 'UPDATE' AND public.stripe_restamped(to_jsonb(OLD), to_jsonb(NEW), 'customer_metadata') THEN
+  -- Most updates change more than the stamp: a cheap look at the columns first.
+  IF TG_OP = 'UPDATE' AND NEW.customer_email IS NOT DISTINCT FROM OLD.customer_email
+     AND NEW.customer_name IS NOT DISTINCT FROM OLD.customer_name
+     AND public.stripe_restamped(v_old, v_new, 'customer_metadata') THEN
     RETURN NULL;
   END IF;
   INSERT INTO public.stripe_customers_audit
     (stripe_customer_id, user_id, operation, old_row, new_row, event_id, changed_by)
-  VALUES (v_row.stripe_customer_id, v_row.user_id, TG_OP,
-          CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
-          CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
+  VALUES (v_row.stripe_customer_id, v_row.user_id, TG_OP, v_old, v_new,
           nullif(current_setting('stripe_webhook.event_id', true), ''),
           coalesce(nullif(current_setting('stripe_webhook.actor', true), ''), current_user));
   RETURN NULL;
