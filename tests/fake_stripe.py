@@ -45,6 +45,7 @@ class FakeStripe:
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.entitlements: dict[str, list[dict[str, Any]]] = {}  # customer -> active entitlements
         self.v2_events: dict[str, dict[str, Any]] = {}  # GET /v2/core/events/{id}
+        self.payment_methods: dict[str, dict[str, Any]] = {}
         self.failures: list[Answer] = []  # answered, in order, before anything else ...
         self.fail_from = 0  # ... once this many requests have been answered
         self.requests: list[tuple[str, str]] = []
@@ -105,6 +106,9 @@ class FakeStripe:
         if path == "/v1/entitlements/active_entitlements" and method == "GET":
             listed = self.entitlements.get(params.get("customer", ""), [])
             return 200, self._page(listed, params, "/v1/entitlements/active_entitlements")
+        card = re.fullmatch(r"/v1/payment_methods/(\w+)", path)
+        if card and card[1] in self.payment_methods:
+            return 200, self.payment_methods[card[1]]
         thin = re.fullmatch(r"/v2/core/events/(\w+)", path)
         if thin and thin[1] in self.v2_events:
             return 200, self.v2_events[thin[1]]

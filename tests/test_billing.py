@@ -337,3 +337,58 @@ def test_backfill_verify_and_replay_cover_subscriptions_and_entitlements(
         recovered = cli("replay", "--from-stripe", **env)
         assert recovered.returncode == 0, recovered.stderr
         assert event_row(engine, missed["id"])["status"] == "processed"  # type: ignore[index]
+
+
+def _payment_methods(engine: Engine, customer_id: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as connection:
+        return [
+            tuple(row)
+            for row in connection.execute(
+                text(
+                    "SELECT stripe_payment_method_id, type, brand, last4, exp_month, exp_year "
+                    "FROM stripe_payment_methods WHERE stripe_customer_id = :c ORDER BY 1"
+                ),
+                {"c": customer_id},
+            )
+        ]
+
+
+def test_payment_methods_keep_the_card_summary_and_a_detach_outlives_a_late_attach(
+    client: FlaskClient, engine: Engine
+) -> None:
+    method = samples.payment_method("cus_Pm1", last4="1111", exp_year=2031)
+    attached = samples.event("payment_method.attached", method, created=T)
+    expiry = {**method, "card": {**method["card"], "exp_year": 2033}}
+    updated = samples.event("payment_method.automatically_updated", expiry, created=T + 5)
+    assert [_status(client, event) for event in (updated, attached)] == ["processed", "stale"]
+    assert _payment_methods(engine, "cus_Pm1") == [(method["id"], "card", "visa", "1111", 12, 2033)]
+    with engine.connect() as connection:  # nothing more of the card than the summary
+        stored = connection.execute(
+            text("SELECT to_jsonb(m) FROM stripe_payment_methods m WHERE stripe_payment_method_id = :id"),
+            {"id": method["id"]},
+        ).scalar_one()
+    assert "fingerprint" not in json.dumps(stored) and "funding" not in json.dumps(stored)
+
+    detached = samples.event(
+        "payment_method.detached",
+        {**method, "customer": None},
+        created=T + 10,
+        previous_attributes={"customer": "cus_Pm1"},
+    )
+    assert _status(client, detached) == "processed"
+    assert _payment_methods(engine, "cus_Pm1") == []
+    assert event_row(engine, detached["id"])["stripe_customer_id"] == "cus_Pm1"  # type: ignore[index]
+    late = samples.event("payment_method.attached", method, created=T + 9)  # delivered after the detach
+    assert _status(client, late) == "stale"
+    assert _payment_methods(engine, "cus_Pm1") == []
+
+
+def test_a_thin_payment_method_event_reads_stripe(with_key: tuple[FlaskClient, FakeStripe], engine: Engine) -> None:
+    keyed, fake = with_key
+    method = samples.payment_method("cus_Pm2", last4="4444")
+    fake.payment_methods = {method["id"]: method}
+    assert _status(keyed, samples.thin_event("v1.payment_method.attached", method["id"])) == "processed"
+    assert [row[3] for row in _payment_methods(engine, "cus_Pm2")] == ["4444"]
+    fake.payment_methods[method["id"]] = {**method, "customer": None}  # detached since
+    assert _status(keyed, samples.thin_event("v1.payment_method.detached", method["id"])) == "processed"
+    assert _payment_methods(engine, "cus_Pm2") == []

@@ -24,6 +24,7 @@ TABLES = (
     "stripe_support_sessions",
     "stripe_support_signins",
     "stripe_subscriptions",
+    "stripe_payment_methods",
     "stripe_entitlements",
     "stripe_entitlement_sets",
     "stripe_object_tombstones",

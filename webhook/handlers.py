@@ -82,7 +82,25 @@ class EntitlementsChange:
         return dict(vars(self))
 
 
-Change = CustomerChange | SubscriptionChange | EntitlementsChange
+@dataclass(frozen=True)
+class PaymentMethodChange:
+    id: str  # pm_… (or a legacy card_…, src_…, ba_…)
+    customer: str  # cus_…
+    action: Literal["upsert", "delete"] = "upsert"  # delete: detached from its customer
+    type: str | None = None
+    brand: str | None = None  # cards only, and nothing more of the card than these four
+    last4: str | None = None
+    exp_month: int | None = None
+    exp_year: int | None = None
+    as_of: int | None = None
+    tie: str | None = None
+    object: Literal["payment_method"] = "payment_method"
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+Change = CustomerChange | SubscriptionChange | EntitlementsChange | PaymentMethodChange
 
 
 Handler = Callable[[dict[str, Any], Keys], Change | None]
@@ -267,3 +285,38 @@ def entitlements_changed(summary: dict[str, Any], keys: Keys) -> EntitlementsCha
         entitlements=[item for item in active if item["lookup_key"]],
         complete=listed.get("has_more") is not True,
     )
+
+
+PAYMENT_METHOD_ID = re.compile(r"(pm|card|src|ba)_[a-zA-Z0-9]+")
+
+
+def payment_method_state(method: dict[str, Any], customer: Any = None) -> PaymentMethodChange:
+    """A payment method as the upsert it implies: its type, and for a card the brand, last four
+    digits and expiry (never the rest of the card)."""
+    method_id = method.get("id")
+    if not isinstance(method_id, str) or PAYMENT_METHOD_ID.fullmatch(method_id) is None:
+        raise BadObjectId("the event names no pm_… payment method id")
+    card = _dict(method.get("card"))
+    return PaymentMethodChange(
+        id=method_id,
+        customer=_customer_id(customer if customer is not None else method.get("customer")),
+        type=_text(method.get("type")) or "unknown",
+        brand=_text(card.get("brand")),
+        last4=_text(card.get("last4")),
+        exp_month=_time(card.get("exp_month")),
+        exp_year=_time(card.get("exp_year")),
+    )
+
+
+@handles("payment_method.attached", "payment_method.updated", "payment_method.automatically_updated")
+def payment_method_changed(method: dict[str, Any], keys: Keys) -> PaymentMethodChange:
+    return payment_method_state(method)
+
+
+@handles("payment_method.detached")
+def payment_method_detached(method: dict[str, Any], keys: Keys) -> PaymentMethodChange | None:
+    # Detached, the object no longer names its customer; the row is found by its own id.
+    method_id = method.get("id")
+    if not isinstance(method_id, str) or PAYMENT_METHOD_ID.fullmatch(method_id) is None:
+        raise BadObjectId("the event names no pm_… payment method id")
+    return PaymentMethodChange(id=method_id, customer="", action="delete")

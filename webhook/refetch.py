@@ -24,9 +24,11 @@ from webhook.handlers import (
     Change,
     CustomerChange,
     EntitlementsChange,
+    PaymentMethodChange,
     SubscriptionChange,
     customer_state,
     entitlement,
+    payment_method_state,
     subscription_state,
 )
 from webhook.logs import log
@@ -111,8 +113,23 @@ def entitlements_now(settings: Settings, customer_id: str) -> EntitlementsChange
     )
 
 
+def payment_method_now(settings: Settings, method_id: str) -> PaymentMethodChange | None:
+    """The payment method as Stripe has it now; one attached to no customer leaves the table."""
+    if settings.stripe_api_key is None:
+        return None
+    found = _read(settings, method_id, lambda client: client.v1.payment_methods.retrieve(method_id))
+    if found is None:
+        return None
+    state = stripe_api.plain(found)
+    if not state.get("customer"):
+        return PaymentMethodChange(id=method_id, customer="", action="delete", as_of=_stripe_clock(found))
+    return replace(payment_method_state(state), as_of=_stripe_clock(found))
+
+
 def state_now(settings: Settings, change: Change) -> Change | None:
     """What Stripe says now of the object a change is about (the third rule of a same-second tie)."""
+    if isinstance(change, PaymentMethodChange):
+        return payment_method_now(settings, change.id)
     if isinstance(change, SubscriptionChange):
         return subscription_now(settings, change.id)
     if isinstance(change, EntitlementsChange):

@@ -146,6 +146,30 @@ def subscription(
     }
 
 
+def payment_method(customer_id: str | None, *, last4: str = "4242", exp_year: int = 2030) -> dict[str, Any]:
+    """A card payment method as Stripe sends it (its customer is null once detached)."""
+    return {
+        "id": stripe_id("pm"),
+        "object": "payment_method",
+        "billing_details": {"address": None, "email": None, "name": None, "phone": None},
+        "card": {
+            "brand": "visa",
+            "checks": {"cvc_check": "pass"},
+            "country": "US",
+            "exp_month": 12,
+            "exp_year": exp_year,
+            "fingerprint": secrets.token_hex(8),
+            "funding": "credit",
+            "last4": last4,
+        },
+        "created": int(time.time()),
+        "customer": customer_id,
+        "livemode": False,
+        "metadata": {},
+        "type": "card",
+    }
+
+
 def entitlement_summary(customer_id: str, lookup_keys: list[str], *, has_more: bool = False) -> dict[str, Any]:
     """An entitlements.active_entitlement_summary as Stripe sends it (at most 10 listed)."""
     data = [
@@ -201,8 +225,12 @@ def thin_event(
     """An event destination's thin notification (object v2.core.event): it names the object, and
     the consumer reads its current state from Stripe."""
     moment = created if created is not None else time.time()
-    kind = "subscription" if event_type.startswith("v1.customer.subscription.") else "customer"
-    path = "subscriptions" if kind == "subscription" else "customers"
+    kind = "customer"
+    if event_type.startswith("v1.customer.subscription."):
+        kind = "subscription"
+    elif event_type.startswith("v1.payment_method."):
+        kind = "payment_method"
+    path = {"customer": "customers", "subscription": "subscriptions", "payment_method": "payment_methods"}[kind]
     notification: dict[str, Any] = {
         "id": stripe_id("evt_test"),
         "object": "v2.core.event",

@@ -20,10 +20,18 @@ import stripe
 
 from webhook import refetch, stripe_api
 from webhook.config import Settings
-from webhook.handlers import Change, CustomerChange, customer_state, subscription_state
+from webhook.handlers import (
+    Change,
+    CustomerChange,
+    PaymentMethodChange,
+    customer_state,
+    payment_method_state,
+    subscription_state,
+)
 from webhook.verify import Event
 
 CUSTOMER_TYPES = ("v1.customer.created", "v1.customer.updated", "v1.customer.deleted")
+PAYMENT_METHOD_PREFIX = "v1.payment_method."
 SUBSCRIPTION_PREFIX = "v1.customer.subscription."
 ENTITLEMENTS_PREFIX = "v1.entitlements.active_entitlement_summary."
 
@@ -38,7 +46,9 @@ class StripeNotAnswering(Exception):
 
 
 def handled(event: Event) -> bool:
-    return event.type in CUSTOMER_TYPES or event.type.startswith((SUBSCRIPTION_PREFIX, ENTITLEMENTS_PREFIX))
+    return event.type in CUSTOMER_TYPES or event.type.startswith(
+        (SUBSCRIPTION_PREFIX, ENTITLEMENTS_PREFIX, PAYMENT_METHOD_PREFIX)
+    )
 
 
 def _read(settings: Settings, event: Event, url: str) -> tuple[dict[str, Any], int]:
@@ -93,6 +103,11 @@ def change_for(event: Event, settings: Settings) -> Change | None:
         if not found or found.get("deleted"):
             return CustomerChange(action="delete", id=event.related.id, as_of=as_of)
         return replace(customer_state(found, settings.user_id_metadata_key), as_of=as_of)
+    if event.type.startswith(PAYMENT_METHOD_PREFIX):
+        # A payment method no longer attached to a customer (detached, or unknown) leaves the table.
+        if not found or not found.get("customer"):
+            return PaymentMethodChange(id=event.related.id, customer="", action="delete", as_of=as_of)
+        return replace(payment_method_state(found), as_of=as_of)
     if not found:
         raise StripeNotAnswering("Stripe does not know the subscription")
     return replace(subscription_state(found, settings.keys), as_of=as_of)

@@ -46,6 +46,27 @@ CREATE TABLE IF NOT EXISTS public.stripe_entitlement_sets (
   updated_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- step: stripe_payment_methods
+-- A customer's payment methods (the seed's "separate table for multiple payment methods"): type, and
+-- for cards brand, last four digits and expiry, nothing more of the card. Which one is the default
+-- follows stripe_customers.default_payment_method. A detached one leaves (with a tombstone).
+CREATE TABLE IF NOT EXISTS public.stripe_payment_methods (
+  stripe_payment_method_id text PRIMARY KEY CHECK (stripe_payment_method_id ~ '^(pm|card|src|ba)_[a-zA-Z0-9]+$'),
+  stripe_customer_id text NOT NULL,
+  type text NOT NULL,
+  brand text,
+  last4 text,
+  exp_month integer,
+  exp_year integer,
+  sync jsonb NOT NULL DEFAULT '{}',
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- step: a customer's payment methods
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_payment_methods_customer_idx
+  ON public.stripe_payment_methods (stripe_customer_id);
+
 -- step: stripe_object_tombstones and stripe_billing_audit
 -- What remains of a billing row that left its table (by hand, or verify --fix): the newest event
 -- time it reflected, so an older event delivered later does not bring it back.
@@ -115,6 +136,12 @@ SELECT public.stripe_create_trigger('stripe_subscriptions_gone',
 SELECT public.stripe_create_trigger('stripe_entitlements_audit',
   'AFTER INSERT OR UPDATE OR DELETE ON public.stripe_entitlements FOR EACH ROW '
   'EXECUTE FUNCTION public.stripe_billing_audit_row(''entitlement'', ''lookup_key'')');
+SELECT public.stripe_create_trigger('stripe_payment_methods_audit',
+  'AFTER INSERT OR UPDATE OR DELETE ON public.stripe_payment_methods FOR EACH ROW '
+  'EXECUTE FUNCTION public.stripe_billing_audit_row(''payment_method'', ''stripe_payment_method_id'')');
+SELECT public.stripe_create_trigger('stripe_payment_methods_gone',
+  'AFTER DELETE ON public.stripe_payment_methods FOR EACH ROW '
+  'EXECUTE FUNCTION public.stripe_billing_gone(''payment_method'', ''stripe_payment_method_id'')');
 SELECT public.stripe_create_trigger('stripe_entitlement_sets_gone',
   'AFTER DELETE ON public.stripe_entitlement_sets FOR EACH ROW '
   'EXECUTE FUNCTION public.stripe_billing_gone(''entitlements'', ''stripe_customer_id'')');
@@ -205,6 +232,48 @@ BEGIN
   ON CONFLICT (stripe_customer_id) DO UPDATE SET complete = EXCLUDED.complete, sync = EXCLUDED.sync, updated_at = now();
 END $$;
 
+-- Applies one payment method's state (p_change: id, customer, type, brand, last4, exp_month,
+-- exp_year; action delete when it was detached: the row goes, and its tombstone keeps older
+-- events out).
+CREATE OR REPLACE FUNCTION public.stripe_apply_payment_method(
+  p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
+  OUT status text, OUT note text, OUT tie text
+) LANGUAGE plpgsql AS $$
+DECLARE
+  v_id text := p_change ->> 'id';
+  v_as_of bigint := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
+  v_event_id text := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
+  v_sync jsonb;
+  v_gone bigint;
+  v_order record;
+BEGIN
+  status := 'processed';
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_payment_method:' || v_id, 0));
+  SELECT sync INTO v_sync FROM public.stripe_payment_methods WHERE stripe_payment_method_id = v_id;
+  SELECT event_created INTO v_gone FROM public.stripe_object_tombstones WHERE object = 'payment_method' AND stripe_id = v_id;
+  v_order := public.stripe_order(v_sync, v_gone, v_as_of, v_event_id, p_event, p_change ->> 'tie' = 'unsettled');
+  tie := v_order.tie;
+  IF v_order.verdict <> 'apply' THEN
+    status := v_order.verdict; RETURN;
+  END IF;
+  IF p_change ->> 'action' = 'delete' THEN
+    DELETE FROM public.stripe_payment_methods WHERE stripe_payment_method_id = v_id;
+    INSERT INTO public.stripe_object_tombstones AS t (object, stripe_id, event_id, event_created)
+    VALUES ('payment_method', v_id, v_event_id, v_as_of)
+    ON CONFLICT (object, stripe_id) DO UPDATE SET event_id = EXCLUDED.event_id,
+      event_created = EXCLUDED.event_created, deleted_at = now() WHERE t.event_created <= EXCLUDED.event_created;
+    RETURN;
+  END IF;
+  INSERT INTO public.stripe_payment_methods AS m (stripe_payment_method_id, stripe_customer_id, type, brand, last4,
+    exp_month, exp_year, sync)
+  VALUES (v_id, p_change ->> 'customer', p_change ->> 'type', p_change ->> 'brand', p_change ->> 'last4',
+    (p_change ->> 'exp_month')::int, (p_change ->> 'exp_year')::int,
+    public.stripe_sync_stamp(p_source, v_event_id, v_as_of, v_order.tie_note))
+  ON CONFLICT (stripe_payment_method_id) DO UPDATE SET stripe_customer_id = EXCLUDED.stripe_customer_id,
+    type = EXCLUDED.type, brand = EXCLUDED.brand, last4 = EXCLUDED.last4, exp_month = EXCLUDED.exp_month,
+    exp_year = EXCLUDED.exp_year, sync = EXCLUDED.sync, updated_at = now();
+END $$;
+
 -- Each Stripe object is one apply function with the same outcome; the change says which. Events
 -- (stripe_apply_event) and states read from the Stripe API (backfill, verify --fix, re-sync) both
 -- come through here.
@@ -219,6 +288,8 @@ BEGIN
     v_applied := public.stripe_apply_subscription(p_change, p_source, p_event_id, p_event_created, p_event);
   ELSIF p_change ->> 'object' = 'entitlements' THEN
     v_applied := public.stripe_apply_entitlements(p_change, p_source, p_event_id, p_event_created, p_event);
+  ELSIF p_change ->> 'object' = 'payment_method' THEN
+    v_applied := public.stripe_apply_payment_method(p_change, p_source, p_event_id, p_event_created, p_event);
   ELSE
     v_applied := public.stripe_apply_customer(p_change, p_source, p_event_id, p_event_created, p_event);
   END IF;

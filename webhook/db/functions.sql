@@ -385,7 +385,9 @@ BEGIN
     attempts, last_error, processed_at, stripe_customer_id)
   VALUES (v_id, p_event ->> 'type', p_event ->> 'api_version', coalesce((p_event ->> 'livemode')::boolean, false),
           to_timestamp(v_created), p_event, v_status, 1, v_note, now(),
-          coalesce(p_change ->> 'customer', p_change ->> 'id', public.stripe_event_customer_id(p_event)))
+          coalesce(nullif(p_change ->> 'customer', ''),
+                   CASE WHEN coalesce(p_change ->> 'object', 'customer') IN ('customer', 'entitlements') THEN p_change ->> 'id' END,
+                   public.stripe_event_customer_id(p_event), p_event #>> '{data,previous_attributes,customer}'))
   ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, attempts = e.attempts + 1,
     last_error = EXCLUDED.last_error, processed_at = EXCLUDED.processed_at;
   RETURN ROW(v_status, nullif(split_part(v_tie, ':', 2), ''), NULL, NULL)::public.stripe_outcome;

@@ -18,10 +18,12 @@ DROP FUNCTION IF EXISTS public.stripe_has_access(text);
 DROP FUNCTION IF EXISTS public.stripe_has_access(text, uuid);
 DROP FUNCTION IF EXISTS public.stripe_apply_object(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_sync_stamp(text, text, bigint, text);
 -- Dropping the tables drops their triggers, indexes and policies with them.
 DROP TABLE IF EXISTS public.stripe_subscriptions;
+DROP TABLE IF EXISTS public.stripe_payment_methods;
 DROP TABLE IF EXISTS public.stripe_entitlements;
 DROP TABLE IF EXISTS public.stripe_entitlement_sets;
 DROP TABLE IF EXISTS public.stripe_object_tombstones;
