@@ -106,6 +106,9 @@ class FakeStripe:
         if path == "/v1/entitlements/active_entitlements" and method == "GET":
             listed = self.entitlements.get(params.get("customer", ""), [])
             return 200, self._page(listed, params, "/v1/entitlements/active_entitlements")
+        if path == "/v1/payment_methods" and method == "GET":
+            mine = [m for m in self.payment_methods.values() if m.get("customer") == params.get("customer")]
+            return 200, self._page(mine, params, "/v1/payment_methods")
         card = re.fullmatch(r"/v1/payment_methods/(\w+)", path)
         if card and card[1] in self.payment_methods:
             return 200, self.payment_methods[card[1]]

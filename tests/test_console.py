@@ -339,3 +339,15 @@ def test_the_customer_page_says_in_words_why_a_user_has_no_access(console: Flask
     assert "Access to: export, pro" in access() and f"active subscription {active['id']}" in access()
     html = console.get(page).get_data(as_text=True)
     assert f"subscription {active['id']} added" in html and "entitlement pro added" in html  # the timeline
+
+
+def test_the_customer_page_lists_payment_methods_and_the_default(console: FlaskClient, engine: Engine) -> None:
+    method = samples.payment_method(None, last4="4242", exp_year=2031)
+    customer = samples.customer(default_payment_method=method["id"])
+    assert deliver(console, samples.event("customer.created", customer)).status_code == 200
+    attached = samples.event("payment_method.attached", {**method, "customer": customer["id"]})
+    assert deliver(console, attached).get_json()["status"] == "processed"
+    assert sign_in(console) == 302
+    html = console.get(f"/support/customers/{customer['id']}").get_data(as_text=True)
+    listed = re.sub(r"\s+", " ", html.split('id="payment-methods"', 1)[1].split("</p>", 1)[0])
+    assert "visa ···· 4242, expires 12/2031 (default)" in listed

@@ -14,7 +14,13 @@ from sqlalchemy import Engine
 
 from webhook import jobs_store, store, stripe_api
 from webhook.config import Keys
-from webhook.handlers import EntitlementsChange, customer_state, entitlement, subscription_state
+from webhook.handlers import (
+    EntitlementsChange,
+    customer_state,
+    entitlement,
+    payment_method_state,
+    subscription_state,
+)
 from webhook.results import Source
 
 BATCH = 500
@@ -86,8 +92,8 @@ def backfill(
 
 
 def _billing(engine: Engine, client: stripe.StripeClient, keys: Keys, as_of: int, run: Backfill) -> None:
-    """Every subscription (canceled ones too), then the active entitlements of each customer that
-    has a subscription or an entitlement set here (entitlements come from subscribed products; a
+    """Every subscription (canceled ones too), then the active entitlements and payment methods of
+    each customer that has a subscription or an entitlement set here (entitlements come from subscribed products; a
     read per customer, so not for customers that never subscribed), written as the customers are:
     as of the run's start, never over a newer event's state."""
     states = [subscription_state(found, keys) for found in stripe_api.list_subscriptions(client)]
@@ -100,5 +106,9 @@ def _billing(engine: Engine, client: stripe.StripeClient, keys: Keys, as_of: int
     for customer_id in customers:
         active = [entitlement(item) for item in stripe_api.list_active_entitlements(client, customer_id)]
         change = EntitlementsChange(id=customer_id, entitlements=[a for a in active if a["lookup_key"]], complete=True)
-        run.billing.update(store.apply_states(engine, [change.as_json()], Source.BACKFILL, as_of))
+        methods = [
+            payment_method_state(found, customer_id) for found in stripe_api.list_payment_methods(client, customer_id)
+        ]
+        changes = [change.as_json(), *(method.as_json() for method in methods)]
+        run.billing.update(store.apply_states(engine, changes, Source.BACKFILL, as_of))
         run.billing["entitlement sets"] += 1

@@ -134,6 +134,12 @@ def list_active_entitlements(client: stripe.StripeClient, customer_id: str) -> l
     return [plain(item) for item in page.auto_paging_iter()]
 
 
+def list_payment_methods(client: stripe.StripeClient, customer_id: str) -> list[dict[str, Any]]:
+    """A customer's payment methods, every page."""
+    page = client.v1.payment_methods.list(params={"customer": customer_id, "limit": PAGE})
+    return [plain(item) for item in page.auto_paging_iter()]
+
+
 def retrieve_customer(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:
     """The customer, `{"id", "deleted": true}` for a deleted one, or None when Stripe has none."""
     try:

@@ -121,6 +121,15 @@ def entitlements_of(engine: Engine, customer_id: str) -> tuple[list[str], dict[s
     return [str(row["lookup_key"]) for row in keys], found
 
 
+def payment_methods_of(engine: Engine, customer_id: str) -> list[dict[str, Any]]:
+    return _all(
+        engine,
+        "SELECT stripe_payment_method_id, type, brand, last4, exp_month, exp_year FROM stripe_payment_methods "
+        "WHERE stripe_customer_id = :id ORDER BY stripe_payment_method_id LIMIT 50",
+        id=customer_id,
+    )
+
+
 BILLING_AUDIT_OF = (
     "SELECT object, stripe_id, operation, old_row, new_row, event_id, changed_by, changed_at FROM stripe_billing_audit "
     "WHERE stripe_customer_id = :id ORDER BY changed_at DESC LIMIT :limit"

@@ -131,6 +131,7 @@ def customer(customer_id: str) -> Page:
     tombstone = queries.tombstone(_engine(), customer_id)
     subscriptions = queries.subscriptions_of(_engine(), customer_id)
     entitlements, entitlement_set = queries.entitlements_of(_engine(), customer_id)
+    payment_methods = queries.payment_methods_of(_engine(), customer_id)
     livemode = bool(events[0]["livemode"]) if events else "_live_" in (_settings().stripe_api_key or "")
     return render_template(
         "console/customer.html",
@@ -147,6 +148,7 @@ def customer(customer_id: str) -> Page:
         can_resync=_settings().stripe_api_key is not None,
         subscriptions=subscriptions,
         entitlements=entitlements,
+        payment_methods=payment_methods,
         access=access_of(row, subscriptions, entitlements, entitlement_set, _settings().stripe_api_key is not None),
     )
 
