@@ -310,6 +310,8 @@ def test_backfill_verify_and_replay_cover_subscriptions_and_entitlements(
     fake.entitlements[customer["id"]] = [
         {"id": "ent_1", "object": "entitlements.active_entitlement", "feature": "feat_1", "lookup_key": "pro"}
     ]
+    card = samples.payment_method(customer["id"], last4="1881")
+    fake.payment_methods = {card["id"]: card}
     # A subscription event Stripe sent while nobody listened; its price carries unit_amount_decimal.
     missed = samples.event("customer.subscription.updated", samples.subscription(customer["id"]), created=now() - 60)
     fake.events.append(missed)
@@ -318,21 +320,27 @@ def test_backfill_verify_and_replay_cover_subscriptions_and_entitlements(
         env["STRIPE_API_KEY"] = "sk_test_fake"
         backfilled = cli("backfill", **env)
         assert backfilled.returncode == 0, backfilled.stderr
-        assert "then 1 subscriptions and 1 entitlement sets: 2 written" in backfilled.stdout
+        assert "then 1 subscriptions and 1 entitlement sets: 3 written" in backfilled.stdout
         assert _subscription(engine, subscription["id"])["status"] == "active"  # type: ignore[index]
         assert _entitlements(engine, customer["id"]) == ["pro"]
+        assert [row[3] for row in _payment_methods(engine, customer["id"])] == ["1881"]
         assert cli("verify", **env).returncode == 0
 
         # Stripe moves on without a webhook: verify finds both, --fix applies Stripe's state.
         fake.subscriptions[subscription["id"]] = {**subscription, "status": "past_due"}
         fake.entitlements[customer["id"]] = []
+        renewed = samples.payment_method(customer["id"], last4="5005")
+        fake.payment_methods = {renewed["id"]: renewed}  # the old card detached, a new one attached
         drifted = cli("verify", **env)
         assert drifted.returncode == 1
         assert f"drift subscription {subscription['id']}: changed (status differ)" in drifted.stdout
         assert f"drift entitlements {customer['id']}: changed (entitlements differ)" in drifted.stdout
+        assert f"drift payment_method {card['id']}: missing" in drifted.stdout
+        assert f"drift payment_method {renewed['id']}: changed (card differ)" in drifted.stdout
         assert cli("verify", "--fix", **env).returncode == 0
         assert _subscription(engine, subscription["id"])["status"] == "past_due"  # type: ignore[index]
         assert _entitlements(engine, customer["id"]) == []
+        assert [row[0] for row in _payment_methods(engine, customer["id"])] == [renewed["id"]]
 
         recovered = cli("replay", "--from-stripe", **env)
         assert recovered.returncode == 0, recovered.stderr

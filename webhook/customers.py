@@ -14,7 +14,16 @@ from sqlalchemy import Engine
 
 from webhook import store, stripe_api
 from webhook.config import Keys
-from webhook.handlers import Change, CustomerChange, EntitlementsChange, customer_state, entitlement, subscription_state
+from webhook.handlers import (
+    Change,
+    CustomerChange,
+    EntitlementsChange,
+    PaymentMethodChange,
+    customer_state,
+    entitlement,
+    payment_method_state,
+    subscription_state,
+)
 from webhook.results import Source
 
 DELETED_RETRIES = 3
@@ -135,12 +144,14 @@ def find_drift(
 
 
 def _billing_drift(engine: Engine, client: stripe.StripeClient, keys: Keys) -> list[Drift]:
-    """Subscriptions (status, period end, items) and entitlement sets (the same lookup keys)."""
+    """Subscriptions (status, period end, items), entitlement sets (the same lookup keys) and the
+    payment methods of customers that have some here (the same ones, with the same card summary)."""
     drifts = []
     live = {found["id"]: found for found in stripe_api.list_subscriptions(client)}
     with engine.connect() as connection:
         subscriptions = store.local_subscriptions(connection)
         sets = store.local_entitlement_sets(connection)
+        methods = store.local_payment_methods(connection)
     for subscription_id, local in subscriptions.items():
         remote = live.get(subscription_id)
         if remote is None:
@@ -158,6 +169,17 @@ def _billing_drift(engine: Engine, client: stripe.StripeClient, keys: Keys) -> l
         if sorted(item["lookup_key"] for item in active) != local_keys:
             whole = EntitlementsChange(id=customer_id, entitlements=active, complete=True)
             drifts.append(Drift(customer_id, DriftKind.CHANGED, ("entitlements",), whole, object="entitlements"))
+    for customer_id, local_methods in methods.items():
+        remote = {
+            found["id"]: payment_method_state(found, customer_id)
+            for found in stripe_api.list_payment_methods(client, customer_id)
+        }
+        for method_id in sorted(local_methods.keys() - remote.keys()):  # detached since: the row goes
+            gone = PaymentMethodChange(id=method_id, customer="", action="delete")
+            drifts.append(Drift(method_id, DriftKind.MISSING, stripe_state=gone, object="payment_method"))
+        for method_id, method in sorted(remote.items()):
+            if local_methods.get(method_id) != (method.brand, method.last4, method.exp_month, method.exp_year):
+                drifts.append(Drift(method_id, DriftKind.CHANGED, ("card",), method, object="payment_method"))
     return drifts
 
 
@@ -196,7 +218,8 @@ def check_fix(engine: Engine, api_key: str, rows: int, drifts: list[Drift], allo
 
 def _fix_of(drift: Drift) -> Change | None:
     """What applying Stripe's state to the row means; None for an unlinked user (relinked in SQL)
-    and a subscription Stripe does not know (reported only)."""
+    and a subscription Stripe does not know (reported only). A payment method Stripe no longer has
+    attached carries its own delete."""
     return CustomerChange(action="delete", id=drift.stripe_id) if drift.deletes else drift.stripe_state
 
 

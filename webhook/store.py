@@ -242,6 +242,18 @@ def local_entitlement_sets(connection: Connection) -> dict[str, list[str]]:
     return {row[0]: list(row[1]) for row in connection.execute(statement)}
 
 
+def local_payment_methods(connection: Connection) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """Each customer's payment methods here: id -> (brand, last4, exp_month, exp_year)."""
+    statement = text(
+        "SELECT stripe_customer_id, stripe_payment_method_id, brand, last4, exp_month, exp_year "
+        "FROM public.stripe_payment_methods ORDER BY 1, 2"
+    )
+    found: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for row in connection.execute(statement):
+        found.setdefault(row[0], {})[row[1]] = (row[2], row[3], row[4], row[5])
+    return found
+
+
 def local_customers(connection: Connection) -> list[tuple[str, str | None, str | None]]:
     statement = text(
         "SELECT stripe_customer_id, customer_email, customer_name FROM public.stripe_customers "
