@@ -154,6 +154,24 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     || CASE WHEN coalesce(p_note, '') = '' THEN '{}' ELSE jsonb_build_object('note', p_note) END
 $$;
 
+-- How an event (or a Stripe read) for one billing object is ordered, once its apply function holds
+-- the object's lock and has read its row's sync stamp: the state's time (the event's created, or
+-- the read's clock), the event it stamps, then stripe_order against the row and its tombstone.
+CREATE OR REPLACE FUNCTION public.stripe_object_order(
+  p_object text, p_id text, p_sync jsonb, p_change jsonb, p_event_id text, p_event_created bigint, p_event jsonb,
+  OUT verdict text, OUT tie text, OUT tie_note text, OUT as_of bigint, OUT event_id text
+) LANGUAGE plpgsql STABLE AS $$
+DECLARE
+  v_gone bigint;
+  v_order record;
+BEGIN
+  as_of := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
+  event_id := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
+  SELECT t.event_created INTO v_gone FROM public.stripe_object_tombstones t WHERE t.object = p_object AND t.stripe_id = p_id;
+  v_order := public.stripe_order(p_sync, v_gone, as_of, event_id, p_event, p_change ->> 'tie' = 'unsettled');
+  verdict := v_order.verdict; tie := v_order.tie; tie_note := v_order.tie_note;
+END $$;
+
 -- Applies one subscription state (p_change: id, customer, status, items, the period, cancellation
 -- and trial times as unix seconds, metadata; as_of and tie as for customers). Same outcome as
 -- stripe_apply_customer: processed | stale | tie, with how a tie was settled.
@@ -163,17 +181,13 @@ CREATE OR REPLACE FUNCTION public.stripe_apply_subscription(
 ) LANGUAGE plpgsql AS $$
 DECLARE
   v_id text := p_change ->> 'id';
-  v_as_of bigint := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
-  v_event_id text := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
   v_sync jsonb;
-  v_gone bigint;
   v_order record;
 BEGIN
   status := 'processed';
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_subscription:' || v_id, 0));
   SELECT subscription_metadata -> 'sync' INTO v_sync FROM public.stripe_subscriptions WHERE stripe_subscription_id = v_id;
-  SELECT event_created INTO v_gone FROM public.stripe_object_tombstones WHERE object = 'subscription' AND stripe_id = v_id;
-  v_order := public.stripe_order(v_sync, v_gone, v_as_of, v_event_id, p_event, p_change ->> 'tie' = 'unsettled');
+  v_order := public.stripe_object_order('subscription', v_id, v_sync, p_change, p_event_id, p_event_created, p_event);
   tie := v_order.tie;
   IF v_order.verdict <> 'apply' THEN
     status := v_order.verdict; RETURN;
@@ -185,7 +199,7 @@ BEGIN
     to_timestamp((p_change ->> 'cancel_at')::bigint), to_timestamp((p_change ->> 'canceled_at')::bigint),
     to_timestamp((p_change ->> 'ended_at')::bigint), to_timestamp((p_change ->> 'trial_end')::bigint),
     jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'),
-                       'sync', public.stripe_sync_stamp(p_source, v_event_id, v_as_of, v_order.tie_note)))
+                       'sync', public.stripe_sync_stamp(p_source, v_order.event_id, v_order.as_of, v_order.tie_note)))
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET stripe_customer_id = EXCLUDED.stripe_customer_id,
     status = EXCLUDED.status, items = EXCLUDED.items, current_period_end = EXCLUDED.current_period_end,
     cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at,
@@ -201,18 +215,14 @@ CREATE OR REPLACE FUNCTION public.stripe_apply_entitlements(
 ) LANGUAGE plpgsql AS $$
 DECLARE
   v_cus text := p_change ->> 'id';
-  v_as_of bigint := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
-  v_event_id text := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
   v_sync jsonb;
-  v_gone bigint;
   v_order record;
   v_complete boolean := coalesce((p_change ->> 'complete')::boolean, true);
 BEGIN
   status := 'processed';
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_entitlements:' || v_cus, 0));
   SELECT sync INTO v_sync FROM public.stripe_entitlement_sets WHERE stripe_customer_id = v_cus;
-  SELECT event_created INTO v_gone FROM public.stripe_object_tombstones WHERE object = 'entitlements' AND stripe_id = v_cus;
-  v_order := public.stripe_order(v_sync, v_gone, v_as_of, v_event_id, p_event, p_change ->> 'tie' = 'unsettled');
+  v_order := public.stripe_object_order('entitlements', v_cus, v_sync, p_change, p_event_id, p_event_created, p_event);
   tie := v_order.tie;
   IF v_order.verdict <> 'apply' THEN
     status := v_order.verdict; RETURN;
@@ -227,7 +237,7 @@ BEGIN
     stripe_entitlement_id = EXCLUDED.stripe_entitlement_id
     WHERE (e.feature, e.stripe_entitlement_id) IS DISTINCT FROM (EXCLUDED.feature, EXCLUDED.stripe_entitlement_id);
   INSERT INTO public.stripe_entitlement_sets AS s (stripe_customer_id, complete, sync)
-  VALUES (v_cus, v_complete, public.stripe_sync_stamp(p_source, v_event_id, v_as_of,
+  VALUES (v_cus, v_complete, public.stripe_sync_stamp(p_source, v_order.event_id, v_order.as_of,
     concat_ws('; ', v_order.tie_note, p_change ->> 'note')))
   ON CONFLICT (stripe_customer_id) DO UPDATE SET complete = EXCLUDED.complete, sync = EXCLUDED.sync, updated_at = now();
 END $$;
@@ -241,17 +251,13 @@ CREATE OR REPLACE FUNCTION public.stripe_apply_payment_method(
 ) LANGUAGE plpgsql AS $$
 DECLARE
   v_id text := p_change ->> 'id';
-  v_as_of bigint := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
-  v_event_id text := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
   v_sync jsonb;
-  v_gone bigint;
   v_order record;
 BEGIN
   status := 'processed';
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_payment_method:' || v_id, 0));
   SELECT sync INTO v_sync FROM public.stripe_payment_methods WHERE stripe_payment_method_id = v_id;
-  SELECT event_created INTO v_gone FROM public.stripe_object_tombstones WHERE object = 'payment_method' AND stripe_id = v_id;
-  v_order := public.stripe_order(v_sync, v_gone, v_as_of, v_event_id, p_event, p_change ->> 'tie' = 'unsettled');
+  v_order := public.stripe_object_order('payment_method', v_id, v_sync, p_change, p_event_id, p_event_created, p_event);
   tie := v_order.tie;
   IF v_order.verdict <> 'apply' THEN
     status := v_order.verdict; RETURN;
@@ -259,7 +265,7 @@ BEGIN
   IF p_change ->> 'action' = 'delete' THEN
     DELETE FROM public.stripe_payment_methods WHERE stripe_payment_method_id = v_id;
     INSERT INTO public.stripe_object_tombstones AS t (object, stripe_id, event_id, event_created)
-    VALUES ('payment_method', v_id, v_event_id, v_as_of)
+    VALUES ('payment_method', v_id, v_order.event_id, v_order.as_of)
     ON CONFLICT (object, stripe_id) DO UPDATE SET event_id = EXCLUDED.event_id,
       event_created = EXCLUDED.event_created, deleted_at = now() WHERE t.event_created <= EXCLUDED.event_created;
     RETURN;
@@ -268,7 +274,7 @@ BEGIN
     exp_month, exp_year, sync)
   VALUES (v_id, p_change ->> 'customer', p_change ->> 'type', p_change ->> 'brand', p_change ->> 'last4',
     (p_change ->> 'exp_month')::int, (p_change ->> 'exp_year')::int,
-    public.stripe_sync_stamp(p_source, v_event_id, v_as_of, v_order.tie_note))
+    public.stripe_sync_stamp(p_source, v_order.event_id, v_order.as_of, v_order.tie_note))
   ON CONFLICT (stripe_payment_method_id) DO UPDATE SET stripe_customer_id = EXCLUDED.stripe_customer_id,
     type = EXCLUDED.type, brand = EXCLUDED.brand, last4 = EXCLUDED.last4, exp_month = EXCLUDED.exp_month,
     exp_year = EXCLUDED.exp_year, sync = EXCLUDED.sync, updated_at = now();

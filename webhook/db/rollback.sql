@@ -17,6 +17,7 @@ DROP VIEW IF EXISTS public.stripe_user_billing;
 DROP FUNCTION IF EXISTS public.stripe_has_access(text);
 DROP FUNCTION IF EXISTS public.stripe_has_access(text, uuid);
 DROP FUNCTION IF EXISTS public.stripe_apply_object(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_object_order(text, text, jsonb, jsonb, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, jsonb);
