@@ -168,6 +168,13 @@ def customer_state(customer: dict[str, Any], user_id_key: str) -> CustomerChange
     )
 
 
+def customer_read(found: dict[str, Any], customer_id: str, user_id_key: str) -> CustomerChange:
+    """What a read of the customer from Stripe asks: a deleted (or unknown) one goes, else its state."""
+    if not found or found.get("deleted"):
+        return CustomerChange(action="delete", id=customer_id)
+    return customer_state(found, user_id_key)
+
+
 @handles("customer.created", "customer.updated")
 def customer_upserted(customer: dict[str, Any], keys: Keys) -> CustomerChange:
     return customer_state(customer, keys.user_id)
@@ -306,6 +313,14 @@ def payment_method_state(method: dict[str, Any], customer: Any = None) -> Paymen
         exp_month=_time(card.get("exp_month")),
         exp_year=_time(card.get("exp_year")),
     )
+
+
+def payment_method_read(found: dict[str, Any], method_id: str) -> PaymentMethodChange:
+    """What a read of the payment method from Stripe asks: one attached to no customer (detached,
+    or unknown) leaves the table, else its state."""
+    if not found or not found.get("customer"):
+        return PaymentMethodChange(id=method_id, customer="", action="delete")
+    return payment_method_state(found)
 
 
 @handles("payment_method.attached", "payment_method.updated", "payment_method.automatically_updated")

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import stripe
@@ -26,9 +25,9 @@ from webhook.handlers import (
     EntitlementsChange,
     PaymentMethodChange,
     SubscriptionChange,
-    customer_state,
+    customer_read,
     entitlement,
-    payment_method_state,
+    payment_method_read,
     subscription_state,
 )
 from webhook.logs import log
@@ -41,11 +40,7 @@ PAUSE_SECONDS = 0.25
 
 def _stripe_clock(answer: Any) -> int:
     response = answer.last_response
-    date = response.headers.get("Date") if response is not None else None
-    try:
-        return int(parsedate_to_datetime(date).timestamp()) if date else int(time.time())
-    except (TypeError, ValueError):
-        return int(time.time())
+    return stripe_api.stripe_clock(response.headers.get("Date") if response is not None else None)
 
 
 def _read(settings: Settings, what: str, read: Callable[[stripe.StripeClient], Any]) -> Any | None:
@@ -77,11 +72,8 @@ def customer_now(settings: Settings, customer_id: str) -> CustomerChange | None:
     customer = _read(settings, customer_id, lambda client: client.v1.customers.retrieve(customer_id))
     if customer is None:
         return None
-    as_of = _stripe_clock(customer)
-    state = customer.to_dict()
-    if state.get("deleted"):
-        return CustomerChange(action="delete", id=customer_id, as_of=as_of)
-    return replace(customer_state(state, settings.user_id_metadata_key), as_of=as_of)
+    change = customer_read(stripe_api.plain(customer), customer_id, settings.user_id_metadata_key)
+    return replace(change, as_of=_stripe_clock(customer))
 
 
 def subscription_now(settings: Settings, subscription_id: str) -> SubscriptionChange | None:
@@ -120,10 +112,7 @@ def payment_method_now(settings: Settings, method_id: str) -> PaymentMethodChang
     found = _read(settings, method_id, lambda client: client.v1.payment_methods.retrieve(method_id))
     if found is None:
         return None
-    state = stripe_api.plain(found)
-    if not state.get("customer"):
-        return PaymentMethodChange(id=method_id, customer="", action="delete", as_of=_stripe_clock(found))
-    return replace(payment_method_state(state), as_of=_stripe_clock(found))
+    return replace(payment_method_read(stripe_api.plain(found), method_id), as_of=_stripe_clock(found))
 
 
 def state_now(settings: Settings, change: Change) -> Change | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Iterator, Sequence
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
@@ -97,6 +99,14 @@ def explain(error: stripe.StripeError) -> str:
     }.get(type(error), "Stripe API error")
     code = f" [{error.code}]" if error.code else ""
     return f"{reason}{status}{code}"
+
+
+def stripe_clock(date: str | None) -> int:
+    """Stripe's clock from an answer's Date header (unix seconds); ours when it has none."""
+    try:
+        return int(parsedate_to_datetime(date).timestamp()) if date else int(time.time())
+    except (TypeError, ValueError):
+        return int(time.time())
 
 
 def plain(stripe_object: Any) -> dict[str, Any]:

@@ -11,23 +11,14 @@ customer). Any other thin type, v2.core.event_destination.ping included, is logg
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import stripe
 
 from webhook import refetch, stripe_api
 from webhook.config import Settings
-from webhook.handlers import (
-    Change,
-    CustomerChange,
-    PaymentMethodChange,
-    customer_state,
-    payment_method_state,
-    subscription_state,
-)
+from webhook.handlers import Change, customer_read, payment_method_read, subscription_state
 from webhook.verify import Event
 
 CUSTOMER_TYPES = ("v1.customer.created", "v1.customer.updated", "v1.customer.deleted")
@@ -62,18 +53,11 @@ def _read(settings: Settings, event: Event, url: str) -> tuple[dict[str, Any], i
         answer = client.raw_request("get", url, **options)
     except stripe.InvalidRequestError as error:
         if error.http_status == 404:
-            return {}, _clock(None)
+            return {}, stripe_api.stripe_clock(None)
         raise StripeNotAnswering(stripe_api.explain(error)) from error
     except stripe.StripeError as error:
         raise StripeNotAnswering(stripe_api.explain(error)) from error
-    return dict(answer.data), _clock(answer.headers.get("Date"))
-
-
-def _clock(date: str | None) -> int:
-    try:
-        return int(parsedate_to_datetime(date).timestamp()) if date else int(time.time())
-    except (TypeError, ValueError):
-        return int(time.time())
+    return dict(answer.data), stripe_api.stripe_clock(answer.headers.get("Date"))
 
 
 def change_for(event: Event, settings: Settings) -> Change | None:
@@ -100,14 +84,9 @@ def change_for(event: Event, settings: Settings) -> Change | None:
         return None
     found, as_of = _read(settings, event, event.related.url)
     if event.type in CUSTOMER_TYPES:
-        if not found or found.get("deleted"):
-            return CustomerChange(action="delete", id=event.related.id, as_of=as_of)
-        return replace(customer_state(found, settings.user_id_metadata_key), as_of=as_of)
+        return replace(customer_read(found, event.related.id, settings.user_id_metadata_key), as_of=as_of)
     if event.type.startswith(PAYMENT_METHOD_PREFIX):
-        # A payment method no longer attached to a customer (detached, or unknown) leaves the table.
-        if not found or not found.get("customer"):
-            return PaymentMethodChange(id=event.related.id, customer="", action="delete", as_of=as_of)
-        return replace(payment_method_state(found), as_of=as_of)
+        return replace(payment_method_read(found, event.related.id), as_of=as_of)
     if not found:
         raise StripeNotAnswering("Stripe does not know the subscription")
     return replace(subscription_state(found, settings.keys), as_of=as_of)
