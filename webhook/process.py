@@ -110,7 +110,8 @@ def process_event(
     else:
         found = change_for(event, settings)
         change = None if found is None else _completed(found, settings)
-    if isinstance(change, CustomerChange) and settings.refetch is Refetch.ALWAYS and change.action != "link":
+    always = settings.refetch is Refetch.ALWAYS and not event.thin  # a thin event's change is a fresh read already
+    if always and isinstance(change, CustomerChange) and change.action != "link":
         # dj-stripe's and Pay's way: the event only says which customer to read. If Stripe cannot
         # be read in time, the event's own state goes through the ordering rules instead.
         fresh_customer = refetch.customer_now(settings, change.id)
