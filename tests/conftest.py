@@ -87,12 +87,12 @@ def clean_tables(request: pytest.FixtureRequest) -> None:
         connection.execute(
             text(
                 "TRUNCATE public.stripe_customers, public.stripe_webhook_events, public.stripe_customer_tombstones, "
-                "public.stripe_customer_claims, public.stripe_sync_cursors, "
+                "public.stripe_customer_claims, public.stripe_organization_claims, public.stripe_sync_cursors, "
                 "public.stripe_customers_audit, public.stripe_support_sessions, public.stripe_support_signins, "
                 "public.stripe_subscriptions, public.stripe_payment_methods, public.stripe_entitlements, "
                 "public.stripe_entitlement_sets, "
                 "public.stripe_object_tombstones, public.stripe_billing_audit, "
-                "auth.users CASCADE"
+                "public.organizations, auth.users CASCADE"
             )
         )
 

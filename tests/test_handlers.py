@@ -17,7 +17,7 @@ def test_a_customer_object_as_the_upsert_it_implies() -> None:
     customer = samples.customer(
         email="a@example.com", name="A", metadata={"user_id": user, "plan": "pro"}, default_payment_method="pm_1"
     )
-    change = customer_state(customer, "user_id")
+    change = customer_state(customer, Keys())
     assert (change.action, change.id, change.email, change.name) == ("upsert", customer["id"], "a@example.com", "A")
     assert (change.default_payment_method, change.metadata, change.user_id, change.note) == (
         "pm_1",
@@ -33,7 +33,7 @@ def test_expanded_objects_and_odd_values() -> None:
         "invoice_settings": {"default_payment_method": {"id": "pm_expanded", "object": "payment_method"}},
         "metadata": "not a dict",
     }
-    change = customer_state(customer, "user_id")
+    change = customer_state(customer, Keys())
     assert (change.email, change.name, change.default_payment_method, change.metadata) == (
         None,
         None,

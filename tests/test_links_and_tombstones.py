@@ -16,6 +16,7 @@ from tests.fake_stripe import FakeStripe
 from tests.server import gunicorn, post_event
 from tests.support import SECRET, add_user, cli, count, customer_row, event_row, now, settings_for, sign
 from webhook import samples
+from webhook.config import Keys
 from webhook.customers import ensure_customer
 from webhook.stripe_api import make_client
 
@@ -266,12 +267,12 @@ def test_ensure_customer_replaces_a_customer_deleted_since(engine: Engine, datab
     user_id = add_user(engine, email="again@example.com")
     client = make_client(settings_for(database_url, STRIPE_API_KEY="sk_test_fake"))
     with fake.mocked():
-        first = ensure_customer(engine, client, user_id, "user_id")
+        first = ensure_customer(engine, client, user_id, Keys())
         fake.delete_customer(first)
         with engine.connect() as connection:  # its customer.deleted webhook has removed the row
             connection.execute(text("DELETE FROM stripe_customers WHERE stripe_customer_id = :id"), {"id": first})
 
-        second = ensure_customer(engine, client, user_id, "user_id")
+        second = ensure_customer(engine, client, user_id, Keys())
 
     assert second != first and second in fake.customers
     assert str(customer_row(engine, second)["user_id"]) == user_id  # type: ignore[index]

@@ -178,10 +178,10 @@ def test_ensure_customer_creates_once_even_when_called_concurrently(
 
     with fake.mocked():
         with ThreadPoolExecutor(max_workers=4) as pool:
-            results = list(pool.map(lambda _: ensure_customer(engine, client_api, user_id, "user_id"), range(4)))
+            results = list(pool.map(lambda _: ensure_customer(engine, client_api, user_id, Keys()), range(4)))
         assert len(set(results)) == 1
         calls_after_create = len(fake.requests)
-        assert ensure_customer(engine, client_api, user_id, "user_id") == results[0]
+        assert ensure_customer(engine, client_api, user_id, Keys()) == results[0]
         assert len(fake.requests) == calls_after_create  # an existing row needs no Stripe call
 
     assert len(fake.customers) == 1
@@ -194,7 +194,7 @@ def test_ensure_customer_creates_once_even_when_called_concurrently(
 
 def test_ensure_customer_for_an_unknown_user(fake: FakeStripe, engine: Engine, client_api: stripe.StripeClient) -> None:
     with fake.mocked(), pytest.raises(UnknownUser):
-        ensure_customer(engine, client_api, "9b2f3c1e-0000-4000-8000-000000000000", "user_id")
+        ensure_customer(engine, client_api, "9b2f3c1e-0000-4000-8000-000000000000", Keys())
     assert fake.customers == {}
 
 

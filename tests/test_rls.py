@@ -20,6 +20,7 @@ TABLES = (
     "stripe_customers_audit",
     "stripe_customer_tombstones",
     "stripe_customer_claims",
+    "stripe_organization_claims",
     "stripe_sync_cursors",
     "stripe_support_sessions",
     "stripe_support_signins",

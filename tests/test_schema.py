@@ -42,7 +42,7 @@ def test_rollback_then_migrate_again(scratch_url: str) -> None:
     assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
     migrations.rollback(scratch)  # idempotent too
     migrations.migrate(scratch, shim=False)
-    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 14
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 15
     scratch.dispose()
 
 
@@ -55,6 +55,7 @@ def test_no_duplicate_indexes_and_an_email_index(engine: Engine) -> None:
             "(id)",
             "(stripe_customer_id)",
             "(user_id)",
+            "(organization_id)",
             "(lower(customer_email))",
         ]
     )

@@ -102,8 +102,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     if engine is None:
         from webhook.embedded import database_url
 
-        engine = make_engine(database_url(settings), settings.db_pool_size)
-    side = side_engine(engine.url.render_as_string(hide_password=False))
+        engine = make_engine(database_url(settings), settings.db_pool_size, free_tier=settings.free_tier)
+    side = side_engine(engine.url.render_as_string(hide_password=False), settings.free_tier)
     configure_logging()
     _check_database(engine)
 

@@ -65,7 +65,7 @@ def backfill(
     batch: list[dict[str, Any]] = []
 
     def write() -> None:
-        changes = [customer_state(customer, keys.user_id).as_json() for customer in batch]
+        changes = [customer_state(customer, keys).as_json() for customer in batch]
         run.outcomes.update(store.apply_states(engine, changes, Source.BACKFILL, as_of))
         run.stopped_after = batch[-1]["id"]
         jobs_store.save_cursor(engine, CURSOR, run.stopped_after)

@@ -138,7 +138,9 @@ class Batches:
             except (psycopg2.Error, SQLAlchemyError) as error:  # none, or the pool stayed full for pool_timeout
                 raise Unreachable("connect", error) from error
             try:
-                outcomes = store.apply_events(connection, [queued.event for queued in ordered])
+                outcomes = store.apply_events(
+                    connection, [queued.event for queued in ordered], database.transaction_settings(engine)
+                )
             except Exception as error:
                 if not database.connection_lost(engine, connection, error):
                     raise

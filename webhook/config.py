@@ -27,10 +27,12 @@ class Refetch(StrEnum):
 
 
 class Keys(NamedTuple):
-    """The metadata keys the handlers read (STRIPE_USER_ID_METADATA_KEY, STRIPE_TIER_METADATA_KEY)."""
+    """The metadata keys the handlers read (STRIPE_USER_ID_METADATA_KEY, STRIPE_TIER_METADATA_KEY,
+    STRIPE_ORG_ID_METADATA_KEY)."""
 
     user_id: str = "user_id"
     tier: str = "tier"
+    organization_id: str = "organization_id"
 
 
 class ConfigError(Exception):
@@ -58,10 +60,12 @@ class Settings:
     support_users: tuple[tuple[str, str], ...] = ()  # (name, password hash); empty: no console
     support_session_secret: str | None = None
     tier_metadata_key: str = "tier"
+    org_id_metadata_key: str = "organization_id"
+    free_tier: str = "free"  # an organization's subscription_tier without an active or trialing subscription
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.user_id_metadata_key, self.tier_metadata_key)
+        return Keys(self.user_id_metadata_key, self.tier_metadata_key, self.org_id_metadata_key)
 
     @property
     def embedded(self) -> bool:
@@ -168,6 +172,17 @@ def max_webhook_bytes(env: Mapping[str, str]) -> int:
     return _number(env, "MAX_WEBHOOK_BYTES", 1_048_576, minimum=1)
 
 
+# Set for each transaction (database.make_engine), so plain words only: no quote, no percent sign.
+_TIER = re.compile(r"[\w .:+-]{1,64}")
+
+
+def free_tier(env: Mapping[str, str]) -> str:
+    tier = env.get("STRIPE_FREE_TIER", "").strip() or "free"
+    if _TIER.fullmatch(tier) is None:
+        raise ConfigError("STRIPE_FREE_TIER must be up to 64 letters, digits, spaces or _ . : + -")
+    return tier
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     database_url = _database_url(env)
@@ -219,4 +234,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         support_users=_support_users(env.get("SUPPORT_USERS", "")),
         support_session_secret=env.get("SUPPORT_SESSION_SECRET", "").strip() or None,
         tier_metadata_key=env.get("STRIPE_TIER_METADATA_KEY", "").strip() or "tier",
+        org_id_metadata_key=env.get("STRIPE_ORG_ID_METADATA_KEY", "").strip() or "organization_id",
+        free_tier=free_tier(env),
     )

@@ -37,7 +37,7 @@ class NotLinked(Exception):
     """The user has no Stripe customer row."""
 
 
-def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, user_id_key: str) -> str:
+def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, keys: Keys) -> str:
     """The user's stripe_customer_id, creating the Stripe customer and the row when there is none.
 
     The idempotency key is derived from the user id, so two concurrent calls (two tabs opening
@@ -52,7 +52,8 @@ def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, u
         raise UnknownUser(user_id)
     key = f"ensure-customer-{user_id}"
     for _ in range(DELETED_RETRIES):
-        customer = stripe_api.create_customer(client, email=email, metadata={user_id_key: user_id}, idempotency_key=key)
+        metadata = {keys.user_id: user_id}
+        customer = stripe_api.create_customer(client, email=email, metadata=metadata, idempotency_key=key)
         # Stripe replays an idempotent create's first answer for 24 hours, even when that customer
         # has been deleted since: ask for it, and make a new one (a new key) if it is gone.
         current = stripe_api.retrieve_customer(client, str(customer["id"]))
@@ -61,7 +62,7 @@ def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, u
         key = f"ensure-customer-{user_id}-after-{customer['id']}"
     else:
         raise stripe_api.StripeUnavailable("Stripe kept answering with deleted customers")
-    change = customer_state(customer, user_id_key).as_json()
+    change = customer_state(customer, keys).as_json()
     store.apply_states(engine, [change], Source.API, int(customer.get("created") or time.time()))
     with engine.connect() as connection:
         linked = store.customer_id_for_user(connection, user_id)
@@ -135,7 +136,7 @@ def find_drift(
         else:
             differ = tuple(field for field, local in (("email", email), ("name", name)) if remote.get(field) != local)
             if differ:
-                drifts.append(Drift(customer_id, DriftKind.CHANGED, differ, customer_state(remote, keys.user_id)))
+                drifts.append(Drift(customer_id, DriftKind.CHANGED, differ, customer_state(remote, keys)))
     with engine.connect() as connection:
         orphans = store.relink_users(connection, fix=False)
     drifts.extend(Drift(customer_id, DriftKind.UNLINKED, ("user_id",)) for _, customer_id in orphans)
@@ -235,9 +236,7 @@ def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
     return outcomes
 
 
-def resync(
-    engine: Engine, client: stripe.StripeClient, api_key: str, customer_id: str, user_id_key: str, actor: str
-) -> str:
+def resync(engine: Engine, client: stripe.StripeClient, api_key: str, customer_id: str, keys: Keys, actor: str) -> str:
     """Apply Stripe's current state of one customer, as `verify --fix` does for a drifted row
     (sync.source 'api'; a row an event set after the read is left alone): 'processed' or 'stale'.
     Refused (FixRefused, nothing changed) with a key of the other mode, and when Stripe does not
@@ -248,9 +247,5 @@ def resync(
     remote = stripe_api.retrieve_customer(client, customer_id)
     if remote is None:
         raise FixRefused(f"Stripe does not know {customer_id} with this STRIPE_API_KEY (another account or mode?)")
-    change = (
-        CustomerChange(action="delete", id=customer_id)
-        if remote.get("deleted")
-        else customer_state(remote, user_id_key)
-    )
+    change = CustomerChange(action="delete", id=customer_id) if remote.get("deleted") else customer_state(remote, keys)
     return store.apply_states(engine, [change.as_json()], Source.API, as_of, actor)[0]

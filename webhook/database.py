@@ -6,6 +6,7 @@ path on the raw cursor), jobs_store.py (the background jobs), console/queries.py
 from __future__ import annotations
 
 import re
+import weakref
 from importlib import resources
 from typing import Any
 
@@ -30,10 +31,25 @@ _UNBOUNDED = re.compile(
 )
 
 
+# What each transaction of an engine tells the SQL besides its bounds (the raw-cursor statements of
+# store.py send it themselves): the consumer's settings that triggers read, whichever path wrote.
+_TRANSACTION_SETTINGS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
+def transaction_settings(engine: Engine) -> str:
+    return _TRANSACTION_SETTINGS.get(engine, "")
+
+
 def make_engine(
-    database_url: str, pool_size: int, *, statement_timeout: str = "5s", pool_timeout: float = 10
+    database_url: str,
+    pool_size: int,
+    *,
+    statement_timeout: str = "5s",
+    pool_timeout: float = 10,
+    free_tier: str = "free",
 ) -> Engine:
-    """An engine whose every statement is bounded (statement_timeout, lock_timeout)."""
+    """An engine whose every statement is bounded (statement_timeout, lock_timeout) and carries
+    STRIPE_FREE_TIER (config.free_tier: no quote in it) for an organization's tier."""
     url = make_url(database_url).set(drivername="postgresql+psycopg2")
     engine = create_engine(
         url,
@@ -48,7 +64,9 @@ def make_engine(
         pool_reset_on_return=None,
         connect_args={"connect_timeout": 5, "application_name": "stripe-webhook"},
     )
-    bound = f"SET LOCAL statement_timeout = '{statement_timeout}'; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; "
+    settings = _TRANSACTION_SETTINGS[engine] = f"SET LOCAL stripe_webhook.free_tier = '{free_tier}'; "
+    bounds = f"SET LOCAL statement_timeout = '{statement_timeout}'; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; "
+    bound = bounds + settings
 
     @event.listens_for(engine, "before_cursor_execute", retval=True)
     def bounded(
@@ -63,10 +81,10 @@ def make_engine(
     return engine
 
 
-def side_engine(database_url: str) -> Engine:
+def side_engine(database_url: str, free_tier: str = "free") -> Engine:
     """The support console's and /metrics' own small pool: whatever a browser or a scrape does
     (a page waiting on a locked table, a dozen tabs) never takes a connection deliveries need."""
-    return make_engine(database_url, SIDE_POOL_SIZE, statement_timeout="3s", pool_timeout=3)
+    return make_engine(database_url, SIDE_POOL_SIZE, statement_timeout="3s", pool_timeout=3, free_tier=free_tier)
 
 
 def describe_target(database_url: str) -> str:

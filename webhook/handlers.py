@@ -31,6 +31,8 @@ class CustomerChange:
     metadata: dict[str, Any] | None = None
     user_id: str | None = None  # a well-formed UUID; the database checks it names a free auth.users row
     note: str | None = None  # why no user id could be taken from the event
+    organization_id: str | None = None  # the organization it bills: a UUID the database checks likewise
+    organization_note: str | None = None  # why the organization id it names cannot be one
     as_of: int | None = None  # unix time of the Stripe read this state comes from (not an event's)
     tie: str | None = None  # "unsettled": apply over a same-second tie nothing could order
 
@@ -143,19 +145,33 @@ def user_link(candidate: Any, source: str) -> tuple[str | None, str | None]:
     """The user id to link, or the note that says why there is none."""
     if candidate is None or candidate == "":
         return None, f"{source} has no user id"
+    return _uuid(candidate, source)
+
+
+def organization_link(metadata: dict[str, Any], key: str) -> tuple[str | None, str | None]:
+    """The organization id to link, or the note that says why a named one cannot be; a customer
+    need not bill an organization, so none named is no note."""
+    candidate = metadata.get(key)
+    if candidate is None or candidate == "":
+        return None, None
+    return _uuid(candidate, f"metadata.{key}")
+
+
+def _uuid(candidate: Any, source: str) -> tuple[str | None, str | None]:
     try:
         return str(uuid.UUID(str(candidate))), None
     except ValueError:
         return None, f"{source} is not a UUID"
 
 
-def customer_state(customer: dict[str, Any], user_id_key: str) -> CustomerChange:
+def customer_state(customer: dict[str, Any], keys: Keys) -> CustomerChange:
     """A full Stripe customer object as the upsert it implies (webhooks, backfill, verify --fix)."""
     metadata = customer.get("metadata")
     metadata = metadata if isinstance(metadata, dict) else {}
     settings = customer.get("invoice_settings")
     settings = settings if isinstance(settings, dict) else {}
-    user_id, note = user_link(metadata.get(user_id_key), f"metadata.{user_id_key}")
+    user_id, note = user_link(metadata.get(keys.user_id), f"metadata.{keys.user_id}")
+    organization_id, organization_note = organization_link(metadata, keys.organization_id)
     return CustomerChange(
         action="upsert",
         id=_customer_id(customer.get("id")),
@@ -165,19 +181,21 @@ def customer_state(customer: dict[str, Any], user_id_key: str) -> CustomerChange
         metadata=metadata,
         user_id=user_id,
         note=note,
+        organization_id=organization_id,
+        organization_note=organization_note,
     )
 
 
-def customer_read(found: dict[str, Any], customer_id: str, user_id_key: str) -> CustomerChange:
+def customer_read(found: dict[str, Any], customer_id: str, keys: Keys) -> CustomerChange:
     """What a read of the customer from Stripe asks: a deleted (or unknown) one goes, else its state."""
     if not found or found.get("deleted"):
         return CustomerChange(action="delete", id=customer_id)
-    return customer_state(found, user_id_key)
+    return customer_state(found, keys)
 
 
 @handles("customer.created", "customer.updated")
 def customer_upserted(customer: dict[str, Any], keys: Keys) -> CustomerChange:
-    return customer_state(customer, keys.user_id)
+    return customer_state(customer, keys)
 
 
 @handles("customer.deleted")
@@ -187,13 +205,15 @@ def customer_deleted(customer: dict[str, Any], keys: Keys) -> CustomerChange:
 
 @handles("checkout.session.completed")
 def checkout_completed(session: dict[str, Any], keys: Keys) -> CustomerChange | None:
-    # Sessions in payment mode may have no customer, and a session started without the app's
-    # user id has nobody to link: there is nothing to apply.
-    if _optional_id(session.get("customer")) is None or not session.get("client_reference_id"):
+    # Sessions in payment mode may have no customer, and a session started with neither the app's
+    # user id nor an organization in its metadata has nobody to link: there is nothing to apply.
+    metadata = _dict(session.get("metadata"))
+    organization_id, organization_note = organization_link(metadata, keys.organization_id)
+    named_user = bool(session.get("client_reference_id"))
+    if _optional_id(session.get("customer")) is None or not (named_user or organization_id or organization_note):
         return None
-    details = session.get("customer_details")
-    details = details if isinstance(details, dict) else {}
-    user_id, note = user_link(session.get("client_reference_id"), "client_reference_id")
+    details = _dict(session.get("customer_details"))
+    user_id, note = user_link(session.get("client_reference_id"), "client_reference_id") if named_user else (None, None)
     return CustomerChange(
         action="link",
         id=_customer_id(session.get("customer")),
@@ -202,6 +222,8 @@ def checkout_completed(session: dict[str, Any], keys: Keys) -> CustomerChange | 
         metadata={},
         user_id=user_id,
         note=note,
+        organization_id=organization_id,
+        organization_note=organization_note,
     )
 
 

@@ -28,6 +28,7 @@ SHAPE = DB_DIR / "shape.sql"
 SCHEMA = DB_DIR / "schema.sql"
 FUNCTIONS = DB_DIR / "functions.sql"
 BILLING = DB_DIR / "billing.sql"
+ORGANIZATIONS = DB_DIR / "organizations.sql"
 CONSOLE = DB_DIR / "console.sql"
 ACCESS = DB_DIR / "access.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
@@ -84,7 +85,7 @@ class Step:
 
 
 _STEP = re.compile(r"^-- step( \(repeat\))?:(.*)$", re.MULTILINE)
-_CREATE_CONCURRENTLY = re.compile(r"CREATE INDEX CONCURRENTLY IF NOT EXISTS (\w+)")
+_CREATE_CONCURRENTLY = re.compile(r"CREATE (?:UNIQUE )?INDEX CONCURRENTLY IF NOT EXISTS (\w+)")
 # Each step waits at most this long for a lock, so the deliveries queued behind it wait no longer;
 # a step that could not get its lock is retried, up to LOCK_ATTEMPTS times over about a minute.
 LOCK_TIMEOUT = "1s"
@@ -130,7 +131,7 @@ def _run(connection: Connection, step: Step) -> None:
 def migrate(engine: Engine, shim: bool) -> list[Traversable]:
     """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
     leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
-    applied = [SHAPE, SCHEMA, FUNCTIONS, BILLING, CONSOLE, ACCESS]
+    applied = [SHAPE, SCHEMA, FUNCTIONS, BILLING, ORGANIZATIONS, CONSOLE, ACCESS]
     if shim:
         applied.insert(0, SHIM)
     with engine.connect() as connection:

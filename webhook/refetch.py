@@ -72,7 +72,7 @@ def customer_now(settings: Settings, customer_id: str) -> CustomerChange | None:
     customer = _read(settings, customer_id, lambda client: client.v1.customers.retrieve(customer_id))
     if customer is None:
         return None
-    change = customer_read(stripe_api.plain(customer), customer_id, settings.user_id_metadata_key)
+    change = customer_read(stripe_api.plain(customer), customer_id, settings.keys)
     return replace(change, as_of=_stripe_clock(customer))
 
 

@@ -51,14 +51,17 @@ _APPLY_EVENTS = STATEMENT_TIMEOUT + (
 )
 
 
-def apply_events(connection: PoolProxiedConnection, events: Sequence[EventToApply]) -> list[Applied | EventFailed]:
+def apply_events(
+    connection: PoolProxiedConnection, events: Sequence[EventToApply], settings: str = ""
+) -> list[Applied | EventFailed]:
     """Log, deduplicate and apply the events in one statement and one transaction, each in its own
-    subtransaction; each one's outcome, in their order, or the error that failed it alone."""
+    subtransaction; each one's outcome, in their order, or the error that failed it alone.
+    settings: the engine's database.transaction_settings, sent with the statement."""
     actors = [event.actor for event in events]
     cursor = connection.cursor()
     try:
         cursor.execute(
-            _APPLY_EVENTS,
+            settings + _APPLY_EVENTS,
             (
                 [_jsonb_text(event.payload) for event in events],
                 [None if event.change is None else _jsonb_text(json.dumps(event.change)) for event in events],

@@ -84,7 +84,7 @@ def change_for(event: Event, settings: Settings) -> Change | None:
         return None
     found, as_of = _read(settings, event, event.related.url)
     if event.type in CUSTOMER_TYPES:
-        return replace(customer_read(found, event.related.id, settings.user_id_metadata_key), as_of=as_of)
+        return replace(customer_read(found, event.related.id, settings.keys), as_of=as_of)
     if event.type.startswith(PAYMENT_METHOD_PREFIX):
         return replace(payment_method_read(found, event.related.id), as_of=as_of)
     if not found:

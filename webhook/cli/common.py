@@ -47,7 +47,9 @@ def user_id(text: str) -> str:
 def engine_for(settings: Settings) -> Engine:
     """The commands' engine. Their statements read whole tables at times (verify at a million
     rows): bounded, but by a minute rather than a delivery's seconds."""
-    return make_engine(embedded.database_url(settings), pool_size=2, statement_timeout="60s")
+    return make_engine(
+        embedded.database_url(settings), pool_size=2, statement_timeout="60s", free_tier=settings.free_tier
+    )
 
 
 @contextmanager

@@ -41,7 +41,7 @@ def cmd_support_user(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_ensure_customer(settings: Settings, args: argparse.Namespace) -> int:
     client = stripe_api.make_client(settings)
     try:
-        print(ensure_customer(engine_for(settings), client, args.user_id, settings.user_id_metadata_key))
+        print(ensure_customer(engine_for(settings), client, args.user_id, settings.keys))
     except UnknownUser:
         print(f"error: no auth.users row has id {args.user_id}", file=sys.stderr)
         return EXIT_FAILURES

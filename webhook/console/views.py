@@ -189,7 +189,7 @@ def resync_customer(customer_id: str) -> BaseResponse:
             stripe_api.make_client(settings),
             settings.stripe_api_key,
             customer_id,
-            settings.user_id_metadata_key,
+            settings.keys,
             _actor(),
         )
         flash(f"re-synced from Stripe: {outcome}")

@@ -1,8 +1,101 @@
--- Who may do what, for every table and function of the consumer (every public.stripe_* one,
--- whatever a release adds): applied last by `db migrate`, after the files that create them.
--- Idempotent, and takes no lock when nothing changes (each change is guarded by a catalog check).
--- Users read their own customer row through row level security; the API roles write nothing and
--- call nothing; the service role (BYPASSRLS) and the consumer's own role do everything.
+-- What the app may ask and who may ask it: stripe_has_access() and the stripe_user_billing view,
+-- then row level security and the privileges of every table and function of the consumer (every
+-- public.stripe_* one, whatever a release adds). Applied last by `db migrate`, after the files that
+-- create the tables. Idempotent, and takes no lock when nothing changes (each change is guarded by
+-- a catalog check). Users read their own customer row through row level security; the API roles
+-- write nothing and call nothing but stripe_has_access(feature); the service role (BYPASSRLS) and
+-- the consumer's own role do everything.
+
+-- step: access
+-- Does this user have access to a feature? An active entitlement of their own customer, or of the
+-- customer of an organization they are a member of (public.organization_members, when the app has
+-- organizations: db/organizations.sql). SECURITY DEFINER so that a signed-in user may call it
+-- (from the app or inside their own RLS policies) without reading the tables themselves; the
+-- one-argument form only ever answers about auth.uid(), the two-argument form is the service
+-- role's and the consumer's. Index lookups only: stripe_customers (user_id), stripe_entitlements
+-- (pk), and for members organization_members (user_id), stripe_customers (organization_id).
+-- Made for the database as migrate finds it (with organizations or without): a SQL function's or
+-- a view's tables must exist when it is created.
+DO $access$
+DECLARE
+  v_orgs boolean := public.stripe_organizations_on();
+  v_has_access text := $body$
+    SELECT EXISTS (
+      SELECT 1 FROM public.stripe_customers c
+      JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
+      WHERE c.user_id = %1$s AND e.lookup_key = p_feature)$body$;
+  v_through_members text := $members$
+    OR EXISTS (
+      SELECT 1 FROM public.organization_members m
+      JOIN public.stripe_customers c ON c.organization_id = m.organization_id
+      JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
+      WHERE m.user_id = %1$s AND e.lookup_key = p_feature)$members$;
+  -- The view's parts that read organization_members.
+  v_every_member text := $members$
+        UNION
+        SELECT m.user_id FROM public.organization_members m
+        JOIN public.stripe_customers c ON c.organization_id = m.organization_id
+        WHERE current_user NOT IN ('anon', 'authenticated')$members$;
+  v_member_of text := $members$
+        UNION ALL
+        SELECT c.stripe_customer_id, c.organization_id, false FROM public.organization_members m
+        JOIN public.stripe_customers c ON c.organization_id = m.organization_id WHERE m.user_id = u.user_id$members$;
+  v_version text := 'stripe_user_billing 2' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
+BEGIN
+  IF NOT v_orgs THEN
+    v_through_members := ''; v_every_member := ''; v_member_of := '';
+  END IF;
+  EXECUTE format('CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text) RETURNS boolean '
+    'LANGUAGE sql STABLE SECURITY DEFINER SET search_path = %L AS %L', '', format(v_has_access || v_through_members, 'auth.uid()'));
+  EXECUTE format('CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text, p_user_id uuid) RETURNS boolean '
+    'LANGUAGE sql STABLE SECURITY DEFINER SET search_path = %L AS %L', '', format(v_has_access || v_through_members, 'p_user_id'));
+
+  -- stripe_user_billing: one row per user who has a customer or belongs to an organization that
+  -- has one: the best subscription among all those customers' (active > trialing > past_due >
+  -- unpaid > paused > incomplete > canceled > incomplete_expired, else 'none'), its period end,
+  -- cancellation and tier (the first item's), and the entitlements of them all. stripe_customer_id:
+  -- their own customer, else the best subscription's; organization_id: the best subscription's
+  -- organization, else their first. A signed-in user (anon, authenticated) sees only their own row;
+  -- the service role and the consumer see every row. Two branches of users, each gated by a
+  -- condition Postgres checks once: a signed-in user's is one lookup; an OR of both would scan every
+  -- customer for every user. Replaced only when its version (the view's comment) differs:
+  -- replacing locks the view.
+  IF obj_description(to_regclass('public.stripe_user_billing'), 'pg_class') IS DISTINCT FROM v_version THEN
+    EXECUTE format($view$
+    CREATE OR REPLACE VIEW public.stripe_user_billing AS
+    SELECT u.user_id, coalesce(b.own, best.stripe_customer_id, b.customers[1]) AS stripe_customer_id,
+      coalesce(best.organization_id, b.organizations[1]) AS organization_id,
+      coalesce(best.status, 'none') AS plan_status, best.current_period_end, best.cancel_at_period_end,
+      best.items -> 0 ->> 'tier' AS tier,
+      coalesce((SELECT array_agg(DISTINCT e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
+                WHERE e.stripe_customer_id = ANY (b.customers)), '{}') AS entitlements
+    FROM (
+      SELECT auth.uid() AS user_id WHERE current_user IN ('anon', 'authenticated') AND auth.uid() IS NOT NULL
+      UNION ALL (
+        SELECT c.user_id FROM public.stripe_customers c
+        WHERE c.user_id IS NOT NULL AND current_user NOT IN ('anon', 'authenticated')%s)
+    ) AS u
+    CROSS JOIN LATERAL (
+      SELECT (array_agg(x.stripe_customer_id) FILTER (WHERE x.own))[1] AS own,
+        array_agg(x.stripe_customer_id ORDER BY x.own DESC, x.organization_id) AS customers,
+        array_agg(x.organization_id ORDER BY x.organization_id) FILTER (WHERE x.organization_id IS NOT NULL) AS organizations
+      FROM (
+        SELECT c.stripe_customer_id, c.organization_id, true AS own FROM public.stripe_customers c
+        WHERE c.user_id = u.user_id%s) AS x
+    ) AS b
+    LEFT JOIN LATERAL (
+      SELECT s.stripe_customer_id, c.organization_id, s.status, s.current_period_end, s.cancel_at_period_end, s.items
+      FROM public.stripe_subscriptions s JOIN public.stripe_customers c ON c.stripe_customer_id = s.stripe_customer_id
+      WHERE s.stripe_customer_id = ANY (b.customers)
+      ORDER BY array_position(ARRAY['active', 'trialing', 'past_due', 'unpaid', 'paused', 'incomplete', 'canceled',
+                                    'incomplete_expired'], s.status), s.current_period_end DESC NULLS LAST,
+               c.organization_id NULLS FIRST
+      LIMIT 1) AS best ON true
+    WHERE b.customers IS NOT NULL
+    $view$, v_every_member, v_member_of);
+    EXECUTE format('COMMENT ON VIEW public.stripe_user_billing IS %L', v_version);
+  END IF;
+END $access$;
 
 -- step: row level security on every consumer table; the seed's two policies on stripe_customers
 -- (a policy is created when missing: a changed one needs a new name)

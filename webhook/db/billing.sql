@@ -1,7 +1,7 @@
--- Billing state that access is gated on: subscriptions and each customer's active entitlements,
--- kept under the same rules as customers (one ordering function, stripe_order; a transaction-scoped
--- lock per object; tombstones; one audit), and the two ways to ask "does this user have access?":
--- stripe_has_access() and the stripe_user_billing view. Applied by `db migrate` after
+-- Billing state that access is gated on: subscriptions, each customer's active entitlements and
+-- payment methods, kept under the same rules as customers (one ordering function, stripe_order; a
+-- transaction-scoped lock per object; tombstones; one audit). The two ways to ask "does this user
+-- have access?" (stripe_has_access() and the stripe_user_billing view) are db/access.sql's. Applied by `db migrate` after
 -- db/functions.sql; idempotent; undone by db/rollback.sql. Privileges: db/access.sql.
 
 -- step: stripe_subscriptions
@@ -301,58 +301,3 @@ BEGIN
   END IF;
   status := v_applied.status; note := v_applied.note; tie := v_applied.tie;
 END $$;
-
--- step: access
--- Does this user have access to a feature? Their own customer's active entitlements; the
--- organizations' come with the next release. SECURITY DEFINER so that a signed-in user may call
--- it (from the app or inside their own RLS policies) without reading the tables themselves; it only
--- ever answers about auth.uid(). Two index lookups: stripe_customers (user_id), stripe_entitlements (pk).
-CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text) RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
-  SELECT EXISTS (
-    SELECT 1 FROM public.stripe_customers c
-    JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
-    WHERE c.user_id = auth.uid() AND e.lookup_key = p_feature)
-$$;
-
--- The same for any user: the service role's and the consumer's, never the API roles'.
-CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text, p_user_id uuid) RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
-  SELECT EXISTS (
-    SELECT 1 FROM public.stripe_customers c
-    JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
-    WHERE c.user_id = p_user_id AND e.lookup_key = p_feature)
-$$;
-
--- One row per user who has a customer: their best subscription (active > trialing > past_due >
--- unpaid > paused > incomplete > canceled > incomplete_expired, else 'none'), its period end and
--- cancellation, its tier (the first item's), and their entitlements. A signed-in user (anon,
--- authenticated) sees only their own row; the service role and the consumer see every row.
--- Replaced only when its version (the view's comment) differs: replacing locks the view.
--- Two branches, each gated by a condition Postgres checks once: a signed-in user's is one index
--- lookup (stripe_customers.user_id); an OR of both would scan every customer for every user.
-DO $view$
-BEGIN
-  IF obj_description(to_regclass('public.stripe_user_billing'), 'pg_class') IS DISTINCT FROM 'stripe_user_billing 1' THEN
-    CREATE OR REPLACE VIEW public.stripe_user_billing AS
-    SELECT c.user_id, c.stripe_customer_id, NULL::uuid AS organization_id,
-      coalesce(best.status, 'none') AS plan_status, best.current_period_end, best.cancel_at_period_end,
-      best.items -> 0 ->> 'tier' AS tier,
-      coalesce((SELECT array_agg(e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
-                WHERE e.stripe_customer_id = c.stripe_customer_id), '{}') AS entitlements
-    FROM (
-      SELECT own.user_id, own.stripe_customer_id FROM public.stripe_customers own
-      WHERE own.user_id = auth.uid() AND current_user IN ('anon', 'authenticated')
-      UNION ALL
-      SELECT every.user_id, every.stripe_customer_id FROM public.stripe_customers every
-      WHERE every.user_id IS NOT NULL AND current_user NOT IN ('anon', 'authenticated')
-    ) AS c
-    LEFT JOIN LATERAL (
-      SELECT s.status, s.current_period_end, s.cancel_at_period_end, s.items FROM public.stripe_subscriptions s
-      WHERE s.stripe_customer_id = c.stripe_customer_id
-      ORDER BY array_position(ARRAY['active', 'trialing', 'past_due', 'unpaid', 'paused', 'incomplete', 'canceled',
-                                    'incomplete_expired'], s.status), s.current_period_end DESC NULLS LAST
-      LIMIT 1) AS best ON true;
-    COMMENT ON VIEW public.stripe_user_billing IS 'stripe_user_billing 1';
-  END IF;
-END $view$;

@@ -60,37 +60,46 @@ SELECT public.stripe_create_trigger('stripe_customers_audit',
 
 -- A user is never left without a customer while one names them: when a customer lets go of its
 -- user (its row leaves, or a newer event points it at another user), the newest other customer
--- whose metadata names that user and that could not be linked for it takes the user over. Returns
--- that customer, if any. Also reconciliation's mend for a user left unlinked (stripe_relink_users).
+-- whose metadata names that user and that could not be linked for it takes the user over. The
+-- same for an organization (p_link 'organization'). Returns that customer, if any. Also
+-- reconciliation's mend for a user left unlinked (stripe_relink_users).
 -- SECURITY DEFINER: whoever deletes (service_role from the dashboard or the API) may not read
 -- auth.users, and once plpgsql caches a generic plan the check below is made as the deleter.
-CREATE OR REPLACE FUNCTION public.stripe_hand_on_user(p_user uuid, p_note text) RETURNS text
+-- Dynamic SQL (the link names the columns): it runs only when a link is let go of.
+CREATE OR REPLACE FUNCTION public.stripe_hand_on(p_link text, p_holder uuid, p_note text) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
+  v_holders regclass := to_regclass(CASE p_link WHEN 'user' THEN 'auth.users' ELSE 'public.organizations' END);
+  v_claims text := CASE p_link WHEN 'user' THEN 'public.stripe_customer_claims' ELSE 'public.stripe_organization_claims' END;
+  v_column text := p_link || '_id';  -- user_id | organization_id, in stripe_customers and the claims alike
+  v_found boolean;
   v_heir text;
 BEGIN
-  -- In the auth.users cascade the user itself is gone: nobody to hand on.
-  IF p_user IS NULL OR NOT EXISTS (SELECT 1 FROM auth.users WHERE id = p_user) THEN
+  IF p_holder IS NULL OR v_holders IS NULL THEN
     RETURN NULL;
   END IF;
-  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_user:' || p_user, 0));
-  IF EXISTS (SELECT 1 FROM public.stripe_customers WHERE user_id = p_user) THEN
+  -- In the auth.users cascade (or an organization's deletion) the holder itself is gone: nobody to hand on.
+  EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE id = $1)', v_holders) INTO v_found USING p_holder;
+  IF NOT v_found THEN
+    RETURN NULL;
+  END IF;
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_' || p_link || ':' || p_holder, 0));
+  EXECUTE format('SELECT EXISTS (SELECT 1 FROM public.stripe_customers WHERE %I = $1)', v_column) INTO v_found USING p_holder;
+  IF v_found THEN
     RETURN NULL;
   END IF;
   -- A candidate locked by a transaction applying an event to it is left to that event, which
-  -- takes the user lock after this transaction and then finds the user free.
-  SELECT s.stripe_customer_id INTO v_heir
-  FROM public.stripe_customer_claims c JOIN public.stripe_customers s USING (stripe_customer_id)
-  WHERE c.user_id = p_user AND s.user_id IS NULL
-    AND s.customer_metadata #>> '{sync,named_user_id}' = p_user::text
-  ORDER BY (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
-  LIMIT 1 FOR UPDATE OF s SKIP LOCKED;
+  -- takes the holder's lock after this transaction and then finds the holder free.
+  EXECUTE format($sql$
+    SELECT s.stripe_customer_id FROM %1$s c JOIN public.stripe_customers s USING (stripe_customer_id)
+    WHERE c.%2$I = $1 AND s.%2$I IS NULL AND s.customer_metadata #>> '{sync,named_%2$s}' = $1::text
+    ORDER BY (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
+    LIMIT 1 FOR UPDATE OF s SKIP LOCKED$sql$, v_claims, v_column) INTO v_heir USING p_holder;
   IF v_heir IS NOT NULL THEN
-    DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = v_heir;
-    UPDATE public.stripe_customers SET user_id = p_user,
-      customer_metadata = jsonb_set(customer_metadata, '{sync}', (customer_metadata -> 'sync') - 'named_user_id'
-        || jsonb_build_object('status', 'synced', 'note', p_note))
-    WHERE stripe_customer_id = v_heir;
+    EXECUTE format('DELETE FROM %s WHERE stripe_customer_id = $1', v_claims) USING v_heir;
+    EXECUTE format($sql$UPDATE public.stripe_customers SET %1$I = $1, customer_metadata = jsonb_set(customer_metadata,
+      '{sync}', (customer_metadata -> 'sync') - 'named_%1$s' || jsonb_build_object('status', 'synced', 'note', $2))
+      WHERE stripe_customer_id = $3$sql$, v_column) USING p_holder, p_note, v_heir;
   END IF;
   RETURN v_heir;
 END $$;
@@ -107,7 +116,8 @@ BEGIN
     event_created = EXCLUDED.event_created, deleted_at = now()
     WHERE t.event_created < EXCLUDED.event_created;
   DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = OLD.stripe_customer_id;
-  PERFORM public.stripe_hand_on_user(OLD.user_id,
+  DELETE FROM public.stripe_organization_claims WHERE stripe_customer_id = OLD.stripe_customer_id;
+  PERFORM public.stripe_hand_on('user', OLD.user_id,
     'linked to its user when customer ' || OLD.stripe_customer_id || ', which held the user, was removed');
   RETURN NULL;
 END $$;
@@ -118,7 +128,7 @@ SELECT public.stripe_create_trigger('stripe_customers_gone',
 CREATE OR REPLACE FUNCTION public.stripe_customers_moved() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = '' AS $$
 BEGIN
-  PERFORM public.stripe_hand_on_user(OLD.user_id,
+  PERFORM public.stripe_hand_on('user', OLD.user_id,
     'linked to its user when customer ' || OLD.stripe_customer_id || ', which held the user, moved to another user');
   RETURN NULL;
 END $$;
@@ -142,13 +152,15 @@ BEGIN
     ORDER BY c.user_id, (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
   LOOP
     IF p_fix THEN
-      stripe_customer_id := public.stripe_hand_on_user(user_id,
+      stripe_customer_id := public.stripe_hand_on('user', user_id,
         'linked to its user by reconciliation: no customer held the user');
       CONTINUE WHEN stripe_customer_id IS NULL;
     END IF;
     RETURN NEXT;
   END LOOP;
 END $$;
+
+DROP FUNCTION IF EXISTS public.stripe_hand_on_user(uuid, text);  -- now stripe_hand_on('user', …)
 
 -- Whether an update's data.previous_attributes equal another event's object on those fields
 -- (nested objects such as metadata compared key by key; a missing key equals null).
@@ -232,7 +244,50 @@ BEGIN
   END IF;
 END $$;
 
+-- Whether organization links are on: `db migrate` found public.organizations and made
+-- stripe_customers.organization_id refer to it (db/organizations.sql). Until then a customer's
+-- organization is not looked at, and nothing fails.
+CREATE OR REPLACE FUNCTION public.stripe_organizations_on() RETURNS boolean LANGUAGE sql STABLE AS $$
+  SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint WHERE conrelid = 'public.stripe_customers'::regclass
+                 AND conname = 'stripe_customers_organization_id_fkey')
+$$;
+
+-- The link part of a customer's sync stamp, from its user and organization as they end up and what
+-- the change named: 'unlinked' when it links nothing, or when a link it named could not be taken
+-- (then named_user_id / named_organization_id say which, for the claim); the note says why.
+CREATE OR REPLACE FUNCTION public.stripe_link_state(
+  p_user uuid, p_named_user uuid, p_org uuid, p_named_org uuid, p_org_note text, p_note text
+) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+  SELECT jsonb_build_object('status', CASE
+      WHEN (p_user IS NULL AND p_org IS NULL) OR (p_user IS NULL AND p_named_user IS NOT NULL)
+        OR (p_org IS NULL AND (p_named_org IS NOT NULL OR p_org_note IS NOT NULL)) THEN 'unlinked'
+      ELSE 'synced' END)
+    || CASE WHEN coalesce(p_note, '') = '' THEN '{}' ELSE jsonb_build_object('note', p_note) END
+    || CASE WHEN p_user IS NULL AND p_named_user IS NOT NULL THEN jsonb_build_object('named_user_id', p_named_user)
+       ELSE '{}' END
+    || CASE WHEN p_org IS NULL AND p_named_org IS NOT NULL THEN jsonb_build_object('named_organization_id', p_named_org)
+       ELSE '{}' END
+$$;
+
+-- A refused link's claim: the customer takes the user (or organization) over when its holder goes.
+CREATE OR REPLACE FUNCTION public.stripe_claim(
+  p_cus text, p_user uuid, p_named_user uuid, p_org uuid, p_named_org uuid
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+  IF p_user IS NULL AND p_named_user IS NOT NULL THEN
+    INSERT INTO public.stripe_customer_claims VALUES (p_named_user, p_cus) ON CONFLICT DO NOTHING;
+  END IF;
+  IF p_org IS NULL AND p_named_org IS NOT NULL THEN
+    INSERT INTO public.stripe_organization_claims VALUES (p_named_org, p_cus) ON CONFLICT DO NOTHING;
+  END IF;
+END $$;
+
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);  -- before it took p_event
+-- A customer may bill a user (user_id), an organization (organization_id), or both: each link is
+-- taken only when its holder exists and no other customer holds it, never stolen; a refused one
+-- leaves the customer 'unlinked' with a note, and a claim that stripe_hand_on honours when the
+-- holder's customer goes. Organizations are off (nothing named is looked at) when the app has no
+-- public.organizations.
 CREATE OR REPLACE FUNCTION public.stripe_apply_customer(
   p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
   OUT status text, OUT note text, OUT tie text
@@ -243,12 +298,16 @@ DECLARE
   v_named uuid := p_change ->> 'user_id';
   v_user uuid := v_named;
   v_note text := p_change ->> 'note';
+  v_org_named uuid := p_change ->> 'organization_id';
+  v_org uuid := v_org_named;
+  v_org_note text := p_change ->> 'organization_note';
   v_as_of bigint := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
   v_row public.stripe_customers;
   v_event_id text := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
   v_gone bigint;
   v_order record;
   v_tie_note text;
+  v_sync jsonb;
 BEGIN
   status := 'processed';
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_customer:' || v_cus, 0));
@@ -280,46 +339,60 @@ BEGIN
       v_note := 'that user is already linked to another customer'; v_user := NULL;
     END IF;
   END IF;
+  -- The same for an organization, under a lock of its own.
+  IF (v_org_named IS NOT NULL OR v_org_note IS NOT NULL) AND NOT public.stripe_organizations_on() THEN
+    v_org_named := NULL; v_org := NULL; v_org_note := NULL;
+  ELSIF v_org IS NOT NULL THEN
+    PERFORM pg_advisory_xact_lock(hashtextextended('stripe_organization:' || v_org, 0));
+    IF NOT EXISTS (SELECT 1 FROM public.organizations WHERE id = v_org) THEN
+      v_org_note := 'no public.organizations row has that organization id'; v_org := NULL;
+    ELSIF EXISTS (SELECT 1 FROM public.stripe_customers WHERE organization_id = v_org AND stripe_customer_id <> v_cus) THEN
+      v_org_note := 'that organization is already billed by another customer'; v_org := NULL;
+    END IF;
+  END IF;
   IF v_action = 'link' THEN
     IF v_row.user_id IS NOT NULL AND v_user IS DISTINCT FROM v_row.user_id THEN
       v_note := 'this customer is already linked to another user';
     END IF;
-    IF v_row.user_id IS NOT NULL OR v_user IS NULL THEN
-      note := 'checkout for user ' || coalesce(v_named::text, 'with no valid user id') || ' not linked: ' || v_note;
+    IF v_row.organization_id IS NOT NULL AND v_org_named IS NOT NULL AND v_org IS DISTINCT FROM v_row.organization_id THEN
+      v_org_note := 'this customer already bills another organization';
     END IF;
+    note := concat_ws('; ',
+      CASE WHEN v_row.user_id IS NOT NULL OR v_user IS NULL THEN
+        'checkout for user ' || coalesce(v_named::text, 'with no valid user id') || ' not linked: ' || v_note END,
+      'checkout for organization ' || coalesce(v_org_named::text, 'with no valid organization id')
+        || ' not linked: ' || v_org_note);
+    note := nullif(note, '');
     IF v_row.id IS NOT NULL THEN
-      UPDATE public.stripe_customers SET user_id = coalesce(user_id, v_user), customer_metadata =
-        jsonb_set(customer_metadata, '{sync}', coalesce(customer_metadata -> 'sync', '{}') - 'note'
-          || jsonb_build_object('status', CASE WHEN coalesce(user_id, v_user) IS NULL THEN 'unlinked' ELSE 'synced' END)
-          || CASE WHEN note IS NULL THEN '{}' ELSE jsonb_build_object('note', note) END
-          || CASE WHEN v_row.user_id IS NULL AND v_user IS NULL AND v_named IS NOT NULL
-                  THEN jsonb_build_object('named_user_id', v_named) ELSE '{}' END)
+      v_user := coalesce(v_row.user_id, v_user);
+      v_org := coalesce(v_row.organization_id, v_org);
+      -- A claim named before stays until the link is taken.
+      v_sync := coalesce(v_row.customer_metadata -> 'sync', '{}') - 'note'
+        - CASE WHEN v_user IS NOT NULL THEN 'named_user_id' ELSE '' END
+        - CASE WHEN v_org IS NOT NULL THEN 'named_organization_id' ELSE '' END;
+      v_sync := v_sync || public.stripe_link_state(v_user, v_named, v_org, v_org_named, v_org_note, note);
+      UPDATE public.stripe_customers SET user_id = v_user, organization_id = v_org,
+        customer_metadata = jsonb_set(customer_metadata, '{sync}', v_sync)
       WHERE id = v_row.id;
-      IF v_row.user_id IS NULL AND v_user IS NULL AND v_named IS NOT NULL THEN
-        INSERT INTO public.stripe_customer_claims VALUES (v_named, v_cus) ON CONFLICT DO NOTHING;
-      END IF;
+      PERFORM public.stripe_claim(v_cus, v_user, v_named, v_org, v_org_named);
       RETURN;
     END IF;
     v_as_of := NULL;  -- a row made by a checkout is unstamped: every event of its customer applies
   END IF;
   v_user := coalesce(v_user, v_row.user_id);
-  v_note := concat_ws('; ', v_tie_note, coalesce(note, v_note));
+  v_org := coalesce(v_org, v_row.organization_id);
+  v_note := nullif(concat_ws('; ', v_tie_note, coalesce(note, v_note), CASE WHEN note IS NULL THEN v_org_note END), '');
   INSERT INTO public.stripe_customers AS c
-    (stripe_customer_id, user_id, customer_email, customer_name, default_payment_method, customer_metadata)
-  VALUES (v_cus, v_user, p_change ->> 'email', p_change ->> 'name', p_change ->> 'default_payment_method',
+    (stripe_customer_id, user_id, organization_id, customer_email, customer_name, default_payment_method, customer_metadata)
+  VALUES (v_cus, v_user, v_org, p_change ->> 'email', p_change ->> 'name', p_change ->> 'default_payment_method',
     jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'), 'sync', jsonb_build_object(
-      'status', CASE WHEN v_user IS NULL THEN 'unlinked' ELSE 'synced' END,
       'source', p_source, 'event_id', v_event_id, 'event_created', v_as_of,
       'synced_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
-      || CASE WHEN v_note = '' THEN '{}' ELSE jsonb_build_object('note', v_note) END
-      || CASE WHEN v_user IS NULL AND v_named IS NOT NULL THEN jsonb_build_object('named_user_id', v_named)
-         ELSE '{}' END))
-  ON CONFLICT (stripe_customer_id) DO UPDATE SET user_id = EXCLUDED.user_id,
+      || public.stripe_link_state(v_user, v_named, v_org, v_org_named, v_org_note, v_note)))
+  ON CONFLICT (stripe_customer_id) DO UPDATE SET user_id = EXCLUDED.user_id, organization_id = EXCLUDED.organization_id,
     customer_email = EXCLUDED.customer_email, customer_name = EXCLUDED.customer_name,
     default_payment_method = EXCLUDED.default_payment_method, customer_metadata = EXCLUDED.customer_metadata;
-  IF v_user IS NULL AND v_named IS NOT NULL THEN
-    INSERT INTO public.stripe_customer_claims VALUES (v_named, v_cus) ON CONFLICT DO NOTHING;
-  END IF;
+  PERFORM public.stripe_claim(v_cus, v_user, v_named, v_org, v_org_named);
 END $$;
 
 -- The customer an event concerns: the object itself when it is a customer (customer.created,

@@ -22,7 +22,9 @@ DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigi
 DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_sync_stamp(text, text, bigint, text);
--- Dropping the tables drops their triggers, indexes and policies with them.
+DROP FUNCTION IF EXISTS public.stripe_organization_tier(uuid);
+-- Dropping the tables drops their triggers, indexes, policies and the link to public.organizations
+-- with them (the app's organizations keep the tier last written).
 DROP TABLE IF EXISTS public.stripe_subscriptions;
 DROP TABLE IF EXISTS public.stripe_payment_methods;
 DROP TABLE IF EXISTS public.stripe_entitlements;
@@ -31,11 +33,13 @@ DROP TABLE IF EXISTS public.stripe_object_tombstones;
 DROP TABLE IF EXISTS public.stripe_billing_audit;
 DROP FUNCTION IF EXISTS public.stripe_billing_audit_row();
 DROP FUNCTION IF EXISTS public.stripe_billing_gone();
+DROP FUNCTION IF EXISTS public.stripe_subscriptions_tier();
 DROP TABLE IF EXISTS public.stripe_customers_audit;
 DROP TABLE IF EXISTS public.stripe_webhook_events;
 DROP TABLE IF EXISTS public.stripe_customers;
 DROP TABLE IF EXISTS public.stripe_customer_tombstones;
 DROP TABLE IF EXISTS public.stripe_customer_claims;
+DROP TABLE IF EXISTS public.stripe_organization_claims;
 DROP TABLE IF EXISTS public.stripe_sync_cursors;
 DROP TABLE IF EXISTS public.stripe_support_sessions;
 DROP TABLE IF EXISTS public.stripe_support_signins;
@@ -44,8 +48,13 @@ DROP FUNCTION IF EXISTS public.stripe_restamped(jsonb, jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_customers_touch();
 DROP FUNCTION IF EXISTS public.stripe_customers_gone();
 DROP FUNCTION IF EXISTS public.stripe_customers_moved();
+DROP FUNCTION IF EXISTS public.stripe_customers_organization();
 DROP FUNCTION IF EXISTS public.stripe_relink_users(boolean);
 DROP FUNCTION IF EXISTS public.stripe_hand_on_user(uuid, text);
+DROP FUNCTION IF EXISTS public.stripe_hand_on(text, uuid, text);
+DROP FUNCTION IF EXISTS public.stripe_link_state(uuid, uuid, uuid, uuid, text, text);
+DROP FUNCTION IF EXISTS public.stripe_claim(text, uuid, uuid, uuid, uuid);
+DROP FUNCTION IF EXISTS public.stripe_organizations_on();
 DROP FUNCTION IF EXISTS public.stripe_create_trigger(text, text);
 DROP TYPE IF EXISTS public.stripe_outcome;
 DROP FUNCTION IF EXISTS public.stripe_fit_table(text, text[], text[]);

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS public.stripe_customers (
   customer_metadata jsonb NOT NULL DEFAULT '{}',  -- {"stripe": metadata, "sync": {status, source, …}}
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now(),
+  organization_id uuid,               -- the organization it bills (db/organizations.sql), if any
   CONSTRAINT stripe_customers_stripe_customer_id_key UNIQUE (stripe_customer_id),
   CONSTRAINT unique_user_customer UNIQUE (user_id),
   CONSTRAINT valid_stripe_id CHECK (stripe_customer_id ~ '^cus_[a-zA-Z0-9]+$')
@@ -53,6 +54,15 @@ CREATE TABLE IF NOT EXISTS public.stripe_customer_claims (
   user_id uuid NOT NULL,
   stripe_customer_id text NOT NULL,
   PRIMARY KEY (user_id, stripe_customer_id)
+);
+
+-- step: stripe_organization_claims
+-- The same for organizations (db/organizations.sql): unlinked customers whose metadata names an
+-- organization another customer bills, and who takes it over when that customer goes.
+CREATE TABLE IF NOT EXISTS public.stripe_organization_claims (
+  organization_id uuid NOT NULL,
+  stripe_customer_id text NOT NULL,
+  PRIMARY KEY (organization_id, stripe_customer_id)
 );
 
 -- step: stripe_webhook_events

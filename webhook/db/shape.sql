@@ -70,7 +70,8 @@ SELECT public.stripe_fit_table('public.stripe_customers', ARRAY[
   ['default_payment_method', 'text', 'text'],
   ['customer_metadata', 'jsonb', 'jsonb NOT NULL DEFAULT ''{}'''],
   ['created_at', 'timestamp with time zone', 'timestamptz NOT NULL DEFAULT now()'],
-  ['updated_at', 'timestamp with time zone', 'timestamptz NOT NULL DEFAULT now()']],
+  ['updated_at', 'timestamp with time zone', 'timestamptz NOT NULL DEFAULT now()'],
+  ['organization_id', 'uuid', 'uuid']],
   ARRAY[['id', 'stripe_customers_pkey'], ['stripe_customer_id', 'stripe_customers_stripe_customer_id_key'],
         ['user_id', 'unique_user_customer']]);
 

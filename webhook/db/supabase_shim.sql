@@ -28,6 +28,22 @@ CREATE TABLE IF NOT EXISTS auth.users (
   created_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- The organizations of an app that bills per workspace (the seed's "Organizations: has
+-- subscription_tier field"), at their smallest: the consumer keeps subscription_tier and reads
+-- membership. An app with its own keeps them; one without drops both (organization links are off).
+CREATE TABLE IF NOT EXISTS public.organizations (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  name text,
+  subscription_tier text NOT NULL DEFAULT 'free'
+);
+CREATE TABLE IF NOT EXISTS public.organization_members (
+  organization_id uuid NOT NULL REFERENCES public.organizations (id) ON DELETE CASCADE,
+  user_id uuid NOT NULL REFERENCES auth.users (id) ON DELETE CASCADE,
+  PRIMARY KEY (organization_id, user_id)
+);
+-- stripe_has_access looks a user's organizations up by user.
+CREATE INDEX IF NOT EXISTS organization_members_user_id_idx ON public.organization_members (user_id);
+
 -- Supabase's PostgREST puts the verified JWT's claims into request.jwt.claims for each
 -- transaction (older versions: request.jwt.claim.sub, .role, …); these read them as Supabase's own
 -- functions do. After a transaction that set one locally, the setting reads '' on that connection
