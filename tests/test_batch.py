@@ -168,10 +168,10 @@ def test_a_statement_that_fails_as_a_whole_is_retried_event_by_event(
     # whole, the events are sent alone rather than all answered 500.
     real = store.apply_events
 
-    def refusing_shared(connection: Any, events: Any) -> list[str]:
+    def refusing_shared(connection: Any, events: Any, settings: str) -> list[str]:
         if len(events) > 1:
             raise psycopg2.ProgrammingError("a statement that fails as a whole")
-        return real(connection, events)
+        return real(connection, events, settings)
 
     monkeypatch.setattr(store, "apply_events", refusing_shared)
     queued = [samples.event("customer.created", samples.customer()) for _ in range(3)]

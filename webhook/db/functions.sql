@@ -200,6 +200,8 @@ BEGIN
   IF p_event ->> 'type' LIKE '%.created' THEN RETURN 'older:type'; END IF;
   SELECT payload INTO v_other FROM public.stripe_webhook_events WHERE id = p_other_id;
   IF v_other ->> 'type' LIKE '%.created' THEN RETURN 'newer:type'; END IF;
+  -- A deleted subscription stays (canceled): nothing of the same second comes after its deletion.
+  IF v_other ->> 'type' LIKE '%.deleted' THEN RETURN 'older:type'; END IF;
   IF v_other IS NULL THEN RETURN NULL; END IF;
   v_after := public.stripe_attrs_match(p_event #> '{data,previous_attributes}', v_other #> '{data,object}');
   v_before := public.stripe_attrs_match(v_other #> '{data,previous_attributes}', p_event #> '{data,object}');

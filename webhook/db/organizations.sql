@@ -75,7 +75,7 @@ DO $$
 BEGIN
   IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('public.organization_members')) IN ('r', 'p')
      AND NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
-                     WHERE x.indrelid = 'public.organization_members'::regclass AND a.attname = 'user_id') THEN
+                     WHERE x.indrelid = to_regclass('public.organization_members') AND a.attname = 'user_id') THEN
     RAISE WARNING 'public.organization_members has no index leading with user_id: stripe_has_access scans it; '
       'CREATE INDEX CONCURRENTLY ON public.organization_members (user_id)';
   END IF;
