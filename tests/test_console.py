@@ -351,3 +351,39 @@ def test_the_customer_page_lists_payment_methods_and_the_default(console: FlaskC
     html = console.get(f"/support/customers/{customer['id']}").get_data(as_text=True)
     listed = re.sub(r"\s+", " ", html.split('id="payment-methods"', 1)[1].split("</p>", 1)[0])
     assert "visa ···· 4242, expires 12/2031 (default)" in listed
+
+
+def test_the_pages_show_the_organization_and_access_through_it(console: FlaskClient, engine: Engine) -> None:
+    from tests.test_organizations import add_organization
+
+    member, lonely_member = add_user(engine, email="member@example.com"), add_user(engine)
+    organization = add_organization(engine, members=(member,))
+    unbilled = add_organization(engine, members=(lonely_member,))
+    customer = samples.customer(metadata={"organization_id": organization})
+    deliver(console, samples.event("customer.created", customer, created=now() - 100))
+    plan = samples.subscription(customer["id"], prices=[samples.price("team_monthly", tier="team")])
+    plan_event = samples.event("customer.subscription.created", plan, created=now() - 90)
+    deliver(console, plan_event)
+    summary = samples.entitlement_summary(customer["id"], ["reports"])
+    deliver(console, samples.event("entitlements.active_entitlement_summary.updated", summary, created=now() - 90))
+    assert sign_in(console) == 302
+
+    def words(html: str, marker: str, end: str = "</table>") -> str:
+        """The text of the part of the page after marker, as a person reads it."""
+        part = html.split(marker, 1)[1].split(end, 1)[0]
+        return " ".join(re.sub(r"<[^>]+>", " ", part).replace(">", " ").split())
+
+    html = console.get(f"/support/customers/{customer['id']}").get_data(as_text=True)
+    assert "Bills organization Acme" in html
+    assert words(html, 'id="organization"', "</dd>") == f"Acme {organization} : tier team , 1 member"
+    assert f"organization {organization} changed event {plan_event['id']} tier: free → team" in words(
+        html, "<h2>Timeline"
+    )
+
+    page = console.get(f"/support/users/{member}")
+    assert page.status_code == 200  # no redirect: the user has no customer of their own
+    said = words(page.get_data(as_text=True), 'id="access"', "</div>")
+    assert said.startswith(f"Access comes through an organization: Acme {organization} , tier team , 1 member")
+    assert f"billed by {customer['id']} ." in said and "Access to: reports" in said
+    lonely = words(console.get(f"/support/users/{lonely_member}").get_data(as_text=True), 'id="organizations"')
+    assert f"Acme {unbilled} free 1 the organization has no billing customer" in lonely

@@ -1,9 +1,10 @@
 """Model-based: random customer histories as Stripe would produce them (same-second creates and
 updates, same-second update pairs, deletions, checkouts, users deleted from auth.users; for half of
-them a subscription going through its statuses, perhaps canceled, and entitlement summaries), every
-event possibly delivered twice, shuffled, from 10 concurrent clients to a real gunicorn with two
-workers, with Postgres stopped and started in the middle. Afterwards every customer row,
-subscription and entitlement set equals the model.
+them a subscription going through its statuses, perhaps canceled, and entitlement summaries; some
+billing an organization; some with payment methods attached, updated, detached), every event
+possibly delivered twice, shuffled, from 10 concurrent clients to a real gunicorn with two workers,
+with Postgres stopped and started in the middle. Afterwards every customer row, subscription,
+entitlement set, organization link and tier, and payment method equals the model.
 
 MODEL_CUSTOMERS sets the size (default 300, a few seconds).
 """
@@ -14,6 +15,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,13 +41,37 @@ class History:
     user_removed: bool = False  # its user deleted from auth.users during the deliveries
     subscription: dict[str, Any] | None = None  # Stripe's final state of its subscription
     entitlements: list[str] | None = None  # the lookup keys of its final entitlement summary
+    organization: str | None = None  # the organization it bills
+    payment_methods: list[dict[str, Any]] = field(default_factory=list)  # Stripe's final state of each
+
+    @property
+    def tier(self) -> str:
+        """Its organization's tier at the end: its plan's while active or trialing and the customer
+        is still there, else the free tier."""
+        live = self.subscription is not None and self.subscription["status"] in ("active", "trialing")
+        if not live or self.deleted or self.user_removed:
+            return "free"
+        return str(self.subscription["items"]["data"][0]["price"]["metadata"]["tier"])  # type: ignore[index]
+
+
+def _organization(engine: Engine) -> str:
+    organization = str(uuid.uuid4())
+    with engine.connect() as connection:
+        connection.execute(
+            text("INSERT INTO public.organizations (id, name) VALUES (:id, 'org')"), {"id": organization}
+        )
+    return organization
 
 
 def _history(rng: random.Random, engine: Engine, start: int) -> History:
     user_id = add_user(engine)
     by_checkout = rng.random() < 0.2
-    customer = samples.customer(created=start, name="v0", metadata={} if by_checkout else {"user_id": user_id})
-    history = History(customer, user_id=user_id)
+    organization = _organization(engine) if rng.random() < 0.3 else None
+    metadata = ({} if by_checkout else {"user_id": user_id}) | (
+        {"organization_id": organization} if organization else {}
+    )
+    customer = samples.customer(created=start, name="v0", metadata=metadata)
+    history = History(customer, user_id=user_id, organization=organization)
     t = start
     history.events.append(samples.event("customer.created", customer, created=t))
     if by_checkout:  # Checkout made the customer; its webhook comes two seconds after the creation
@@ -66,14 +92,36 @@ def _history(rng: random.Random, engine: Engine, start: int) -> History:
     history.user_removed = not (history.deleted or by_checkout) and rng.random() < 0.05
     if rng.random() < 0.5:
         _billing_history(rng, history, start)
+    if not history.deleted and rng.random() < 0.3:
+        _payment_method_history(rng, history, start)
     return history
+
+
+def _payment_method_history(rng: random.Random, history: History, start: int) -> None:
+    """One or two cards attached, perhaps updated (a new expiry), perhaps detached; some of these in
+    one second, which only Stripe can order."""
+    for _ in range(rng.randint(1, 2)):
+        method = samples.payment_method(history.customer["id"], exp_year=2030)
+        t = start + rng.randint(0, 3)
+        history.events.append(samples.event("payment_method.attached", method, created=t))
+        if rng.random() < 0.5:
+            t += rng.choice((0, 1, 2))
+            method = {**method, "card": {**method["card"], "exp_year": 2031}}
+            history.events.append(samples.event("payment_method.updated", method, created=t))
+        if rng.random() < 0.3:
+            method = {**method, "customer": None}
+            history.events.append(samples.event("payment_method.detached", method, created=t + rng.choice((0, 1, 2))))
+        history.payment_methods.append(method)
 
 
 def _billing_history(rng: random.Random, history: History, start: int) -> None:
     """A subscription going through statuses (same-second pairs among them, some only Stripe can
     order), perhaps canceled; and entitlement summaries replacing each other."""
     customer_id = history.customer["id"]
-    subscription = samples.subscription(customer_id, status="trialing")
+    tier = rng.choice(("pro", "team"))
+    subscription = samples.subscription(
+        customer_id, status="trialing", prices=[samples.price(f"{tier}_monthly", tier=tier)]
+    )
     t = start + 1
     history.events.append(samples.event("customer.subscription.created", subscription, created=t))
     # Distinct statuses: a status that comes back within one second (A, B, A) after an update
@@ -161,6 +209,8 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
                 }
                 for key in history.entitlements
             ]
+        for method in history.payment_methods:
+            stripe.payment_methods[method["id"]] = method
         if history.deleted:
             stripe.deleted.add(history.customer["id"])
         else:
@@ -209,6 +259,10 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
         statuses = dict(
             connection.execute(text("SELECT stripe_subscription_id, status FROM stripe_subscriptions")).all()
         )
+        tiers = dict(connection.execute(text("SELECT id::text, subscription_tier FROM public.organizations")).all())
+        methods = dict(
+            connection.execute(text("SELECT stripe_payment_method_id, exp_year FROM stripe_payment_methods")).all()
+        )
         sets = dict(
             connection.execute(
                 text(
@@ -232,6 +286,12 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
             )
         if history.entitlements is not None and list(sets.get(customer_id, [])) != history.entitlements:
             wrong.append((customer_id, history.entitlements, sets.get(customer_id)))
+        if history.organization is not None and tiers[history.organization] != history.tier:
+            wrong.append((history.organization, history.tier, tiers[history.organization]))
+        for method in history.payment_methods:
+            expected = method["card"]["exp_year"] if method["customer"] else None
+            if methods.get(method["id"]) != expected:
+                wrong.append((method["id"], expected, methods.get(method["id"])))
         if history.user_removed:
             # Every event of it applied before its user went; the cascade took the row, and the
             # copies delivered afterwards are duplicates.
@@ -244,10 +304,13 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
             continue
         if row is None or row.customer_name != history.customer["name"] or str(row.user_id) != history.user_id:
             wrong.append((customer_id, history.customer["name"], row))
+        elif str(row.organization_id) != str(history.organization):
+            wrong.append((customer_id, history.organization, row.organization_id))
     duplicates = sum(1 for outcome in outcomes if outcome == "duplicate")
     print(
         f"\nmodel: {len(histories)} customers, {len(events)} events, {len(deliveries)} deliveries "
-        f"({duplicates} duplicates, {thin} thin), {len(wrong)} wrong"
+        f"({duplicates} duplicates, {thin} thin), {len(tiers)} organizations, {len(methods)} payment methods, "
+        f"{len(wrong)} wrong"
     )
     assert wrong == []
     assert tuple(logged) == (len(events) + thin, len(events) + thin) and failed == 0

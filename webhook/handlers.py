@@ -170,8 +170,10 @@ def customer_state(customer: dict[str, Any], keys: Keys) -> CustomerChange:
     metadata = metadata if isinstance(metadata, dict) else {}
     settings = customer.get("invoice_settings")
     settings = settings if isinstance(settings, dict) else {}
-    user_id, note = user_link(metadata.get(keys.user_id), f"metadata.{keys.user_id}")
     organization_id, organization_note = organization_link(metadata, keys.organization_id)
+    user_id, note = user_link(metadata.get(keys.user_id), f"metadata.{keys.user_id}")
+    if organization_id and not metadata.get(keys.user_id):
+        note = None  # it bills an organization: naming no user is no fault
     return CustomerChange(
         action="upsert",
         id=_customer_id(customer.get("id")),

@@ -22,7 +22,9 @@ def _one(engine: Engine, sql: str, **params: Any) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-CUSTOMER_COLUMNS = "stripe_customer_id, customer_email, customer_name, user_id, updated_at, customer_metadata"
+CUSTOMER_COLUMNS = (
+    "stripe_customer_id, customer_email, customer_name, user_id, organization_id, updated_at, customer_metadata"
+)
 
 
 def customers_by_email(engine: Engine, email: str) -> list[dict[str, Any]]:
@@ -52,6 +54,31 @@ def customer_of_user(engine: Engine, user_id: str) -> str | None:
 def claims_of_user(engine: Engine, user_id: str) -> list[str]:
     rows = _all(engine, "SELECT stripe_customer_id FROM stripe_customer_claims WHERE user_id = :id", id=user_id)
     return [str(row["stripe_customer_id"]) for row in rows]
+
+
+# The app's organizations, when migrate linked them (stripe_organizations_on): its name column is
+# not the consumer's to rely on, so it is read from the row as JSON.
+_ORGANIZATION = (
+    "SELECT o.id, to_jsonb(o) ->> 'name' AS name, o.subscription_tier, c.stripe_customer_id, "
+    "(SELECT count(*) FROM public.organization_members m WHERE m.organization_id = o.id) AS members "
+    "FROM public.organizations o LEFT JOIN stripe_customers c ON c.organization_id = o.id "
+)
+
+
+def organization(engine: Engine, organization_id: str) -> dict[str, Any] | None:
+    return _one(engine, _ORGANIZATION + "WHERE o.id = :id", id=organization_id)
+
+
+def organizations_of_user(engine: Engine, user_id: str) -> list[dict[str, Any]]:
+    """The organizations a user is a member of, each with its billing customer (or none)."""
+    if not _one(engine, "SELECT stripe_organizations_on() AS on")["on"]:  # type: ignore[index]
+        return []
+    return _all(
+        engine,
+        _ORGANIZATION + "WHERE o.id IN (SELECT organization_id FROM public.organization_members WHERE user_id = :id) "
+        "ORDER BY c.stripe_customer_id IS NULL, o.id LIMIT 20",
+        id=user_id,
+    )
 
 
 def event(engine: Engine, event_id: str) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ FIELDS = {
     "customer_name": "name",
     "default_payment_method": "payment method",
     "user_id": "user",
+    "organization_id": "organization",
 }
 
 
@@ -24,19 +25,32 @@ class State:
     alarming: bool
 
 
-def state_of(row: dict[str, Any] | None, user: dict[str, Any] | None, tombstone: dict[str, Any] | None) -> State:
+def state_of(
+    row: dict[str, Any] | None,
+    user: dict[str, Any] | None,
+    tombstone: dict[str, Any] | None,
+    organization: dict[str, Any] | None = None,
+) -> State:
     if row is None:
         if tombstone:
             return State("Deleted in Stripe, or removed from the table", None, True)
         return State("No row for this customer", "nothing has arrived from Stripe about it", True)
     sync = (row.get("customer_metadata") or {}).get("sync") or {}
     note = sync.get("note")
+    unlinked = sync.get("status") == "unlinked"
+    if organization is not None:
+        bills = f"Bills organization {organization.get('name') or organization['id']}"
+        if row.get("user_id") is None:
+            return State(bills, note, unlinked)
+        bills += " and "
+    else:
+        bills = ""
     if row.get("user_id") is None:
         return State("Not linked to any user", note or "the customer names no user", True)
     who = user["email"] if user and user.get("email") else str(row["user_id"])
     if note and note.startswith("tie not settled"):
-        return State(f"Linked to {who}", f"{note}: the order of two same-second events could not be told", True)
-    return State(f"Linked to {who}", note, False)
+        return State(f"{bills}Linked to {who}", f"{note}: the order of two same-second events could not be told", True)
+    return State(f"{bills}Linked to {who}", note, unlinked)
 
 
 # Best first, as stripe_user_billing ranks a user's subscriptions.
@@ -54,9 +68,10 @@ def access_of(
     entitlement_set: dict[str, Any] | None,
     has_api_key: bool,
 ) -> State:
-    """Whether the customer's user has access, and if not, why, in words."""
-    if row is None or row.get("user_id") is None:
-        reason = "no customer row" if row is None else "the customer is linked to no user"
+    """Whether the customer's user (or its organization's members) have access, and if not, why,
+    in words."""
+    if row is None or (row.get("user_id") is None and row.get("organization_id") is None):
+        reason = "no customer row" if row is None else "the customer is linked to no user or organization"
         return State("No access through this customer", reason, True)
     ranked = sorted(subscriptions, key=lambda found: PLAN_RANK.index(found["status"]))
     best = ranked[0] if ranked else None
@@ -126,6 +141,7 @@ def changes_of(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[t
 
 
 BILLING_FIELDS = {
+    "subscription_tier": "tier",
     "status": "status",
     "current_period_end": "period end",
     "cancel_at_period_end": "cancels at period end",

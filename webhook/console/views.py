@@ -16,7 +16,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from webhook import stripe_api
 from webhook.config import Settings
 from webhook.console import auth, queries
-from webhook.console.timeline import access_of, dashboard_url, state_of, timeline
+from webhook.console.timeline import State, access_of, dashboard_url, state_of, timeline
 from webhook.customers import FixRefused, resync
 from webhook.replay import replay_stored
 
@@ -115,10 +115,31 @@ def search() -> Page:
 def user(user_id: uuid.UUID) -> Page:
     found = queries.user(_engine(), str(user_id))
     customer_id = queries.customer_of_user(_engine(), str(user_id))
-    if customer_id:
+    organizations = queries.organizations_of_user(_engine(), str(user_id))
+    billed = [found for found in organizations if found["stripe_customer_id"]]
+    if customer_id and not billed:
         return redirect(url_for("console.customer", customer_id=customer_id))
     claims = queries.claims_of_user(_engine(), str(user_id))
-    return render_template("console/user.html", user_id=str(user_id), user=found, claims=claims)
+    through = billed[0] if billed else None
+    return render_template(
+        "console/user.html",
+        user_id=str(user_id),
+        user=found,
+        claims=claims,
+        customer_id=customer_id,
+        organizations=organizations,
+        through=through,
+        access=_access(through["stripe_customer_id"]) if through else None,
+    )
+
+
+def _access(customer_id: str, row: dict[str, Any] | None = None) -> tuple[State, list[dict[str, Any]], list[str]]:
+    """Whether a customer gives access, and if not why; with its subscriptions and entitlements."""
+    row = row if row is not None else queries.customer(_engine(), customer_id)
+    subscriptions = queries.subscriptions_of(_engine(), customer_id)
+    entitlements, entitlement_set = queries.entitlements_of(_engine(), customer_id)
+    has_key = _settings().stripe_api_key is not None
+    return access_of(row, subscriptions, entitlements, entitlement_set, has_key), subscriptions, entitlements
 
 
 @bp.get("/customers/<customer_id>")
@@ -128,10 +149,10 @@ def customer(customer_id: str) -> Page:
     if row is None and not events:
         abort(404)
     linked = queries.user(_engine(), str(row["user_id"])) if row and row["user_id"] else None
+    billed = row["organization_id"] if row else None
+    organization = queries.organization(_engine(), str(billed)) if billed else None
     tombstone = queries.tombstone(_engine(), customer_id)
-    subscriptions = queries.subscriptions_of(_engine(), customer_id)
-    entitlements, entitlement_set = queries.entitlements_of(_engine(), customer_id)
-    payment_methods = queries.payment_methods_of(_engine(), customer_id)
+    access, subscriptions, entitlements = _access(customer_id, row)
     livemode = bool(events[0]["livemode"]) if events else "_live_" in (_settings().stripe_api_key or "")
     return render_template(
         "console/customer.html",
@@ -139,7 +160,8 @@ def customer(customer_id: str) -> Page:
         row=row,
         sync=((row or {}).get("customer_metadata") or {}).get("sync") or {},
         user=linked,
-        state=state_of(row, linked, tombstone),
+        organization=organization,
+        state=state_of(row, linked, tombstone, organization),
         tombstone=tombstone,
         dashboard=dashboard_url(customer_id, livemode),
         entries=timeline(
@@ -148,8 +170,8 @@ def customer(customer_id: str) -> Page:
         can_resync=_settings().stripe_api_key is not None,
         subscriptions=subscriptions,
         entitlements=entitlements,
-        payment_methods=payment_methods,
-        access=access_of(row, subscriptions, entitlements, entitlement_set, _settings().stripe_api_key is not None),
+        payment_methods=queries.payment_methods_of(_engine(), customer_id),
+        access=access,
     )
 
 
