@@ -2,9 +2,13 @@
 
 Fills a fresh embedded Postgres (or DATABASE_URL's, which it truncates) by SQL with 1,000,000 users
 and customers, 2,000,000 subscriptions (an active and a canceled one each) and 5,000,000 active
-entitlements (five each), then times, for random users:
-- `stripe_has_access(feature)` as the signed-in user (a transaction as PostgREST opens it), and the
-  user's row of `stripe_user_billing`: the query alone, on one connection;
+entitlements (five each), and 100,000 organizations of 10 members each (every user a member of
+one), each billed by one of the customers, whose entitlements add `team_feature`; then times, for
+random users:
+- `stripe_has_access(feature)` as the signed-in user (a transaction as PostgREST opens it): a
+  feature of their own customer's, one that only their organization's customer has (the members'
+  branch), and one nobody has (both branches, then false); and the user's row of
+  `stripe_user_billing`: the query alone, on one connection;
 - the support console's customer page (the in-process app, signed in);
 and, on a small database beside it, the database CPU of a subscription event against a customer
 event through the consumer's own statement (one event a statement, alternating batches).
@@ -51,22 +55,49 @@ BILLING_FILL = [
     ),
 ]
 BILLING_TABLES = ("stripe_subscriptions", "stripe_entitlements", "stripe_entitlement_sets")
+# Organization n has members 10(n-1)+1 … 10n and is billed by customer n (who is also user n's).
+ORGANIZATION_FILL = [
+    (
+        "organizations",
+        "INSERT INTO public.organizations (id, name) SELECT md5('o' || n)::uuid, 'Org ' || n "
+        "FROM generate_series(1, :organizations) AS n",
+    ),
+    (
+        "organization members",
+        "INSERT INTO public.organization_members (organization_id, user_id) "
+        "SELECT md5('o' || (1 + (m - 1) / 10))::uuid, md5('u' || m)::uuid "
+        "FROM generate_series(1, :organizations * 10) AS m",
+    ),
+    (
+        "organizations' customers",
+        "UPDATE stripe_customers SET organization_id = md5('o' || n)::uuid "
+        "FROM generate_series(1, :organizations) AS n WHERE stripe_customer_id = 'cus_' || n",
+    ),
+    (
+        "organizations' entitlements",
+        "INSERT INTO stripe_entitlements (stripe_customer_id, lookup_key, feature, stripe_entitlement_id) "
+        "SELECT 'cus_' || n, 'team_feature', 'feat_team', 'ent_team_' || n "
+        "FROM generate_series(1, :organizations) AS n",
+    ),
+]
 
 
-def fill(engine: Engine, customers: int) -> None:
+def fill(engine: Engine, customers: int, organizations: int) -> None:
     with engine.connect() as connection:
         connection.execute(
             text(
                 "TRUNCATE stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_subscriptions, "
-                "stripe_entitlements, stripe_entitlement_sets, stripe_billing_audit, auth.users CASCADE"
+                "stripe_entitlements, stripe_entitlement_sets, stripe_billing_audit, public.organizations, "
+                "auth.users CASCADE"
             )
         )
         for table in ("stripe_customers", *BILLING_TABLES):
             connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))  # no audit rows for the fill
         try:
-            for name, sql in [step for step in FILL if step[0] in ("users", "customers")] + BILLING_FILL:
+            steps = [step for step in FILL if step[0] in ("users", "customers")] + BILLING_FILL + ORGANIZATION_FILL
+            for name, sql in steps:
                 started = time.monotonic()
-                connection.execute(text(sql), {"customers": customers})
+                connection.execute(text(sql), {"customers": customers, "organizations": organizations})
                 print(f"filled {name} in {time.monotonic() - started:.0f} s", flush=True)
         finally:
             for table in ("stripe_customers", *BILLING_TABLES):
@@ -131,15 +162,29 @@ def event_cost(engine: Engine, batches: int, per_batch: int) -> dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--organizations", type=int, default=100_000)
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
+    if args.organizations * 10 > args.customers:
+        parser.error("each organization has 10 members: --organizations at most --customers / 10")
     url, engine = sized_database("access-size-")
     costs = event_cost(engine, batches=6, per_batch=300)
-    fill(engine, args.customers)
+    fill(engine, args.customers, args.organizations)
 
     users = random.Random(7).sample(range(1, args.customers + 1), args.samples)
+    members = random.Random(8).sample(range(args.organizations + 1, args.organizations * 10 + 1), args.samples)
     has_access = time_as_user(engine, "SELECT public.stripe_has_access('feature_3')", users)
+    through = time_as_user(engine, "SELECT public.stripe_has_access('team_feature')", members)
+    nobody = time_as_user(engine, "SELECT public.stripe_has_access('absent')", members)
     billing_row = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users)
+    with engine.connect() as connection:  # the timed answers were the members' branch's, not a miss
+        granted = connection.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE public.stripe_has_access('team_feature', md5('u' || m)::uuid)) "
+                "FROM unnest(CAST(:members AS int[])) AS m"
+            ),
+            {"members": members},
+        ).scalar_one()
     client = signed_in_console(url, engine)
     pages = []
     for n in users[:300]:
@@ -149,10 +194,13 @@ def main() -> None:
     pages.sort()
 
     print(
-        f"\n{args.customers:,} customers, {2 * args.customers:,} subscriptions, {5 * args.customers:,} entitlements\n"
+        f"\n{args.customers:,} customers, {2 * args.customers:,} subscriptions, {5 * args.customers:,} entitlements, "
+        f"{args.organizations:,} organizations of 10 members\n"
     )
     print("| what | median ms | p99 ms | max ms |\n|---|---|---|---|")
     print(_line("stripe_has_access('feature_3') as the signed-in user", has_access))
+    print(_line(f"stripe_has_access through the user's organization (true for {granted} of {len(members)})", through))
+    print(_line("stripe_has_access of a feature nobody has (both branches)", nobody))
     print(_line("the user's row of stripe_user_billing", billing_row))
     print(_line("the console's customer page (in-process app, rendered)", pages))
     print("\nthe consumer's statement, one event a statement, backend CPU per event:")
