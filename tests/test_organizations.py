@@ -16,8 +16,9 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
+from tests.fake_stripe import FakeStripe
 from tests.server import gunicorn, post_event
-from tests.support import add_user, count, customer_row, deliver, now, settings_for
+from tests.support import SECRET, add_user, cli, count, customer_row, deliver, now, settings_for
 from tests.test_rls import acting_as
 from webhook import database, migrations, samples
 from webhook.app import create_app
@@ -376,3 +377,34 @@ def test_an_app_without_organizations_loses_nothing(scratch_url: str) -> None:
         assert connection.execute(text("SELECT stripe_has_access('pro')")).scalar_one() is True
         assert connection.execute(text("SELECT organization_id FROM stripe_user_billing")).scalar_one() is None
     scratch.dispose()
+
+
+def test_verify_finds_and_fix_mends_an_organization_left_unlinked(
+    client: FlaskClient, engine: Engine, database_url: str
+) -> None:
+    organization = add_organization(engine)
+    linked, waiting = billing(organization), billing(organization)
+    for created, customer in enumerate((linked, waiting)):
+        status_of(client, samples.event("customer.created", customer, created=T + created))
+    with engine.connect() as connection:  # a change made outside the consumer, triggers off
+        connection.execute(text("ALTER TABLE stripe_customers DISABLE TRIGGER stripe_customers_organization_moved"))
+        try:
+            connection.execute(
+                text("UPDATE stripe_customers SET organization_id = NULL WHERE stripe_customer_id = :id"),
+                {"id": linked["id"]},
+            )
+        finally:
+            connection.execute(text("ALTER TABLE stripe_customers ENABLE TRIGGER stripe_customers_organization_moved"))
+    stripe = FakeStripe()
+    for customer in (linked, waiting):
+        stripe.customers[customer["id"]] = customer
+    with stripe.serving() as base:
+        env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_API_BASE": base}
+        found = cli("verify", **env, STRIPE_API_KEY="sk_test_fake")
+        assert found.returncode == 1 and f"drift {waiting['id']}: unlinked (organization_id differ)" in found.stdout
+        fixed = cli("verify", "--fix", **env, STRIPE_API_KEY="sk_test_fake")
+        assert fixed.returncode == 0, fixed.stderr
+        assert cli("verify", **env, STRIPE_API_KEY="sk_test_fake").returncode == 0
+    row = customer_row(engine, waiting["id"])
+    assert row is not None and row["organization_id"] == uuid.UUID(organization)
+    assert "linked to its organization by reconciliation" in row["customer_metadata"]["sync"]["note"]

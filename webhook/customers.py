@@ -89,7 +89,7 @@ class DriftKind(StrEnum):
     MISSING = "missing"  # Stripe does not know the customer
     DELETED = "deleted"  # Stripe has it as deleted
     CHANGED = "changed"  # email or name differ
-    UNLINKED = "unlinked"  # a user no customer holds while this one names them
+    UNLINKED = "unlinked"  # a user (or organization) no customer holds while this one names it
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ def find_drift(
             if differ:
                 drifts.append(Drift(customer_id, DriftKind.CHANGED, differ, customer_state(remote, keys)))
     with engine.connect() as connection:
-        orphans = store.relink_users(connection, fix=False)
-    drifts.extend(Drift(customer_id, DriftKind.UNLINKED, ("user_id",)) for _, customer_id in orphans)
+        orphans = store.relink(connection, fix=False)
+    drifts.extend(Drift(customer_id, DriftKind.UNLINKED, (link,)) for link, customer_id in orphans)
     drifts += _billing_drift(engine, client, keys)
     return len(rows), drifts
 
@@ -232,7 +232,7 @@ def fix_drift(engine: Engine, drifts: list[Drift], as_of: int) -> list[str]:
     outcomes = store.apply_states(engine, changes, Source.API, as_of) if changes else []
     if any(drift.kind is DriftKind.UNLINKED for drift in drifts):
         with engine.connect() as connection:
-            outcomes += ["processed"] * len(store.relink_users(connection, fix=True))
+            outcomes += ["processed"] * len(store.relink(connection, fix=True))
     return outcomes
 
 

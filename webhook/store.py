@@ -219,10 +219,11 @@ def recent_livemodes(connection: Connection) -> set[bool]:
     return set(connection.execute(statement).scalars())
 
 
-def relink_users(connection: Connection, fix: bool) -> list[tuple[str, str]]:
-    """(user, customer) for each user no customer holds while an unlinked customer names them;
-    with fix, each linked to the newest such customer (as a deletion or a moved link would)."""
-    statement = text("SELECT user_id::text, stripe_customer_id FROM public.stripe_relink_users(:fix)")
+def relink(connection: Connection, fix: bool) -> list[tuple[str, str]]:
+    """(link, customer) for each user or organization ('user_id', 'organization_id') no customer
+    holds while an unlinked customer names it; with fix, each linked to the newest such customer
+    (as a deletion or a moved link would)."""
+    statement = text("SELECT link || '_id', stripe_customer_id FROM public.stripe_relink(:fix)")
     return [(row[0], row[1]) for row in connection.execute(statement, {"fix": fix})]
 
 

@@ -58,6 +58,14 @@ END $$;
 SELECT public.stripe_create_trigger('stripe_customers_audit',
   'AFTER INSERT OR UPDATE OR DELETE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_audit_row()');
 
+-- A link's tables: its holders' (auth.users, public.organizations: NULL when the app has none)
+-- and the claims on them. The column is the link's name and _id in both stripe_customers and the claims.
+CREATE OR REPLACE FUNCTION public.stripe_link_tables(p_link text, OUT holders regclass, OUT claims text)
+LANGUAGE sql STABLE AS $$
+  SELECT to_regclass(CASE p_link WHEN 'user' THEN 'auth.users' ELSE 'public.organizations' END),
+         CASE p_link WHEN 'user' THEN 'public.stripe_customer_claims' ELSE 'public.stripe_organization_claims' END
+$$;
+
 -- A user is never left without a customer while one names them: when a customer lets go of its
 -- user (its row leaves, or a newer event points it at another user), the newest other customer
 -- whose metadata names that user and that could not be linked for it takes the user over. The
@@ -69,8 +77,9 @@ SELECT public.stripe_create_trigger('stripe_customers_audit',
 CREATE OR REPLACE FUNCTION public.stripe_hand_on(p_link text, p_holder uuid, p_note text) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
-  v_holders regclass := to_regclass(CASE p_link WHEN 'user' THEN 'auth.users' ELSE 'public.organizations' END);
-  v_claims text := CASE p_link WHEN 'user' THEN 'public.stripe_customer_claims' ELSE 'public.stripe_organization_claims' END;
+  v_tables record := public.stripe_link_tables(p_link);
+  v_holders regclass := v_tables.holders;
+  v_claims text := v_tables.claims;
   v_column text := p_link || '_id';  -- user_id | organization_id, in stripe_customers and the claims alike
   v_found boolean;
   v_heir text;
@@ -137,28 +146,40 @@ SELECT public.stripe_create_trigger('stripe_customers_moved',
   'WHEN (OLD.user_id IS NOT NULL AND OLD.user_id IS DISTINCT FROM NEW.user_id) '
   'EXECUTE FUNCTION public.stripe_customers_moved()');
 
--- Users that no customer holds while an unlinked customer names them (left so by a change made
--- outside the consumer, or before the triggers above): reconciliation lists them and, with
--- p_fix, links each to the newest such customer.
-CREATE OR REPLACE FUNCTION public.stripe_relink_users(p_fix boolean)
-RETURNS TABLE (user_id uuid, stripe_customer_id text) LANGUAGE plpgsql AS $$
+-- Users (and organizations) that no customer holds while an unlinked customer names them (left so
+-- by a change made outside the consumer, or before the triggers above): reconciliation lists them
+-- and, with p_fix, links each to the newest such customer.
+CREATE OR REPLACE FUNCTION public.stripe_relink(p_fix boolean)
+RETURNS TABLE (link text, holder uuid, stripe_customer_id text) LANGUAGE plpgsql AS $$
+DECLARE
+  v_tables record;
 BEGIN
-  FOR user_id, stripe_customer_id IN
-    SELECT DISTINCT ON (c.user_id) c.user_id, c.stripe_customer_id
-    FROM public.stripe_customer_claims c JOIN public.stripe_customers s ON s.stripe_customer_id = c.stripe_customer_id
-    WHERE s.user_id IS NULL AND s.customer_metadata #>> '{sync,named_user_id}' = c.user_id::text
-      AND NOT EXISTS (SELECT 1 FROM public.stripe_customers o WHERE o.user_id = c.user_id)
-      AND EXISTS (SELECT 1 FROM auth.users u WHERE u.id = c.user_id)
-    ORDER BY c.user_id, (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST
-  LOOP
-    IF p_fix THEN
-      stripe_customer_id := public.stripe_hand_on('user', user_id,
-        'linked to its user by reconciliation: no customer held the user');
-      CONTINUE WHEN stripe_customer_id IS NULL;
-    END IF;
-    RETURN NEXT;
+  FOREACH link IN ARRAY CASE WHEN public.stripe_organizations_on() THEN ARRAY['user', 'organization']
+                             ELSE ARRAY['user'] END LOOP
+    v_tables := public.stripe_link_tables(link);
+    FOR holder, stripe_customer_id IN EXECUTE format($sql$
+      SELECT DISTINCT ON (c.%1$I) c.%1$I, c.stripe_customer_id
+      FROM %2$s c JOIN public.stripe_customers s ON s.stripe_customer_id = c.stripe_customer_id
+      WHERE s.%1$I IS NULL AND s.customer_metadata #>> '{sync,named_%1$s}' = c.%1$I::text
+        AND NOT EXISTS (SELECT 1 FROM public.stripe_customers o WHERE o.%1$I = c.%1$I)
+        AND EXISTS (SELECT 1 FROM %3$s h WHERE h.id = c.%1$I)
+      ORDER BY c.%1$I, (s.customer_metadata #>> '{sync,event_created}')::bigint DESC NULLS LAST$sql$,
+      link || '_id', v_tables.claims, v_tables.holders)
+    LOOP
+      IF p_fix THEN
+        stripe_customer_id := public.stripe_hand_on(link, holder,
+          format('linked to its %s by reconciliation: no customer held the %s', link, link));
+        CONTINUE WHEN stripe_customer_id IS NULL;
+      END IF;
+      RETURN NEXT;
+    END LOOP;
   END LOOP;
 END $$;
+-- The release before this one asks for users only.
+CREATE OR REPLACE FUNCTION public.stripe_relink_users(p_fix boolean)
+RETURNS TABLE (user_id uuid, stripe_customer_id text) LANGUAGE sql AS $$
+  SELECT r.holder, r.stripe_customer_id FROM public.stripe_relink(p_fix) AS r WHERE r.link = 'user'
+$$;
 
 DROP FUNCTION IF EXISTS public.stripe_hand_on_user(uuid, text);  -- now stripe_hand_on('user', …)
 

@@ -50,6 +50,8 @@ DROP FUNCTION IF EXISTS public.stripe_customers_gone();
 DROP FUNCTION IF EXISTS public.stripe_customers_moved();
 DROP FUNCTION IF EXISTS public.stripe_customers_organization();
 DROP FUNCTION IF EXISTS public.stripe_relink_users(boolean);
+DROP FUNCTION IF EXISTS public.stripe_relink(boolean);
+DROP FUNCTION IF EXISTS public.stripe_link_tables(text);
 DROP FUNCTION IF EXISTS public.stripe_hand_on_user(uuid, text);
 DROP FUNCTION IF EXISTS public.stripe_hand_on(text, uuid, text);
 DROP FUNCTION IF EXISTS public.stripe_link_state(uuid, uuid, uuid, uuid, text, text);
