@@ -154,3 +154,50 @@ def test_support_person_answers_why_a_user_has_no_access(
         browser.get(f"{base}/customers/{customer['id']}")
         assert browser.current_url.endswith("/support/signin")
         assert "jane.doe" not in browser.page_source
+
+
+def test_support_person_sees_access_through_an_organization(
+    browser: webdriver.Chrome, database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    from tests.test_organizations import add_organization
+
+    member = add_user(engine, email="sam.member@example.com")
+    organization = add_organization(engine, members=(member, add_user(engine)))
+    customer = samples.customer(
+        email="billing@acme.example", name="Acme Inc", metadata={"organization_id": organization}
+    )
+    plan = samples.subscription(customer["id"], prices=[samples.price("team_monthly", tier="team")])
+    card = {
+        **samples.payment_method(customer["id"], last4="4444"),
+        "card": {"brand": "mastercard", "last4": "4444", "exp_month": 7, "exp_year": 2031},
+    }
+    users = f"alice:{generate_password_hash(PASSWORD)}"
+    with gunicorn(database_url, workers=2, SUPPORT_USERS=users) as (port, _):
+        for event in (
+            samples.event("customer.created", {**customer, "invoice_settings": {"default_payment_method": card["id"]}}),
+            samples.event("customer.subscription.created", plan),
+            samples.event(
+                "entitlements.active_entitlement_summary.updated",
+                samples.entitlement_summary(customer["id"], ["reports"]),
+            ),
+            samples.event("payment_method.attached", card),
+        ):
+            assert post_event(port, event)[1]["status"] == "processed"
+        base = f"http://127.0.0.1:{port}/support"
+        browser.get(f"{base}/signin")
+        browser.find_element(By.NAME, "name").send_keys("alice")
+        browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+        _after(browser, browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click)
+
+        _search(browser, "SAM.member@example.com")
+        _after(browser, browser.find_element(By.PARTIAL_LINK_TEXT, member).click)
+        access = browser.find_element(By.ID, "access").text
+        assert f"Access comes through an organization: Acme {organization}" in access
+        assert "tier team, 2 members" in access and "Access to: reports" in access
+        _shot(browser, tmp_path, "user-through-an-organization")
+
+        _after(browser, browser.find_element(By.LINK_TEXT, customer["id"]).click)
+        assert f"Acme {organization}: tier team, 2 members" in browser.find_element(By.ID, "organization").text
+        assert "mastercard ···· 4444, expires 7/2031 (default)" in browser.find_element(By.ID, "payment-methods").text
+        assert "Bills organization Acme" in browser.find_element(By.TAG_NAME, "main").text
+        _shot(browser, tmp_path, "customer-billing-an-organization")
