@@ -339,6 +339,10 @@ def test_migrate_keeps_an_apps_organizations_and_their_rows(scratch_url: str) ->
     assert count(scratch, "SELECT count(*) FROM public.organizations WHERE name IS NULL") == 0
     key = "SELECT count(*) FROM pg_constraint WHERE conname = 'stripe_customers_organization_id_fkey' AND convalidated"
     assert count(scratch, key) == 1
+    unique = (
+        "SELECT count(*) FROM pg_constraint WHERE conname = 'stripe_customers_organization_id_key' AND contype = 'u'"
+    )
+    assert count(scratch, unique) == 1
     with scratch.connect() as connection:
         assert "organizations" in str(
             connection.execute(text("SELECT obj_description('public.stripe_user_billing'::regclass)")).scalar_one()
