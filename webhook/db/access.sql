@@ -30,20 +30,15 @@ DECLARE
       JOIN public.stripe_customers c ON c.organization_id = m.organization_id
       JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
       WHERE m.user_id = %1$s AND e.lookup_key = p_feature)$members$;
-  -- The view's parts that read organization_members.
-  v_every_member text := $members$
-        UNION
-        SELECT m.user_id FROM public.organization_members m
-        JOIN public.stripe_customers c ON c.organization_id = m.organization_id
-        WHERE current_user NOT IN ('anon', 'authenticated')$members$;
+  -- The view's part that reads organization_members.
   v_member_of text := $members$
         UNION ALL
         SELECT c.stripe_customer_id, c.organization_id, false FROM public.organization_members m
         JOIN public.stripe_customers c ON c.organization_id = m.organization_id WHERE m.user_id = u.user_id$members$;
-  v_version text := 'stripe_user_billing 2' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
+  v_version text := 'stripe_user_billing 3' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
 BEGIN
   IF NOT v_orgs THEN
-    v_through_members := ''; v_every_member := ''; v_member_of := '';
+    v_through_members := ''; v_member_of := '';
   END IF;
   EXECUTE format('CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text) RETURNS boolean '
     'LANGUAGE sql STABLE SECURITY DEFINER SET search_path = %L AS %L', '', format(v_has_access || v_through_members, 'auth.uid()'));
@@ -52,47 +47,49 @@ BEGIN
 
   -- stripe_user_billing: one row per user who has a customer or belongs to an organization that
   -- has one: the best subscription among all those customers' (active > trialing > past_due >
-  -- unpaid > paused > incomplete > canceled > incomplete_expired, else 'none'), its period end,
-  -- cancellation and tier (the first item's), and the entitlements of them all. stripe_customer_id:
-  -- their own customer, else the best subscription's; organization_id: the best subscription's
+  -- unpaid > paused > incomplete > canceled > incomplete_expired, else 'none'; then the latest
+  -- period end; then their own customer's, then by organization id), its period end, cancellation
+  -- and tier (the first item's), and the entitlements of them all. stripe_customer_id: their own
+  -- customer, else the best subscription's; organization_id: the best subscription's customer's
   -- organization, else their first. A signed-in user (anon, authenticated) sees only their own row;
   -- the service role and the consumer see every row. Two branches of users, each gated by a
   -- condition Postgres checks once: a signed-in user's is one lookup; an OR of both would scan every
-  -- customer for every user. Replaced only when its version (the view's comment) differs:
-  -- replacing locks the view.
+  -- user for every user. Kept small for the planner, whose time is most of a signed-in user's
+  -- query. Replaced only when its version (the view's comment) differs: replacing locks the view.
   IF obj_description(to_regclass('public.stripe_user_billing'), 'pg_class') IS DISTINCT FROM v_version THEN
     EXECUTE format($view$
     CREATE OR REPLACE VIEW public.stripe_user_billing AS
     SELECT u.user_id, coalesce(b.own, best.stripe_customer_id, b.customers[1]) AS stripe_customer_id,
-      coalesce(best.organization_id, b.organizations[1]) AS organization_id,
+      coalesce(b.organizations[array_position(b.customers, best.stripe_customer_id)],
+               (array_remove(b.organizations, NULL))[1]) AS organization_id,
       coalesce(best.status, 'none') AS plan_status, best.current_period_end, best.cancel_at_period_end,
       best.items -> 0 ->> 'tier' AS tier,
       coalesce((SELECT array_agg(DISTINCT e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
                 WHERE e.stripe_customer_id = ANY (b.customers)), '{}') AS entitlements
     FROM (
-      SELECT auth.uid() AS user_id WHERE current_user IN ('anon', 'authenticated') AND auth.uid() IS NOT NULL
-      UNION ALL (
-        SELECT c.user_id FROM public.stripe_customers c
-        WHERE c.user_id IS NOT NULL AND current_user NOT IN ('anon', 'authenticated')%s)
+      SELECT auth.uid() AS user_id WHERE current_user IN ('anon', 'authenticated')
+      UNION ALL
+      SELECT a.id FROM auth.users a WHERE current_user NOT IN ('anon', 'authenticated')
     ) AS u
     CROSS JOIN LATERAL (
+      -- Their customers, their own first, and each one's organization (NULL for none).
       SELECT (array_agg(x.stripe_customer_id) FILTER (WHERE x.own))[1] AS own,
         array_agg(x.stripe_customer_id ORDER BY x.own DESC, x.organization_id) AS customers,
-        array_agg(x.organization_id ORDER BY x.organization_id) FILTER (WHERE x.organization_id IS NOT NULL) AS organizations
+        array_agg(x.organization_id ORDER BY x.own DESC, x.organization_id) AS organizations
       FROM (
         SELECT c.stripe_customer_id, c.organization_id, true AS own FROM public.stripe_customers c
         WHERE c.user_id = u.user_id%s) AS x
     ) AS b
     LEFT JOIN LATERAL (
-      SELECT s.stripe_customer_id, c.organization_id, s.status, s.current_period_end, s.cancel_at_period_end, s.items
-      FROM public.stripe_subscriptions s JOIN public.stripe_customers c ON c.stripe_customer_id = s.stripe_customer_id
+      SELECT s.stripe_customer_id, s.status, s.current_period_end, s.cancel_at_period_end, s.items
+      FROM public.stripe_subscriptions s
       WHERE s.stripe_customer_id = ANY (b.customers)
       ORDER BY array_position(ARRAY['active', 'trialing', 'past_due', 'unpaid', 'paused', 'incomplete', 'canceled',
                                     'incomplete_expired'], s.status), s.current_period_end DESC NULLS LAST,
-               c.organization_id NULLS FIRST
+               array_position(b.customers, s.stripe_customer_id)
       LIMIT 1) AS best ON true
     WHERE b.customers IS NOT NULL
-    $view$, v_every_member, v_member_of);
+    $view$, v_member_of);
     EXECUTE format('COMMENT ON VIEW public.stripe_user_billing IS %L', v_version);
   END IF;
 END $access$;
