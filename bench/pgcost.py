@@ -57,7 +57,8 @@ def _batch(engine: Engine, calls: list[tuple[str, dict[str, Any] | None]]) -> di
         pid = cursor.fetchall()[0][0]
         wal_before, cpu_before = _wal_lsn(engine), _backend_cpu(pid)
         for payload, change in calls:
-            outcomes = store.apply_events(connection, [store.EventToApply(payload, change, "webhook")])
+            event = store.EventToApply(payload, change, "webhook")
+            outcomes = store.apply_events(connection, [event], database.transaction_settings(engine))
             assert outcomes == [Applied(Status.PROCESSED)], outcomes
         cpu, wal = _backend_cpu(pid) - cpu_before, (_wal_lsn(engine) or 0) - (wal_before or 0)
     finally:

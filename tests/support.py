@@ -143,3 +143,33 @@ def cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Completed
         text=True,
         timeout=120,
     )
+
+
+def unlinked_by_hand_then_verified(
+    engine: Engine, database_url: str, link: str, linked: dict[str, Any], waiting: dict[str, Any]
+) -> None:
+    """Take the link ('user' or 'organization') from the customer that holds it with the triggers
+    off, as a change made outside the consumer would; then `verify` must report the customer that
+    names it (`unlinked`), `verify --fix` link that one, and `verify` find nothing more."""
+    from tests.fake_stripe import FakeStripe
+
+    trigger = "stripe_customers_moved" if link == "user" else "stripe_customers_organization_moved"
+    with engine.connect() as connection:
+        connection.execute(text(f"ALTER TABLE stripe_customers DISABLE TRIGGER {trigger}"))
+        try:
+            connection.execute(
+                text(f"UPDATE stripe_customers SET {link}_id = NULL WHERE stripe_customer_id = :id"),
+                {"id": linked["id"]},
+            )
+        finally:
+            connection.execute(text(f"ALTER TABLE stripe_customers ENABLE TRIGGER {trigger}"))
+    fake = FakeStripe()
+    for customer in (linked, waiting):
+        fake.customers[customer["id"]] = customer
+    with fake.serving() as base:
+        env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_API_BASE": base}
+        found = cli("verify", **env, STRIPE_API_KEY="sk_test_fake")
+        assert found.returncode == 1 and f"drift {waiting['id']}: unlinked ({link}_id differ)" in found.stdout
+        fixed = cli("verify", "--fix", **env, STRIPE_API_KEY="sk_test_fake")
+        assert fixed.returncode == 0, fixed.stderr
+        assert cli("verify", **env, STRIPE_API_KEY="sk_test_fake").returncode == 0

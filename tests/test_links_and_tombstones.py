@@ -14,7 +14,18 @@ from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
 from tests.server import gunicorn, post_event
-from tests.support import SECRET, add_user, cli, count, customer_row, event_row, now, settings_for, sign
+from tests.support import (
+    SECRET,
+    add_user,
+    cli,
+    count,
+    customer_row,
+    event_row,
+    now,
+    settings_for,
+    sign,
+    unlinked_by_hand_then_verified,
+)
 from webhook import samples
 from webhook.config import Keys
 from webhook.customers import ensure_customer
@@ -182,24 +193,7 @@ def test_a_link_that_moves_hands_the_user_it_left_on(port: int, engine: Engine) 
 
 def test_verify_finds_and_fix_mends_a_user_left_unlinked(port: int, engine: Engine, database_url: str) -> None:
     user_id, linked, waiting = _linked_and_waiting(port, engine)
-    with engine.connect() as connection:  # a change made outside the consumer, triggers off
-        connection.execute(text("ALTER TABLE stripe_customers DISABLE TRIGGER stripe_customers_moved"))
-        try:
-            connection.execute(
-                text("UPDATE stripe_customers SET user_id = NULL WHERE stripe_customer_id = :id"), {"id": linked["id"]}
-            )
-        finally:
-            connection.execute(text("ALTER TABLE stripe_customers ENABLE TRIGGER stripe_customers_moved"))
-    stripe = FakeStripe()
-    for customer in (linked, waiting):
-        stripe.customers[customer["id"]] = customer
-    with stripe.serving() as base:
-        env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_API_BASE": base}
-        found = cli("verify", **env, STRIPE_API_KEY="sk_test_fake")
-        assert found.returncode == 1 and f"drift {waiting['id']}: unlinked (user_id differ)" in found.stdout
-        fixed = cli("verify", "--fix", **env, STRIPE_API_KEY="sk_test_fake")
-        assert fixed.returncode == 0, fixed.stderr
-        assert cli("verify", **env, STRIPE_API_KEY="sk_test_fake").returncode == 0
+    unlinked_by_hand_then_verified(engine, database_url, "user", linked, waiting)
     assert str(customer_row(engine, waiting["id"])["user_id"]) == user_id  # type: ignore[index]
     assert "reconciliation" in _sync(engine, waiting["id"])["note"]
 

@@ -16,9 +16,16 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
-from tests.fake_stripe import FakeStripe
 from tests.server import gunicorn, post_event
-from tests.support import SECRET, add_user, cli, count, customer_row, deliver, now, settings_for
+from tests.support import (
+    add_user,
+    count,
+    customer_row,
+    deliver,
+    now,
+    settings_for,
+    unlinked_by_hand_then_verified,
+)
 from tests.test_rls import acting_as
 from webhook import database, migrations, samples
 from webhook.app import create_app
@@ -260,11 +267,21 @@ def test_an_unknown_or_malformed_organization_is_noted(client: FlaskClient, engi
 
 
 def test_the_free_tier_is_configurable(database_url: str, engine: Engine) -> None:
+    """STRIPE_FREE_TIER reaches every change that can lower a tier: a link, a subscription's end, a
+    customer's deletion."""
     client = create_app(settings_for(database_url, STRIPE_FREE_TIER="starter")).test_client()
-    organization = add_organization(engine, tier="team")
-    customer = billing(organization)
-    status_of(client, samples.event("customer.created", customer, created=T))
-    assert tier_of(engine, organization) == "starter"  # billed, with no active or trialing plan
+    for ended_by in ("customer.subscription.deleted", "customer.deleted"):
+        organization = add_organization(engine, tier="team")
+        customer = billing(organization)
+        status_of(client, samples.event("customer.created", customer, created=T))
+        assert tier_of(engine, organization) == "starter"  # billed, with no active or trialing plan
+        plan = samples.subscription(customer["id"], prices=[samples.price("team_monthly", tier="team")])
+        status_of(client, samples.event("customer.subscription.created", plan, created=T + 1))
+        assert tier_of(engine, organization) == "team"
+        canceled = {**plan, "status": "canceled", "canceled_at": T + 2, "ended_at": T + 2}
+        ended = canceled if ended_by == "customer.subscription.deleted" else customer
+        status_of(client, samples.event(ended_by, ended, created=T + 2))
+        assert tier_of(engine, organization) == "starter", ended_by
 
 
 def test_concurrent_links_and_subscriptions_under_gunicorn(database_url: str, engine: Engine) -> None:
@@ -390,25 +407,7 @@ def test_verify_finds_and_fix_mends_an_organization_left_unlinked(
     linked, waiting = billing(organization), billing(organization)
     for created, customer in enumerate((linked, waiting)):
         status_of(client, samples.event("customer.created", customer, created=T + created))
-    with engine.connect() as connection:  # a change made outside the consumer, triggers off
-        connection.execute(text("ALTER TABLE stripe_customers DISABLE TRIGGER stripe_customers_organization_moved"))
-        try:
-            connection.execute(
-                text("UPDATE stripe_customers SET organization_id = NULL WHERE stripe_customer_id = :id"),
-                {"id": linked["id"]},
-            )
-        finally:
-            connection.execute(text("ALTER TABLE stripe_customers ENABLE TRIGGER stripe_customers_organization_moved"))
-    stripe = FakeStripe()
-    for customer in (linked, waiting):
-        stripe.customers[customer["id"]] = customer
-    with stripe.serving() as base:
-        env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_API_BASE": base}
-        found = cli("verify", **env, STRIPE_API_KEY="sk_test_fake")
-        assert found.returncode == 1 and f"drift {waiting['id']}: unlinked (organization_id differ)" in found.stdout
-        fixed = cli("verify", "--fix", **env, STRIPE_API_KEY="sk_test_fake")
-        assert fixed.returncode == 0, fixed.stderr
-        assert cli("verify", **env, STRIPE_API_KEY="sk_test_fake").returncode == 0
+    unlinked_by_hand_then_verified(engine, database_url, "organization", linked, waiting)
     row = customer_row(engine, waiting["id"])
     assert row is not None and row["organization_id"] == uuid.UUID(organization)
     assert "linked to its organization by reconciliation" in row["customer_metadata"]["sync"]["note"]

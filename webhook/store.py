@@ -51,6 +51,17 @@ _APPLY_EVENTS = STATEMENT_TIMEOUT + (
 )
 
 
+def _moves_a_tier(change: dict[str, Any] | None) -> bool:
+    """Whether applying the change may write an organization's tier, the one thing that reads the
+    transaction's settings (STRIPE_FREE_TIER): a subscription, a customer naming an organization,
+    a deletion. Most deliveries are none of these, and a SET is a statement of its own."""
+    return change is not None and (
+        change.get("object") == "subscription"
+        or bool(change.get("organization_id"))
+        or change.get("action") == "delete"
+    )
+
+
 def apply_events(
     connection: PoolProxiedConnection, events: Sequence[EventToApply], settings: str = ""
 ) -> list[Applied | EventFailed]:
@@ -61,7 +72,7 @@ def apply_events(
     cursor = connection.cursor()
     try:
         cursor.execute(
-            settings + _APPLY_EVENTS,
+            (settings if any(_moves_a_tier(event.change) for event in events) else "") + _APPLY_EVENTS,
             (
                 [_jsonb_text(event.payload) for event in events],
                 [None if event.change is None else _jsonb_text(json.dumps(event.change)) for event in events],

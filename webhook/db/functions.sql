@@ -70,7 +70,7 @@ $$;
 -- user (its row leaves, or a newer event points it at another user), the newest other customer
 -- whose metadata names that user and that could not be linked for it takes the user over. The
 -- same for an organization (p_link 'organization'). Returns that customer, if any. Also
--- reconciliation's mend for a user left unlinked (stripe_relink_users).
+-- reconciliation's mend for a user or organization left unlinked (stripe_relink).
 -- SECURITY DEFINER: whoever deletes (service_role from the dashboard or the API) may not read
 -- auth.users, and once plpgsql caches a generic plan the check below is made as the deleter.
 -- Dynamic SQL (the link names the columns): it runs only when a link is let go of.
