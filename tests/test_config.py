@@ -39,6 +39,8 @@ BAD = [
     ("STRIPE_API_RATE", "0"),
     ("SUPPORT_USERS", "alice:plaintext-password"),
     ("SUPPORT_USERS", "alice:scrypt:1,alice:scrypt:2"),
+    ("STRIPE_FREE_TIER", "free'; DROP TABLE x; --"),  # sent with each transaction: words only
+    ("STRIPE_FREE_TIER", "100%"),
 ]
 
 
@@ -73,8 +75,11 @@ def test_good_values_are_read() -> None:
             "HEAL_INTERVAL": "30s",
             "RECONCILE_INTERVAL": "0",
             "STRIPE_EXPECT_LIVEMODE": "FALSE",
+            "STRIPE_ORG_ID_METADATA_KEY": "workspace_id",
+            "STRIPE_FREE_TIER": "Hobby plan",
         }
     )
+    assert (settings.keys.organization_id, settings.free_tier) == ("workspace_id", "Hobby plan")
     assert settings.webhook_secrets == (SECRET, "whsec_second")
     assert (settings.refetch, settings.heal_interval, settings.reconcile_interval) == ("always", 30, 0)
     assert settings.expect_livemode is False
