@@ -27,6 +27,19 @@ def test_a_customer_object_as_the_upsert_it_implies() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"workspace": "9B2F3C1E-0000-4000-8000-000000000000"}, ("9b2f3c1e-0000-4000-8000-000000000000", None, None)),
+        ({"workspace": "acme"}, (None, "metadata.workspace is not a UUID", "metadata.user_id has no user id")),
+        ({}, (None, None, "metadata.user_id has no user id")),  # billing no organization is no fault
+    ],
+)
+def test_the_organization_a_customer_bills(metadata: dict[str, str], expected: tuple[str | None, ...]) -> None:
+    change = customer_state(samples.customer(metadata=metadata), Keys(organization_id="workspace"))
+    assert (change.organization_id, change.organization_note, change.note) == expected
+
+
 def test_expanded_objects_and_odd_values() -> None:
     customer = {
         **samples.customer(email=None, name=None),

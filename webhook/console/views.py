@@ -116,7 +116,7 @@ def user(user_id: uuid.UUID) -> Page:
     found = queries.user(_engine(), str(user_id))
     customer_id = queries.customer_of_user(_engine(), str(user_id))
     organizations = queries.organizations_of_user(_engine(), str(user_id))
-    billed = [found for found in organizations if found["stripe_customer_id"]]
+    billed = [organization for organization in organizations if organization["stripe_customer_id"]]
     if customer_id and not billed:
         return redirect(url_for("console.customer", customer_id=customer_id))
     claims = queries.claims_of_user(_engine(), str(user_id))
