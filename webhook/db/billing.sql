@@ -146,9 +146,11 @@ SELECT public.stripe_create_trigger('stripe_entitlement_sets_gone',
   'AFTER DELETE ON public.stripe_entitlement_sets FOR EACH ROW '
   'EXECUTE FUNCTION public.stripe_billing_gone(''entitlements'', ''stripe_customer_id'')');
 
--- The sync stamp every billing row carries, as customers' does.
+-- The sync stamp every billing row carries, as customers' does. VOLATILE, as its body is
+-- (clock_timestamp): a SQL function declared less volatile than its body is not inlined, and is
+-- then parsed and planned again on every call.
 CREATE OR REPLACE FUNCTION public.stripe_sync_stamp(p_source text, p_event_id text, p_as_of bigint, p_note text)
-RETURNS jsonb LANGUAGE sql STABLE AS $$
+RETURNS jsonb LANGUAGE sql VOLATILE AS $$
   SELECT jsonb_build_object('status', 'synced', 'source', p_source, 'event_id', p_event_id, 'event_created', p_as_of,
     'synced_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
     || CASE WHEN coalesce(p_note, '') = '' THEN '{}' ELSE jsonb_build_object('note', p_note) END
