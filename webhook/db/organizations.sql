@@ -40,10 +40,18 @@ BEGIN
 END $$;
 
 -- step: one customer an organization (no lock: built beside the traffic)
--- Partial: most customers bill no organization, and a NULL entry for each would be written by every
--- update that is not HOT, all of them at one end of the index.
 CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_organization_id_key
-  ON public.stripe_customers (organization_id) WHERE organization_id IS NOT NULL;
+  ON public.stripe_customers (organization_id);
+
+-- step: ... made the column's UNIQUE constraint (a moment's lock, once: the index is built)
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'public.stripe_customers'::regclass
+                 AND conname = 'stripe_customers_organization_id_key') THEN
+    ALTER TABLE public.stripe_customers ADD CONSTRAINT stripe_customers_organization_id_key
+      UNIQUE USING INDEX stripe_customers_organization_id_key;
+  END IF;
+END $$;
 
 -- step: a deleted organization lets go of its customer (ON DELETE SET NULL); added unchecked, so
 -- the brief lock does not wait for a scan, and checked in the next step
