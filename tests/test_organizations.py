@@ -246,6 +246,8 @@ def test_a_deleted_organization_lets_go_of_its_customer(client: FlaskClient, eng
         connection.execute(text("DELETE FROM public.organizations WHERE id = :id"), {"id": organization})
     row = customer_row(engine, customer["id"])
     assert row is not None and row["organization_id"] is None  # the link goes, the customer stays
+    sync = row["customer_metadata"]["sync"]  # and says why it now bills nobody
+    assert sync["status"] == "unlinked" and sync["note"] == f"its organization {organization} was deleted"
     # A later event naming it again is noted, not an error.
     assert status_of(client, samples.event("customer.updated", customer, created=T + 1)) == "processed"
     note = customer_row(engine, customer["id"])["customer_metadata"]["sync"]["note"]  # type: ignore[index]

@@ -131,10 +131,27 @@ END $$;
 
 -- A customer's organization link made, moved or gone (an event, verify --fix, a deletion by hand, the
 -- organization's own deletion): the organization it left is handed on to a customer that claims it,
--- and the tier of both organizations follows.
+-- and the tier of both organizations follows. A customer whose organization was deleted says so
+-- (and is 'unlinked' when it bills nobody else).
 CREATE OR REPLACE FUNCTION public.stripe_customers_organization() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+  v_deleted boolean := false;
 BEGIN
+  IF TG_OP = 'UPDATE' AND NEW.organization_id IS NULL THEN
+    IF to_regclass('public.organizations') IS NULL THEN
+      v_deleted := true;
+    ELSE
+      v_deleted := NOT EXISTS (SELECT 1 FROM public.organizations o WHERE o.id = OLD.organization_id);
+    END IF;
+  END IF;
+  IF v_deleted THEN
+    UPDATE public.stripe_customers c SET customer_metadata = jsonb_set(c.customer_metadata, '{sync}',
+      coalesce(c.customer_metadata -> 'sync', '{}') || jsonb_build_object(
+        'status', CASE WHEN c.user_id IS NULL THEN 'unlinked' ELSE coalesce(c.customer_metadata #>> '{sync,status}', 'synced') END,
+        'note', 'its organization ' || OLD.organization_id || ' was deleted'))
+    WHERE c.id = NEW.id;
+  END IF;
   IF TG_OP <> 'INSERT' THEN
     PERFORM public.stripe_hand_on('organization', OLD.organization_id,
       'linked to its organization when customer ' || OLD.stripe_customer_id
