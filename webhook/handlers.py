@@ -21,8 +21,18 @@ Action = Literal["upsert", "delete", "link"]
 CUSTOMER_ID = re.compile(r"cus_[a-zA-Z0-9]+")  # stripe_customers' valid_stripe_id CHECK
 
 
+class _Change:
+    """What every change is to the statement that applies it: a JSON object."""
+
+    __slots__ = ()
+
+    def as_json(self) -> dict[str, Any]:
+        # A shallow copy: asdict() deep-copies the metadata, on every event, for json.dumps to read.
+        return dict(vars(self))
+
+
 @dataclass(frozen=True)
-class CustomerChange:
+class CustomerChange(_Change):
     action: Action
     id: str  # the Stripe customer id, cus_…
     email: str | None = None
@@ -40,13 +50,9 @@ class CustomerChange:
     def customer(self) -> str:
         return self.id
 
-    def as_json(self) -> dict[str, Any]:
-        # A shallow copy: asdict() deep-copies the metadata, on every event, for json.dumps to read.
-        return dict(vars(self))
-
 
 @dataclass(frozen=True)
-class SubscriptionChange:
+class SubscriptionChange(_Change):
     id: str  # sub_…
     customer: str  # cus_…
     status: str
@@ -62,12 +68,9 @@ class SubscriptionChange:
     tie: str | None = None
     object: Literal["subscription"] = "subscription"
 
-    def as_json(self) -> dict[str, Any]:
-        return dict(vars(self))
-
 
 @dataclass(frozen=True)
-class EntitlementsChange:
+class EntitlementsChange(_Change):
     id: str  # the customer, cus_…: a customer's set of active entitlements is one object
     entitlements: list[dict[str, Any]]  # id, lookup_key, feature
     complete: bool  # False: Stripe said there were more than it sent (has_more), not read yet
@@ -80,12 +83,9 @@ class EntitlementsChange:
     def customer(self) -> str:
         return self.id
 
-    def as_json(self) -> dict[str, Any]:
-        return dict(vars(self))
-
 
 @dataclass(frozen=True)
-class PaymentMethodChange:
+class PaymentMethodChange(_Change):
     id: str  # pm_… (or a legacy card_…, src_…, ba_…)
     customer: str  # cus_…
     action: Literal["upsert", "delete"] = "upsert"  # delete: detached from its customer
@@ -97,9 +97,6 @@ class PaymentMethodChange:
     as_of: int | None = None
     tie: str | None = None
     object: Literal["payment_method"] = "payment_method"
-
-    def as_json(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 Change = CustomerChange | SubscriptionChange | EntitlementsChange | PaymentMethodChange

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import stripe
 
@@ -36,6 +36,8 @@ from webhook.logs import log
 TIMEOUT_SECONDS = 2.0
 ATTEMPTS = 3
 PAUSE_SECONDS = 0.25
+
+C = TypeVar("C", CustomerChange, SubscriptionChange, PaymentMethodChange)
 
 
 def _stripe_clock(answer: Any) -> int:
@@ -64,26 +66,37 @@ def _read(settings: Settings, what: str, read: Callable[[stripe.StripeClient], A
     return None
 
 
-def customer_now(settings: Settings, customer_id: str) -> CustomerChange | None:
-    """The customer as Stripe has it now, as a change stamped with Stripe's clock; None when it
-    cannot be read in time (or Stripe has no such customer for this key)."""
+def _retrieved(
+    settings: Settings, stripe_id: str, retrieve: Callable[[stripe.StripeClient], Any], as_change: Callable[[Any], C]
+) -> C | None:
+    """One object as Stripe has it now, as the change it implies stamped with Stripe's clock; None
+    without an API key, or when it cannot be read in time."""
     if settings.stripe_api_key is None:
         return None
-    customer = _read(settings, customer_id, lambda client: client.v1.customers.retrieve(customer_id))
-    if customer is None:
+    found = _read(settings, stripe_id, retrieve)
+    if found is None:
         return None
-    change = customer_read(stripe_api.plain(customer), customer_id, settings.keys)
-    return replace(change, as_of=_stripe_clock(customer))
+    return replace(as_change(stripe_api.plain(found)), as_of=_stripe_clock(found))
+
+
+def customer_now(settings: Settings, customer_id: str) -> CustomerChange | None:
+    """The customer as Stripe has it now (None too when Stripe has no such customer for this key)."""
+    return _retrieved(
+        settings,
+        customer_id,
+        lambda client: client.v1.customers.retrieve(customer_id),
+        lambda found: customer_read(found, customer_id, settings.keys),
+    )
 
 
 def subscription_now(settings: Settings, subscription_id: str) -> SubscriptionChange | None:
-    """The subscription as Stripe has it now (Stripe keeps canceled ones), stamped with its clock."""
-    if settings.stripe_api_key is None:
-        return None
-    found = _read(settings, subscription_id, lambda client: client.v1.subscriptions.retrieve(subscription_id))
-    if found is None:
-        return None
-    return replace(subscription_state(stripe_api.plain(found), settings.keys), as_of=_stripe_clock(found))
+    """The subscription as Stripe has it now (Stripe keeps canceled ones)."""
+    return _retrieved(
+        settings,
+        subscription_id,
+        lambda client: client.v1.subscriptions.retrieve(subscription_id),
+        lambda found: subscription_state(found, settings.keys),
+    )
 
 
 def entitlements_now(settings: Settings, customer_id: str) -> EntitlementsChange | None:
@@ -107,12 +120,12 @@ def entitlements_now(settings: Settings, customer_id: str) -> EntitlementsChange
 
 def payment_method_now(settings: Settings, method_id: str) -> PaymentMethodChange | None:
     """The payment method as Stripe has it now; one attached to no customer leaves the table."""
-    if settings.stripe_api_key is None:
-        return None
-    found = _read(settings, method_id, lambda client: client.v1.payment_methods.retrieve(method_id))
-    if found is None:
-        return None
-    return replace(payment_method_read(stripe_api.plain(found), method_id), as_of=_stripe_clock(found))
+    return _retrieved(
+        settings,
+        method_id,
+        lambda client: client.v1.payment_methods.retrieve(method_id),
+        lambda found: payment_method_read(found, method_id),
+    )
 
 
 def state_now(settings: Settings, change: Change) -> Change | None:
