@@ -28,8 +28,10 @@ pytestmark = pytest.mark.reliability
 def _try_post(port: int, event: dict[str, Any]) -> int:
     try:
         return post_event(port, event, timeout=15)[0]
-    except OSError:
-        return 0  # connection dropped: Stripe would retry
+    except (OSError, http.client.HTTPException):
+        # Connection dropped, or cut between the answer's head and its body by the kill: not an
+        # acknowledgement, and Stripe would retry.
+        return 0
 
 
 def test_database_outage_answers_503_then_recovers(own_postgres: Any) -> None:
