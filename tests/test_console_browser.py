@@ -51,7 +51,11 @@ def _after(browser: webdriver.Chrome, act: Callable[[], None]) -> None:
     """Do what loads a new page, and wait until it has (a click returns before the navigation)."""
     old = browser.find_element(By.TAG_NAME, "html")
     act()
-    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(old))
+    wait = WebDriverWait(browser, 15)
+    wait.until(expected_conditions.staleness_of(old))
+    # ... and finished loading: a form found while the new document is still being built may be
+    # detached under the next action ("Node with given id does not belong to the document").
+    wait.until(lambda driver: driver.execute_script("return document.readyState") == "complete")
 
 
 def _search(browser: webdriver.Chrome, query: str) -> None:
