@@ -12,12 +12,14 @@ from typing import Any
 
 import psycopg2
 import pytest
+from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
-from tests.support import customer_row, event_row, failing_writes
+from tests.support import customer_row, deliver, event_row, failing_writes
 from webhook import batch, database, samples, store
 from webhook.config import Settings
 from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event
+from webhook.results import EventFailed
 from webhook.verify import parse_event
 
 
@@ -267,3 +269,26 @@ def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Setti
     print(f"\n8 deliveries against a silent database: slowest answer {max(took for _, took in answers):.1f} s")
     assert [kind for kind, _ in answers] == [DatabaseUnavailable] * 8
     assert max(took for _, took in answers) < 8  # one connect timeout (5 s), not two or more in turn
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "answered", "statements"),
+    [("40P01", 200, 2), ("55P03", 503, 1)],
+    ids=["a deadlock's victim is sent again at once", "a lock timeout is answered 503"],
+)
+def test_an_event_that_lost_to_another_statement_is_sent_again(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch, sqlstate: str, answered: int, statements: int
+) -> None:
+    real = store.apply_events
+    sent: list[int] = []
+
+    def losing_once(connection: Any, events: Any, settings: str) -> list[Any]:
+        sent.append(len(events))
+        if len(sent) == 1:
+            return [EventFailed(sqlstate, "lost to another transaction") for _ in events]
+        return real(connection, events, settings)
+
+    monkeypatch.setattr(store, "apply_events", losing_once)
+    answer = deliver(client, samples.event("customer.created", samples.customer()))
+    assert answer.status_code == answered, answer.get_data(as_text=True)
+    assert sent == [1] * statements

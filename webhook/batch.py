@@ -22,12 +22,17 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from webhook import database, metrics, store
-from webhook.results import Applied
+from webhook.results import Applied, EventFailed
 from webhook.store import EventToApply
 
 # Postgres keeps up to 64 subtransactions of a transaction in shared memory; past that every
 # snapshot taken while it runs gets slower. A worker has 8 threads by default anyway.
 LIMIT = 16
+LOST_RETRIES = 2
+
+
+def _lost_to_another(outcome: Applied | Exception) -> bool:
+    return isinstance(outcome, EventFailed) and outcome.pgcode in database.RETRY_AT_ONCE
 
 
 class Unreachable(Exception):
@@ -66,7 +71,9 @@ class Batches:
     def apply(self, event_id: str, event: EventToApply) -> Applied:
         """The event's outcome name; raises EventFailed for its own error, Unreachable or the
         statement's error when the statement holding it failed as a whole."""
-        customer = "" if event.change is None else str(event.change.get("id"))
+        # A subscription's or payment method's customer is its "customer"; a customer's, and an
+        # entitlement set's, its "id". Subscriptions take their customer's lock too (its tier).
+        customer = "" if event.change is None else str(event.change.get("customer") or event.change.get("id"))
         queued = _Queued(event, (customer, event_id))
         with self._lock:
             self._queue.append(queued)
@@ -108,6 +115,20 @@ class Batches:
                     queued.turn.release()
 
     def _statement(self, batch: list[_Queued]) -> list[Applied | Exception]:
+        outcomes = self._statement_once(batch)
+        # A deadlock's victim (two statements each holding a lock the other's later event waits
+        # for) lost nothing: its subtransaction was undone. The other statement can finish once
+        # this one has committed, so the victim is sent again at once, not answered 503 for Stripe
+        # to send it minutes later.
+        for _ in range(LOST_RETRIES):
+            lost = [n for n, outcome in enumerate(outcomes) if _lost_to_another(outcome)]
+            if not lost:
+                break
+            for n, outcome in zip(lost, self._statement_once([batch[n] for n in lost]), strict=True):
+                outcomes[n] = outcome
+        return outcomes
+
+    def _statement_once(self, batch: list[_Queued]) -> list[Applied | Exception]:
         try:
             return self._one_statement(batch)
         except (Unreachable, psycopg2.OperationalError):
