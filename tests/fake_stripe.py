@@ -54,6 +54,9 @@ class FakeStripe:
         self.clock: int | None = None  # the Date Stripe's answers carry (unix seconds); None: now
         self.delay = 0.0  # seconds each answer over HTTP waits: a slow Stripe
         self.retry_after: int | None = None  # the Retry-After header of a 429 answered over HTTP
+        self.contexts: list[str | None] = []  # the Stripe-Context header of each request
+        self.rate_limit: int | None = None  # requests a second this account allows; more are answered 429
+        self.rate_limited = 0  # how many were
         self.gate = threading.Event()  # answers over HTTP wait while it is clear: a Stripe held still
         self.gate.set()
         self._idempotent: dict[str, dict[str, Any]] = {}
@@ -73,7 +76,12 @@ class FakeStripe:
         query = parse_qsl(parts.query)
         with self._lock:
             self.requests.append((method, parts.path))
-            self.request_times.append(time.monotonic())
+            moment = time.monotonic()
+            self.request_times.append(moment)
+            self.contexts.append(headers.get("Stripe-Context", headers.get("stripe-context")))
+            if self.rate_limit is not None and sum(1 for t in self.request_times if t > moment - 1) > self.rate_limit:
+                self.rate_limited += 1
+                return _error(429, "invalid_request_error", "Too many requests", "rate_limit")
             if self.failures and len(self.requests) > self.fail_from:
                 return self.failures.pop(0)
             if headers.get("Authorization", headers.get("authorization", "")) != f"Bearer {self.api_key}":

@@ -17,7 +17,9 @@ import stripe
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
+from webhook.budget import Budget
 from webhook.config import Settings, load_settings
+from webhook.thin_queue import Reader
 
 SECRET = "whsec_test_primary_0123456789abcdef"
 SECOND_SECRET = "whsec_test_rotated_fedcba9876543210"
@@ -173,3 +175,9 @@ def unlinked_by_hand_then_verified(
         fixed = cli("verify", "--fix", **env, STRIPE_API_KEY="sk_test_fake")
         assert fixed.returncode == 0, fixed.stderr
         assert cli("verify", **env, STRIPE_API_KEY="sk_test_fake").returncode == 0
+
+
+def read_waiting(engine: Engine, settings: Settings) -> int:
+    """Read and apply every thin notification due now, as a serve process' readers do; how many
+    objects were read."""
+    return Reader(engine, settings, Budget(engine, settings.stripe_api_rate)).drain()

@@ -14,11 +14,11 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from webhook import console, metrics
+from webhook import console, metrics, thin_queue
 from webhook.config import Settings, load_settings
 from webhook.database import make_engine, schema_ready, side_engine
 from webhook.logs import configure_logging, log
-from webhook.process import DatabaseUnavailable, ProcessingFailed, StripeUnavailable, process_event, unavailable
+from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
 from webhook.readiness import Readiness
 from webhook.verify import RejectedDelivery, parse_event, verify_signature
 
@@ -42,8 +42,6 @@ def answer_delivery(
         return 400, {"error": str(rejection)}
     except DatabaseUnavailable:
         return 503, {"error": "database unavailable; retry later"}
-    except StripeUnavailable:
-        return 503, {"error": "Stripe could not be read for this thin event; retry later", "event_id": event.id}
     except ProcessingFailed as failure:
         return 500, {"error": "processing failed; the event is kept for replay", "event_id": failure.event_id}
     finally:
@@ -94,18 +92,26 @@ def _check_database(engine: Engine) -> None:
         unavailable(engine, error, "connect")
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, *, read_thin: bool | None = None
+) -> Flask:
     """The WSGI app. With no arguments (gunicorn's `webhook.app:create_app()`) it reads the
     environment; in embedded mode it starts (or joins) the embedded Postgres. Deliveries use
-    `engine` (DB_POOL_SIZE connections); the console and /metrics a small pool of their own."""
+    `engine` (DB_POOL_SIZE connections); the console and /metrics a small pool of their own, and
+    the thin notifications' readers another (webhook/thin_queue.py), started when the app is the
+    server's own (read_thin unset and no settings given) or when read_thin says so."""
+    read_thin = settings is None if read_thin is None else read_thin
     settings = settings or load_settings()
     if engine is None:
         from webhook.embedded import database_url
 
         engine = make_engine(database_url(settings), settings.db_pool_size, free_tier=settings.free_tier)
-    side = side_engine(engine.url.render_as_string(hide_password=False), settings.free_tier)
+    url = engine.url.render_as_string(hide_password=False)
+    side = side_engine(url, settings.free_tier)
     configure_logging()
     _check_database(engine)
+    if read_thin and settings.stripe_api_key is not None:
+        thin_queue.start(make_engine(url, thin_queue.POOL_SIZE, free_tier=settings.free_tier), settings)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_webhook_bytes

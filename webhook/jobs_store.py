@@ -104,17 +104,22 @@ def prune_batch(engine: Engine, cutoff: int, size: int) -> int:
 
 def log_health(engine: Engine) -> dict[str, float | None]:
     """For /metrics: failed events waiting, the oldest one's age, and the newest processed event's
-    receipt (each an index scan on (status, received_at))."""
+    receipt (each an index scan on (status, received_at)); thin notifications waiting for their
+    read, and when the first of them arrived (a small table: one row per object)."""
     with engine.connect() as connection:
         row = connection.execute(
             text(
                 "SELECT (SELECT count(*) FROM stripe_webhook_events WHERE status = 'failed'), "
                 "(SELECT extract(epoch FROM min(received_at)) FROM stripe_webhook_events WHERE status = 'failed'), "
-                "(SELECT extract(epoch FROM max(received_at)) FROM stripe_webhook_events WHERE status = 'processed')"
+                "(SELECT extract(epoch FROM max(received_at)) FROM stripe_webhook_events WHERE status = 'processed'), "
+                "(SELECT sum(cardinality(event_ids)) FROM stripe_thin_waiting), "
+                "(SELECT extract(epoch FROM min(first_at)) FROM stripe_thin_waiting)"
             )
         ).one()
     return {
         "failed": float(row[0]),
         "oldest_failed": None if row[1] is None else float(row[1]),
         "last_processed": None if row[2] is None else float(row[2]),
+        "thin_waiting": float(row[3] or 0),
+        "thin_first": None if row[4] is None else float(row[4]),
     }

@@ -30,6 +30,11 @@ TIES = Counter(
     "Same-second events of one customer, by the rule that ordered them (type, previous_attributes, stripe, unsettled)",
     ["settled_by"],
 )
+STRIPE_READS = Counter("stripe_api_reads_total", "Requests made to the Stripe API within the shared read budget")
+STRIPE_RATE_LIMITED = Counter("stripe_api_rate_limited_total", "Stripe API answers 429 (rate limited)")
+THIN_COALESCED = Counter(
+    "stripe_thin_reads_coalesced_total", "Thin notifications settled by a read made for another one of the same object"
+)
 LATENCY = Histogram(
     "stripe_webhook_request_seconds",
     "Time to answer a webhook delivery",
@@ -56,6 +61,16 @@ class LogHealth:
         except SQLAlchemyError:
             return  # the database is down: /readyz and the 503s say so
         now = time.time()
+        yield _gauge(
+            "stripe_thin_waiting",
+            "Thin notifications waiting for their read from Stripe",
+            health["thin_waiting"] or 0.0,
+        )
+        yield _gauge(
+            "stripe_thin_oldest_waiting_age_seconds",
+            "Age of the oldest thin notification waiting for its read (0 when none)",
+            0.0 if health["thin_first"] is None else max(0.0, now - health["thin_first"]),
+        )
         oldest, last = health["oldest_failed"], health["last_processed"]
         yield _gauge(
             "stripe_webhook_failed_events", "Events stored as failed, waiting for a replay", health["failed"] or 0.0

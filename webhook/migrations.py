@@ -30,6 +30,7 @@ FUNCTIONS = DB_DIR / "functions.sql"
 BILLING = DB_DIR / "billing.sql"
 ORGANIZATIONS = DB_DIR / "organizations.sql"
 CONSOLE = DB_DIR / "console.sql"
+QUEUE = DB_DIR / "queue.sql"
 ACCESS = DB_DIR / "access.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
 
@@ -131,7 +132,7 @@ def _run(connection: Connection, step: Step) -> None:
 def migrate(engine: Engine, shim: bool) -> list[Traversable]:
     """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
     leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
-    applied = [SHAPE, SCHEMA, FUNCTIONS, BILLING, ORGANIZATIONS, CONSOLE, ACCESS]
+    applied = [SHAPE, SCHEMA, FUNCTIONS, BILLING, ORGANIZATIONS, CONSOLE, QUEUE, ACCESS]
     if shim:
         applied.insert(0, SHIM)
     with engine.connect() as connection:

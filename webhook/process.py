@@ -13,7 +13,7 @@ import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from webhook import batch, database, metrics, refetch, store, thin
+from webhook import batch, database, metrics, refetch, store, thin, thin_queue
 from webhook.config import Refetch, Settings
 from webhook.handlers import HANDLERS, Change, CustomerChange, EntitlementsChange
 from webhook.logs import log
@@ -26,6 +26,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"
     IGNORED = "ignored"
     STALE = "stale"
+    QUEUED = "queued"  # a thin notification, logged and waiting for its read (webhook/thin_queue.py)
 
 
 class DatabaseUnavailable(Exception):
@@ -33,8 +34,7 @@ class DatabaseUnavailable(Exception):
 
 
 class StripeUnavailable(Exception):
-    """A thin event's object could not be read from Stripe in time: kept as received; answered 503
-    so that Stripe retries it (and replay and heal can run it)."""
+    """A replayed thin event's object could not be read from Stripe in time: kept as it was."""
 
 
 class ProcessingFailed(Exception):
@@ -105,6 +105,8 @@ def process_event(
 ) -> Outcome:
     """Apply one verified event; `actor` names a person acting from the support console (audit)."""
     started = time.perf_counter()
+    if event.thin and source is Source.WEBHOOK and thin.wanted(event, settings):
+        return _queue(engine, event, settings)
     if event.thin:
         change, source = _thin_change(engine, event, settings), Source.THIN
     else:
@@ -144,23 +146,37 @@ def process_event(
     return outcome
 
 
-def _thin_change(engine: Engine, event: Event, settings: Settings) -> Change | None:
-    """What Stripe says now of the object a thin event names (webhook/thin.py)."""
+def _queue(engine: Engine, event: Event, settings: Settings) -> Outcome:
+    """A delivered thin notification: logged and queued, answered at once; read in the background
+    (webhook/thin_queue.py). Without an API key it can never be read: failed, for a replay."""
+    if settings.stripe_api_key is None:
+        error = thin.ThinNeedsKey("thin events need STRIPE_API_KEY to read the object they name; replay it once set")
+        _record_failure(engine, event, error)
+        raise ProcessingFailed(event.id, describe(error))
     try:
-        return thin.change_for(event, settings)
-    except thin.ThinNeedsKey as error:
+        queued = thin_queue.enqueue(engine, event, store.jsonb_text(event.payload))
+    except psycopg2.DataError as error:  # a payload jsonb cannot hold: kept as text, failed
         _record_failure(engine, event, error)
         raise ProcessingFailed(event.id, describe(error)) from error
-    except thin.StripeNotAnswering as error:
-        connection = _connection(engine)
-        try:
-            store.record_received(connection, event)
-        except psycopg2.Error as record_error:
-            database.connection_lost(engine, connection, record_error)
-            raise unavailable(engine, record_error, "record_received") from record_error
-        finally:
-            connection.close()
-        log(logging.WARNING, "thin event kept for a retry", event_id=event.id, type=event.type, error=str(error))
+    except (psycopg2.Error, SQLAlchemyError) as error:
+        raise unavailable(engine, error, "busy" if database.busy(error) else "connect") from error
+    outcome = Outcome.QUEUED if queued else Outcome.DUPLICATE
+    metrics.EVENTS.labels(type=event.type, outcome=outcome.value).inc()
+    log(logging.INFO, "event handled", event_id=event.id, type=event.type, outcome=outcome.value)
+    return outcome
+
+
+def _thin_change(engine: Engine, event: Event, settings: Settings) -> Change | None:
+    """What Stripe says now of the object a replayed thin event names (webhook/thin.py)."""
+    if not thin.wanted(event, settings):
+        return None
+    try:
+        return thin.read(thin.client_for(settings), event, settings)
+    except (thin.ThinNeedsKey, thin.Refused) as error:
+        _record_failure(engine, event, error)
+        raise ProcessingFailed(event.id, describe(error)) from error
+    except thin.NotYet as error:
+        log(logging.WARNING, "thin event not read", event_id=event.id, type=event.type, error=str(error))
         raise StripeUnavailable(str(error)) from error
 
 

@@ -29,7 +29,7 @@ class EventToApply:
 DEADLOCK_RETRIES = 3
 
 
-def _jsonb_text(document: str) -> str:
+def jsonb_text(document: str) -> str:
     # Postgres' jsonb cannot hold U+0000, which JSON (and so a signed Stripe event) may contain;
     # stored as U+FFFD instead of refusing the event for ever.
     return document.replace("\\u0000", "\\ufffd")
@@ -74,42 +74,13 @@ def apply_events(
         cursor.execute(
             (settings if any(_moves_a_tier(event.change) for event in events) else "") + _APPLY_EVENTS,
             (
-                [_jsonb_text(event.payload) for event in events],
-                [None if event.change is None else _jsonb_text(json.dumps(event.change)) for event in events],
+                [jsonb_text(event.payload) for event in events],
+                [None if event.change is None else jsonb_text(json.dumps(event.change)) for event in events],
                 [event.source for event in events],
                 actors if any(actors) else None,
             ),
         )
         return [from_row(*row) for row in cursor.fetchall()]
-    finally:
-        cursor.close()
-
-
-_RECORD_RECEIVED = (
-    STATEMENT_TIMEOUT
-    + """
-    INSERT INTO public.stripe_webhook_events (id, type, api_version, livemode, created, payload, status, attempts)
-    VALUES (%(id)s, %(type)s, NULL, %(livemode)s, to_timestamp(%(created)s), %(payload)s::jsonb, 'received', 1)
-    ON CONFLICT (id) DO UPDATE SET attempts = stripe_webhook_events.attempts + 1
-"""
-)
-
-
-def record_received(connection: PoolProxiedConnection, event: Event) -> None:
-    """Keep an event that could not be applied yet (a thin event while Stripe cannot be read): Stripe
-    retries it, and replay and heal can run it."""
-    cursor = connection.cursor()
-    try:
-        cursor.execute(
-            _RECORD_RECEIVED,
-            {
-                "id": event.id,
-                "type": event.type,
-                "livemode": event.livemode,
-                "created": event.created,
-                "payload": _jsonb_text(event.payload),
-            },
-        )
     finally:
         cursor.close()
 
@@ -139,7 +110,7 @@ def record_failure(connection: PoolProxiedConnection, event: Event, error: str) 
         "type": event.type,
         "livemode": event.livemode,
         "created": event.created,
-        "payload": _jsonb_text(event.payload),
+        "payload": jsonb_text(event.payload),
         "error": error,
     }
     cursor = connection.cursor()
@@ -172,7 +143,7 @@ def apply_states(
     """
     # Sorted, so concurrent batches take their locks in one order. A webhook that holds
     # a user lock can still deadlock with a batch; Postgres aborts one side and the batch retries.
-    changes_json = _jsonb_text(json.dumps(sorted(changes, key=lambda change: str(change["id"]))))
+    changes_json = jsonb_text(json.dumps(sorted(changes, key=lambda change: str(change["id"]))))
     for attempt in range(DEADLOCK_RETRIES):
         try:
             with engine.connect() as connection:

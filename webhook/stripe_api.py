@@ -12,10 +12,11 @@ from typing import Any
 import requests
 import stripe
 from requests.adapters import HTTPAdapter
-from requests_ratelimiter import LimiterAdapter
 from stripe.params import CustomerListParams
 from urllib3.util.retry import Retry
 
+from webhook.budget import Budget
+from webhook.budget import session as budget_session
 from webhook.config import ConfigError, Settings
 
 # Retries on connection errors, 409, 5xx and when Stripe says so (Stripe-Should-Retry), with the
@@ -48,18 +49,18 @@ class StripeUnavailable(Exception):
     """A Stripe API call failed for good; the message is safe to print (no key, no customer data)."""
 
 
-def make_client(settings: Settings, background: bool = False) -> stripe.StripeClient:
-    """A client for the commands; `background` (heal, backfill, verify) keeps under STRIPE_API_RATE
-    requests a second: Stripe's limit is for the whole account, and checkout shares it."""
+def make_client(settings: Settings, budget: Budget | None = None) -> stripe.StripeClient:
+    """A client for the commands; with the deployment's `budget` (heal, backfill, verify) it keeps
+    under STRIPE_API_RATE requests a second with every other process: Stripe's limit is for the
+    whole account, and checkout shares it."""
     if not settings.stripe_api_key:
         raise ConfigError("STRIPE_API_KEY is required for this command")
+    http = _session() if budget is None else budget_session(budget, retries_429=RATE_LIMITED.status or 0)
     return stripe.StripeClient(
         settings.stripe_api_key,
         base_addresses={"api": settings.stripe_api_base},
         max_network_retries=NETWORK_RETRIES,
-        http_client=stripe.RequestsClient(
-            timeout=TIMEOUT_SECONDS, session=_session(settings.stripe_api_rate if background else None)
-        ),
+        http_client=stripe.RequestsClient(timeout=TIMEOUT_SECONDS, session=http),
     )
 
 
@@ -76,12 +77,8 @@ def delivery_client(api_key: str, api_base: str, timeout: float) -> stripe.Strip
     )
 
 
-def _session(per_second: int | None) -> requests.Session:
-    adapter = (
-        LimiterAdapter(per_second=per_second, max_retries=RATE_LIMITED)
-        if per_second
-        else HTTPAdapter(max_retries=RATE_LIMITED)
-    )
+def _session() -> requests.Session:
+    adapter = HTTPAdapter(max_retries=RATE_LIMITED)
     session = requests.Session()
     for scheme in ("https://", "http://"):
         session.mount(scheme, adapter)

@@ -11,9 +11,11 @@ import threading
 import time
 
 import stripe
+from sqlalchemy import Engine
 
-from webhook import stripe_api
+from webhook import stripe_api, thin_queue
 from webhook.backfill import backfill
+from webhook.budget import Budget
 from webhook.cli.common import (
     EXIT_FAILURES,
     EXIT_OK,
@@ -93,11 +95,17 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return _finish(summary)
 
 
+def _budgeted(settings: Settings) -> tuple[Engine, stripe.StripeClient]:
+    """The database, and a Stripe client that shares the deployment's read budget."""
+    engine = engine_for(settings)
+    return engine, stripe_api.make_client(settings, Budget(engine, settings.stripe_api_rate))
+
+
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    client = stripe_api.make_client(settings, background=True)
+    engine, client = _budgeted(settings)
     started = time.monotonic()
     with progress_bar("backfill", "customers") as update:
-        run = backfill(engine_for(settings), client, settings.keys, update, args.from_start)
+        run = backfill(engine, client, settings.keys, update, args.from_start)
     print(f"{run.summary()} in {time.monotonic() - started:.1f}s")
     if run.failed is not None:
         where = f"after {run.stopped_after}" if run.stopped_after else "where this one started"
@@ -107,8 +115,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
-    client = stripe_api.make_client(settings, background=True)
-    engine = engine_for(settings)
+    engine, client = _budgeted(settings)
     as_of = int(time.time())
     with progress_bar("verify: listing Stripe's customers", "customers") as update:
         checked, drifts = find_drift(engine, client, settings.keys, update)
@@ -146,15 +153,20 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_heal(settings: Settings, args: argparse.Namespace) -> int:
     configure_logging()
-    healer = Healer(engine_for(settings), settings, stripe_api.make_client(settings, background=True))
+    engine, client = _budgeted(settings)
+    healer = Healer(engine, settings, client)
     if args.once:
+        # Thin notifications waiting for a read, as every serve process reads them.
+        taken = thin_queue.Reader(engine, settings, Budget(engine, settings.stripe_api_rate)).drain()
+        if taken:
+            print(f"thin notifications: read {taken} objects")
         result = healer.run_round()
         if result is None:
             print("another heal process holds the lease; nothing done")
             return EXIT_OK
         print(result.line())
         return EXIT_FAILURES if result.error else EXIT_OK
-    stop = threading.Event()
+    stop = thin_queue.start(engine_for(settings), settings)  # its own connections beside the rounds'
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     # The rounds run beside this thread, which only waits for a signal: a round waiting on a slow

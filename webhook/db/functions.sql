@@ -425,7 +425,9 @@ END $$;
 -- .updated, .deleted), else the object's `customer` (customer.subscription.*, customer.source.*,
 -- customer.discount.*, checkout.session.*, …), an id or an expanded object.
 CREATE OR REPLACE FUNCTION public.stripe_event_customer_id(p_event jsonb) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-  SELECT CASE WHEN p_event ->> 'type' LIKE 'customer.%'
+  SELECT CASE WHEN p_event ->> 'object' = 'v2.core.event'  -- a thin notification: the customer it names, if any
+    THEN CASE WHEN p_event #>> '{related_object,id}' ~ '^cus_' THEN p_event #>> '{related_object,id}' END
+  WHEN p_event ->> 'type' LIKE 'customer.%'
                AND coalesce(p_event #>> '{data,object,object}', 'customer') = 'customer'
     THEN p_event #>> '{data,object,id}'
     ELSE coalesce(p_event #>> '{data,object,customer,id}', p_event #>> '{data,object,customer}') END

@@ -3,6 +3,10 @@
 -- the data). Idempotent: safe to run on a database that never had the schema.
 -- auth.* and the API roles are left alone: they belong to Supabase (or db/supabase_shim.sql).
 
+DROP FUNCTION IF EXISTS public.stripe_thin_settle(text, text, text[], text, text);
+DROP FUNCTION IF EXISTS public.stripe_thin_release(text, text, text[]);
+DROP TABLE IF EXISTS public.stripe_thin_waiting;
+DROP TABLE IF EXISTS public.stripe_api_budget;
 DROP FUNCTION IF EXISTS public.stripe_apply_events(text[], text[], text[], text[]);
 DROP FUNCTION IF EXISTS public.stripe_apply_batch(text[], text[], text[], text[]);
 DROP FUNCTION IF EXISTS public.stripe_apply_caught(text, text, text, text, boolean);

@@ -1,0 +1,131 @@
+"""The deployment's budget of Stripe reads (STRIPE_API_RATE a second), shared through Postgres by
+every process and host: the thin-event readers, heal, backfill and verify.
+
+Stripe's limit is for the whole account, so a per-process limiter would allow as many times the
+rate as there are processes. One token bucket in one row, taken from by one statement: the row
+lock orders the takers, the database's clock is the only clock, and nothing outlives the statement
+(pooler-safe). It holds at most a tenth of the rate beyond the next token, so no one-second window
+sees more than STRIPE_API_RATE plus a tenth of it. A 429 empties it for every process at once.
+(pyrate-limiter's Postgres bucket counts and then inserts in two statements: two processes can
+both pass the count.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from typing import Any
+
+import psycopg2
+import requests
+from requests.adapters import HTTPAdapter
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from webhook import metrics
+
+_BOUNDED = "SET LOCAL statement_timeout = '2s'; SET LOCAL lock_timeout = '1s'; "
+_LEVEL = "least(%(burst)s, b.tokens + extract(epoch FROM clock_timestamp() - b.updated_at) * %(rate)s)"
+_TAKE = (
+    _BOUNDED
+    + f"""
+    INSERT INTO public.stripe_api_budget AS b (name, tokens, updated_at)
+    VALUES ('stripe', %(burst)s - 1, clock_timestamp())
+    ON CONFLICT (name) DO UPDATE SET tokens = {_LEVEL} - 1, updated_at = clock_timestamp()
+      WHERE {_LEVEL} >= 1
+    RETURNING true
+    """
+)
+_WAIT = _BOUNDED + f"SELECT (1 - {_LEVEL}) / %(rate)s FROM public.stripe_api_budget AS b WHERE name = 'stripe'"
+_PAUSE = (
+    _BOUNDED
+    + f"""
+    UPDATE public.stripe_api_budget AS b SET tokens = least({_LEVEL}, 0) - %(seconds)s * %(rate)s,
+      updated_at = clock_timestamp()
+    WHERE name = 'stripe'
+    """
+)
+
+
+class Budget:
+    """STRIPE_API_RATE reads a second for the deployment, taken from the row in stripe_api_budget."""
+
+    def __init__(self, engine: Engine, rate: int) -> None:
+        self.engine = engine
+        self.params: dict[str, Any] = {"rate": float(rate), "burst": max(1.0, rate / 10)}
+
+    def _run(self, statement: str, **params: Any) -> Any:
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(statement, {**self.params, **params})
+            row = cursor.fetchone() if cursor.description else None
+            connection.commit()
+            return None if row is None else row[0]
+        finally:
+            connection.close()
+
+    def take(self, stop: threading.Event | None = None) -> bool:
+        """Wait for one read's token; False when `stop` was set first."""
+        while not (stop is not None and stop.is_set()):
+            try:
+                if self._run(_TAKE):
+                    return True
+                wait = self._run(_WAIT) or 0.0
+            except (SQLAlchemyError, psycopg2.Error):
+                wait = 1.0  # the database is away: what the read found could not be applied anyway
+            # A little jitter, so that waiting processes do not all ask at the same instant.
+            pause = max(0.005, float(wait)) * (1 + random.random() / 4)
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
+        return False
+
+    def pause(self, seconds: float | None) -> None:
+        """Stripe answered 429: no process reads for `seconds` (1 when Stripe did not say)."""
+        metrics.STRIPE_RATE_LIMITED.inc()
+        with contextlib.suppress(SQLAlchemyError, psycopg2.Error):  # each process still backs off on its own
+            self._run(_PAUSE, seconds=min(60.0, seconds if seconds else 1.0))
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds a 429's Retry-After asks for, when it says."""
+    value = headers.get("Retry-After") if headers else None
+    try:
+        return None if value is None else min(60.0, max(0.0, float(value)))
+    except ValueError:
+        return None
+
+
+class BudgetAdapter(HTTPAdapter):
+    """A requests adapter whose every request (pages and the library's retries included) first
+    takes a token. A 429 pauses the whole deployment and, with `retries_429`, is sent again after
+    the pause (a request refused with 429 did nothing, so repeating it, a POST too, is safe)."""
+
+    def __init__(self, budget: Budget, retries_429: int = 0) -> None:
+        self.budget, self.retries_429 = budget, retries_429
+        super().__init__()
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        for attempt in range(self.retries_429 + 1):
+            self.budget.take()
+            metrics.STRIPE_READS.inc()
+            response = super().send(request, *args, **kwargs)
+            if response.status_code != 429:
+                break
+            # Back off as Stripe says, else 0.5, 1, 2, 4, 8 s: the next take() waits it out.
+            self.budget.pause(retry_after(response.headers) or min(8.0, 0.5 * 2**attempt))
+            if attempt < self.retries_429:
+                response.close()
+        return response
+
+
+def session(budget: Budget, retries_429: int = 0) -> requests.Session:
+    adapter = BudgetAdapter(budget, retries_429)
+    http = requests.Session()
+    for scheme in ("https://", "http://"):
+        http.mount(scheme, adapter)
+    return http
