@@ -14,11 +14,11 @@ from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
 from tests.support import count, customer_row, deliver, event_row, now, read_waiting, settings_for
-from webhook.budget import Budget
-from webhook.thin_queue import Reader
 from webhook import samples
 from webhook.app import create_app
+from webhook.budget import Budget
 from webhook.config import Settings
+from webhook.thin_queue import Reader
 
 T = now() - 3600
 
