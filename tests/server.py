@@ -39,6 +39,7 @@ def wait_until_up(url: str, seconds: float) -> None:
 
 @contextmanager
 def gunicorn(database_url: str, workers: int = 2, **env: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A server on a free port; its log goes to the file SERVER_LOG names, when set (debugging)."""
     port = free_port()
     environment = {
         **os.environ,
@@ -52,7 +53,7 @@ def gunicorn(database_url: str, workers: int = 2, **env: str) -> Iterator[tuple[
         gunicorn_command(f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "warning"),
         env=environment,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(os.environ["SERVER_LOG"], "a") if os.environ.get("SERVER_LOG") else subprocess.DEVNULL,  # noqa: SIM115
     )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", 30)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -181,3 +181,11 @@ def read_waiting(engine: Engine, settings: Settings) -> int:
     """Read and apply every thin notification due now, as a serve process' readers do; how many
     objects were read."""
     return Reader(engine, settings, Budget(engine, settings.stripe_api_rate)).drain()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, every: float = 0.05) -> None:
+    """Wait until condition() holds (another thread or process makes it so); fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s"
+        time.sleep(every)

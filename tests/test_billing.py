@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
-from tests.support import add_user, count, deliver, event_row, now, settings_for
+from tests.support import add_user, count, deliver, event_row, now, read_waiting, settings_for
 from tests.test_rls import acting_as
 from webhook import samples
 from webhook.app import create_app
@@ -151,6 +151,7 @@ def with_key(database_url: str, engine: Engine) -> Iterator[tuple[FlaskClient, F
     fake = FakeStripe()
     with fake.serving() as base:
         settings = settings_for(database_url, STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=base)
+        fake.settings = settings  # type: ignore[attr-defined]  # for read_waiting
         yield create_app(settings, engine).test_client(), fake
 
 
@@ -395,8 +396,12 @@ def test_a_thin_payment_method_event_reads_stripe(with_key: tuple[FlaskClient, F
     keyed, fake = with_key
     method = samples.payment_method("cus_Pm2", last4="4444")
     fake.payment_methods = {method["id"]: method}
-    assert _status(keyed, samples.thin_event("v1.payment_method.attached", method["id"])) == "processed"
-    assert [row[3] for row in _payment_methods(engine, "cus_Pm2")] == ["4444"]
-    fake.payment_methods[method["id"]] = {**method, "customer": None}  # detached since
-    assert _status(keyed, samples.thin_event("v1.payment_method.detached", method["id"])) == "processed"
+    for thin_type in ("v1.payment_method.attached", "v1.payment_method.detached"):
+        notification = samples.thin_event(thin_type, method["id"])
+        assert _status(keyed, notification) == "queued"
+        assert read_waiting(engine, fake.settings) == 1  # type: ignore[attr-defined]
+        assert event_row(engine, notification["id"])["status"] == "processed"  # type: ignore[index]
+        if thin_type.endswith("attached"):
+            assert [row[3] for row in _payment_methods(engine, "cus_Pm2")] == ["4444"]
+            fake.payment_methods[method["id"]] = {**method, "customer": None}  # detached since
     assert _payment_methods(engine, "cus_Pm2") == []

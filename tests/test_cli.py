@@ -14,6 +14,7 @@ from sqlalchemy import Engine, text
 
 from tests.server import free_port, wait_until_up
 from tests.support import SECRET, cli, configured, count
+from tests.test_rls import TABLES
 from webhook.database import make_engine
 
 
@@ -45,7 +46,7 @@ def test_rollback_needs_yes(database_url: str, engine: Engine) -> None:
     result = cli("db", "rollback", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET=SECRET)
 
     assert result.returncode == 2 and "--yes" in result.stderr
-    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 15
+    assert count(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == len(TABLES)
 
 
 def test_migrate_with_backup_rollback_and_migrate_again(scratch_url: str, tmp_path: Path) -> None:
@@ -65,7 +66,7 @@ def test_migrate_with_backup_rollback_and_migrate_again(scratch_url: str, tmp_pa
 
     again = cli("db", "migrate", **env)
     assert again.returncode == 0, again.stderr
-    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 15
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == len(TABLES)
     scratch.dispose()
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, text
 from tests.fake_stripe import FakeStripe
 from tests.support import SECRET, cli, configured, count, customer_row, deliver, now, settings_for
 from webhook import samples, stripe_api
+from webhook.budget import Budget
 from webhook.heal import Healer
 
 KEY = "sk_test_fake"
@@ -145,7 +146,7 @@ def test_a_stripe_storm_fails_the_round_and_the_next_succeeds(
 ) -> None:
     monkeypatch.setattr(stripe_api, "RATE_LIMITED", stripe_api.RATE_LIMITED.new(backoff_factor=0))
     settings = settings_for(database_url, STRIPE_API_KEY=KEY, RECONCILE_INTERVAL="0")
-    healer = Healer(engine, settings, stripe_api.make_client(settings, background=True))
+    healer = Healer(engine, settings, stripe_api.make_client(settings, Budget(engine, settings.stripe_api_rate)))
     _missed(fake, 3)
     for storm in (
         [(500, {"error": {"type": "api_error", "message": "down"}})] * 3,

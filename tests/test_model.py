@@ -26,7 +26,7 @@ from sqlalchemy import Engine, text
 from tests.fake_stripe import FakeStripe
 from tests.pgbouncer import pgbouncer
 from tests.server import gunicorn, post_event
-from tests.support import add_user, now
+from tests.support import add_user, count, now, wait_for
 from webhook import samples
 
 CUSTOMERS = int(os.environ.get("MODEL_CUSTOMERS", "300"))
@@ -250,8 +250,10 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
             outcomes = list(pool.map(deliver, deliveries))
         for thread in side:
             thread.join()
+        engine.dispose()  # its connections died with the restart
+        # The thin notifications were answered "queued": the server's readers apply them.
+        wait_for(lambda: count(engine, "SELECT count(*) FROM stripe_thin_waiting") == 0, 60)
 
-    engine.dispose()  # its connections died with the restart
     with engine.connect() as connection:
         rows = {row.stripe_customer_id: row for row in connection.execute(text("SELECT * FROM stripe_customers"))}
         logged = connection.execute(text("SELECT count(*), count(DISTINCT id) FROM stripe_webhook_events")).one()
@@ -314,3 +316,5 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
     )
     assert wrong == []
     assert tuple(logged) == (len(events) + thin, len(events) + thin) and failed == 0
+    unsettled = "SELECT count(*) FROM stripe_webhook_events WHERE status NOT IN ('processed', 'stale', 'ignored')"
+    assert count(engine, unsettled) == 0

@@ -30,6 +30,8 @@ TABLES = (
     "stripe_entitlement_sets",
     "stripe_object_tombstones",
     "stripe_billing_audit",
+    "stripe_thin_waiting",
+    "stripe_api_budget",
 )
 
 

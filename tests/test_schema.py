@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 
 from bench import cluster
 from tests.support import SECRET, add_user, cli, count
+from tests.test_rls import TABLES
 from webhook import database, migrations, samples, store
 from webhook.config import Keys
 from webhook.results import Applied, Status
@@ -42,7 +43,7 @@ def test_rollback_then_migrate_again(scratch_url: str) -> None:
     assert count(scratch, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'stripe_%'") == 0
     migrations.rollback(scratch)  # idempotent too
     migrations.migrate(scratch, shim=False)
-    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == 15
+    assert count(scratch, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'stripe_%'") == len(TABLES)
     scratch.dispose()
 
 

@@ -23,8 +23,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from urllib3.util.retry import Retry
 
-from webhook import metrics
+from webhook import database, metrics
 
 _BOUNDED = "SET LOCAL statement_timeout = '2s'; SET LOCAL lock_timeout = '1s'; "
 _LEVEL = "least(%(burst)s, b.tokens + extract(epoch FROM clock_timestamp() - b.updated_at) * %(rate)s)"
@@ -57,15 +58,8 @@ class Budget:
         self.params: dict[str, Any] = {"rate": float(rate), "burst": max(1.0, rate / 10)}
 
     def _run(self, statement: str, **params: Any) -> Any:
-        connection = self.engine.raw_connection()
-        try:
-            cursor = connection.cursor()
-            cursor.execute(statement, {**self.params, **params})
-            row = cursor.fetchone() if cursor.description else None
-            connection.commit()
-            return None if row is None else row[0]
-        finally:
-            connection.close()
+        rows = database.run_raw(self.engine, statement, {**self.params, **params})
+        return rows[0][0] if rows else None
 
     def take(self, stop: threading.Event | None = None) -> bool:
         """Wait for one read's token; False when `stop` was set first."""
@@ -105,26 +99,30 @@ class BudgetAdapter(HTTPAdapter):
     takes a token. A 429 pauses the whole deployment and, with `retries_429`, is sent again after
     the pause (a request refused with 429 did nothing, so repeating it, a POST too, is safe)."""
 
-    def __init__(self, budget: Budget, retries_429: int = 0) -> None:
-        self.budget, self.retries_429 = budget, retries_429
+    def __init__(self, budget: Budget, on_429: Retry | None = None) -> None:
+        self.budget, self.on_429 = budget, on_429
         super().__init__()
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        for attempt in range(self.retries_429 + 1):
+        retries = (self.on_429.status or 0) if self.on_429 else 0
+        for attempt in range(retries + 1):
             self.budget.take()
             metrics.STRIPE_READS.inc()
             response = super().send(request, *args, **kwargs)
             if response.status_code != 429:
                 break
-            # Back off as Stripe says, else 0.5, 1, 2, 4, 8 s: the next take() waits it out.
-            self.budget.pause(retry_after(response.headers) or min(8.0, 0.5 * 2**attempt))
-            if attempt < self.retries_429:
+            # Back off as Stripe says, else as on_429's back-off: the next take() waits it out.
+            backoff = 1.0 if self.on_429 is None else self.on_429.backoff_factor * 2**attempt
+            self.budget.pause(retry_after(response.headers) or min(backoff, 8.0))
+            if attempt < retries:
                 response.close()
         return response
 
 
-def session(budget: Budget, retries_429: int = 0) -> requests.Session:
-    adapter = BudgetAdapter(budget, retries_429)
+def session(budget: Budget, on_429: Retry | None = None) -> requests.Session:
+    """A session whose requests share the budget; a 429 is sent again as on_429 says (status=
+    how many times, backoff_factor) after the deployment's pause."""
+    adapter = BudgetAdapter(budget, on_429)
     http = requests.Session()
     for scheme in ("https://", "http://"):
         http.mount(scheme, adapter)

@@ -148,6 +148,21 @@ def connection_lost(engine: Engine, connection: PoolProxiedConnection, error: Ba
     return lost
 
 
+def run_raw(engine: Engine, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """One statement (it bounds itself) on a pooled connection's own cursor: the rows of its last
+    result. A connection the server dropped leaves the pool with every one as old (connection_lost)."""
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.execute(statement, params)
+        return list(cursor.fetchall()) if cursor.description else []
+    except psycopg2.Error as error:
+        connection_lost(engine, connection, error)
+        raise
+    finally:
+        connection.close()
+
+
 def busy(error: BaseException) -> bool:
     return getattr(error, "pgcode", None) in BUSY
 

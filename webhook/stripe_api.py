@@ -55,7 +55,7 @@ def make_client(settings: Settings, budget: Budget | None = None) -> stripe.Stri
     whole account, and checkout shares it."""
     if not settings.stripe_api_key:
         raise ConfigError("STRIPE_API_KEY is required for this command")
-    http = _session() if budget is None else budget_session(budget, retries_429=RATE_LIMITED.status or 0)
+    http = _session() if budget is None else budget_session(budget, RATE_LIMITED)
     return stripe.StripeClient(
         settings.stripe_api_key,
         base_addresses={"api": settings.stripe_api_base},

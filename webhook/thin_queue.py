@@ -24,13 +24,12 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any
 
 import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from webhook import metrics, refetch, thin
+from webhook import database, metrics, refetch, thin
 from webhook.budget import Budget
 from webhook.config import Refetch, Settings
 from webhook.handlers import Change
@@ -126,14 +125,7 @@ class Claim:
     expired: bool  # failing for longer than Stripe retries a delivery
 
 
-def _execute(engine: Engine, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    connection = engine.raw_connection()
-    try:
-        cursor = connection.cursor()
-        cursor.execute(statement, params)
-        return list(cursor.fetchall()) if cursor.description else []
-    finally:
-        connection.close()
+_execute = database.run_raw
 
 
 _wake = threading.Semaphore(0)
