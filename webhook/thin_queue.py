@@ -37,7 +37,7 @@ from webhook.logs import log
 from webhook.results import Applied, EventFailed, SettledBy, Status, from_row
 from webhook.verify import Event, parse_event
 
-LEASE_SECONDS = 30  # a read takes thin.READ_TIMEOUT_SECONDS at most, its token a little more
+LEASE_SECONDS = 15  # a read takes thin.READ_TIMEOUT_SECONDS at most, its token a little more
 POLL_SECONDS = 0.5  # how often an idle reader looks for work queued by another process
 READERS = 4  # threads a process reads with: enough to use a test-mode account's 25 reads a second
 POOL_SIZE = 2  # the readers' own connections: a statement each between reads, never a delivery's
