@@ -387,3 +387,26 @@ def test_the_pages_show_the_organization_and_access_through_it(console: FlaskCli
     assert f"billed by {customer['id']} ." in said and "Access to: reports" in said
     lonely = words(console.get(f"/support/users/{lonely_member}").get_data(as_text=True), 'id="organizations"')
     assert f"Acme {unbilled} free 1 the organization has no billing customer" in lonely
+
+
+def test_thin_notifications_show_on_their_customers_page_waiting_or_failed(database_url: str, engine: Engine) -> None:
+    """A queued notification shows as waiting, a failed one (no API key) with its reason, both on
+    the page of the customer they name; a new row's empty metadata is no 'change'."""
+    customer = samples.customer(metadata={})
+    keyed = create_app(
+        settings_for(
+            database_url, SUPPORT_USERS=USERS, STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE="http://127.0.0.1:9"
+        ),
+        engine,
+    ).test_client()
+    assert deliver(keyed, samples.event("customer.created", customer)).status_code == 200
+    waiting = samples.thin_event("v1.customer.updated", customer["id"])
+    assert deliver(keyed, waiting).get_json()["status"] == "queued"
+    unkeyed = create_app(settings_for(database_url, SUPPORT_USERS=USERS), engine).test_client()
+    failed = samples.thin_event("v1.customer.updated", customer["id"])
+    assert deliver(unkeyed, failed).status_code == 500
+    assert sign_in(unkeyed) == 302
+    page = unkeyed.get(f"/support/customers/{customer['id']}").get_data(as_text=True)
+    assert re.search(rf"{waiting['id']}.*?badge waiting", page, re.S)
+    assert re.search(rf"{failed['id']}.*?badge failed.*?need STRIPE_API_KEY", page, re.S)
+    assert "Stripe metadata" not in page  # created with {}: nothing changed from nothing

@@ -126,16 +126,16 @@ def changes_of(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[t
     found = [
         (label, _shown(old.get(column)), _shown(new.get(column)))
         for column, label in FIELDS.items()
-        if old.get(column) != new.get(column)
+        if _shown(old.get(column)) != _shown(new.get(column))
     ]
     old_sync = (old.get("customer_metadata") or {}).get("sync") or {}
     new_sync = (new.get("customer_metadata") or {}).get("sync") or {}
     for key in ("status", "note"):
-        if old_sync.get(key) != new_sync.get(key):
+        if _shown(old_sync.get(key)) != _shown(new_sync.get(key)):
             found.append((f"sync {key}", _shown(old_sync.get(key)), _shown(new_sync.get(key))))
     old_meta = (old.get("customer_metadata") or {}).get("stripe")
     new_meta = (new.get("customer_metadata") or {}).get("stripe")
-    if old_meta != new_meta:
+    if _shown(old_meta) != _shown(new_meta):  # a new row's {} is no change from nothing
         found.append(("Stripe metadata", _shown(old_meta), _shown(new_meta)))
     return found
 
@@ -173,7 +173,8 @@ def timeline(
             at=event["created"],
             what="event",
             title=event["type"],
-            outcome=event["status"],
+            # A thin notification answered "queued" is received until its read settles it.
+            outcome="waiting" if event["status"] == "received" else event["status"],
             alarming=event["status"] == "failed",
             event_id=event["id"],
             attempts=event["attempts"],
