@@ -13,7 +13,7 @@ import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from webhook import batch, database, metrics, refetch, store, thin, thin_queue
+from webhook import batch, budget, database, metrics, refetch, store, thin, thin_queue
 from webhook.config import Refetch, Settings
 from webhook.handlers import HANDLERS, Change, CustomerChange, EntitlementsChange
 from webhook.logs import log
@@ -54,7 +54,7 @@ def change_for(event: Event, settings: Settings) -> Change | None:
     return None if handler is None else handler(event.object, settings.keys)
 
 
-def _completed(change: Change, settings: Settings) -> Change:
+def _completed(engine: Engine, change: Change, settings: Settings) -> Change:
     """An entitlement summary lists at most 10: the rest is read from Stripe (with the key) before
     the set replaces the customer's; without the key, or when Stripe cannot answer in time, the set
     is stored as far as it goes and marked incomplete, with a note saying why."""
@@ -62,7 +62,7 @@ def _completed(change: Change, settings: Settings) -> Change:
         return change
     if settings.stripe_api_key is None:
         return replace(change, note="entitlements not complete: the summary lists 10, and no API key to read the rest")
-    whole = refetch.entitlements_now(settings, change.id)
+    whole = refetch.entitlements_now(settings, budget.shared(engine, settings.stripe_api_rate), change.id)
     if whole is None:
         return replace(change, note="entitlements not complete: Stripe could not be read for the rest")
     return replace(change, entitlements=whole.entitlements, complete=True)
@@ -111,18 +111,19 @@ def process_event(
         change, source = _thin_change(engine, event, settings), Source.THIN
     else:
         found = change_for(event, settings)
-        change = None if found is None else _completed(found, settings)
+        change = None if found is None else _completed(engine, found, settings)
     always = settings.refetch is Refetch.ALWAYS and not event.thin  # a thin event's change is a fresh read already
     if always and isinstance(change, CustomerChange) and change.action != "link":
         # dj-stripe's and Pay's way: the event only says which customer to read. If Stripe cannot
         # be read in time, the event's own state goes through the ordering rules instead.
-        fresh_customer = refetch.customer_now(settings, change.id)
+        fresh_customer = refetch.customer_now(settings, budget.shared(engine, settings.stripe_api_rate), change.id)
         change, source = (change, source) if fresh_customer is None else (fresh_customer, Source.API)
     result = _apply(engine, event, change, source, actor)
     if result.status is Status.TIE:
         # Neither the type nor previous_attributes could order two same-second events: ask Stripe.
         assert change is not None  # only a change can tie
-        fresh = refetch.state_now(settings, change) if settings.refetch is not Refetch.NEVER else None
+        shared = budget.shared(engine, settings.stripe_api_rate)
+        fresh = refetch.state_now(settings, shared, change) if settings.refetch is not Refetch.NEVER else None
         if fresh is not None:
             result = replace(_apply(engine, event, fresh, Source.API, actor), settled_by=SettledBy.STRIPE)
         else:

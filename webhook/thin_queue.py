@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from webhook import database, metrics, refetch, thin
-from webhook.budget import Budget
+from webhook.budget import PAUSE_SECONDS, Budget
 from webhook.config import Refetch, Settings
 from webhook.handlers import Change
 from webhook.logs import log
@@ -196,10 +196,10 @@ class Reader:
             if claim.expired:
                 self._fail(claim, f"Stripe kept refusing the read for 3 days: {refusal}")
                 return
+            # A rate limit is the account's, not the object's: it waits out the pause alone.
+            most = (refusal.retry_after or PAUSE_SECONDS) if refusal.rate_limited else BACKOFF_MAX_SECONDS
             _execute(
-                self.engine,
-                _BACK_OFF,
-                {"key": claim.key, "holder": self.holder, "error": str(refusal), "most": BACKOFF_MAX_SECONDS},
+                self.engine, _BACK_OFF, {"key": claim.key, "holder": self.holder, "error": str(refusal), "most": most}
             )
             log(logging.WARNING, "thin read refused; read again later", object=claim.key, error=str(refusal))
             return
@@ -215,7 +215,8 @@ class Reader:
         outcome = self._apply(claim, carrier, change)
         if isinstance(outcome, Applied) and outcome.status is Status.TIE:
             # A snapshot event of the same second as Stripe's clock: read once more, as rule 3 does.
-            fresh = refetch.state_now(self.settings, change) if self.settings.refetch is not Refetch.NEVER else None
+            read_again = self.settings.refetch is not Refetch.NEVER
+            fresh = refetch.state_now(self.settings, self.budget, change) if read_again else None
             fresh = replace(change, tie="unsettled") if fresh is None else fresh
             outcome = self._apply(claim, carrier, fresh)
             if isinstance(outcome, Applied):
