@@ -111,6 +111,50 @@ def test_the_tier_follows_the_best_subscription_in_either_delivery_order(
     assert tier_audit(engine, organization)[-1] == ("team", "free", deleted["id"])
 
 
+def test_the_tier_is_the_first_price_naming_one_in_any_item_of_the_oldest_active_subscription(
+    client: FlaskClient, engine: Engine
+) -> None:
+    """CONTRACT §7 (amended 2026-12-06): over the active subscriptions (else the trialing ones), oldest
+    first and in item order, the first price with tier metadata, else the first with a lookup key."""
+    owner = add_user(engine)
+    organization = add_organization(engine, members=(owner,))
+    customer = billing(organization)
+    assert status_of(client, samples.event("customer.created", customer, created=T)) == "processed"
+    addon = samples.price("extra_seats", tier=None)  # an add-on: a lookup key, no tier
+    plan = samples.subscription(customer["id"], prices=[addon, samples.price("pro_monthly", tier="pro")])
+    assert status_of(client, samples.event("customer.subscription.created", plan, created=T + 1)) == "processed"
+    assert tier_of(engine, organization) == "pro"  # not the add-on's lookup key
+    with acting_as(engine, "service_role") as connection:
+        view_tier = connection.execute(
+            text("SELECT tier FROM stripe_user_billing WHERE user_id = :u"), {"u": owner}
+        ).scalar_one()
+    assert view_tier == "pro"  # the view's tier by the same rule
+
+    # A trialing subscription, older than the plan, naming another tier: the active one still decides.
+    trial = {
+        **samples.subscription(customer["id"], status="trialing", prices=[samples.price("team_monthly", tier="team")]),
+        "created": plan["created"] - 1000,
+    }
+    assert status_of(client, samples.event("customer.subscription.created", trial, created=T + 2)) == "processed"
+    assert tier_of(engine, organization) == "pro"
+    # A second active subscription, older, whose prices name no tier but a lookup key: the plan's
+    # metadata still wins over any lookup key; an older one that names a tier wins over the plan.
+    seats = {**samples.subscription(customer["id"], prices=[addon]), "created": plan["created"] - 500}
+    assert status_of(client, samples.event("customer.subscription.created", seats, created=T + 3)) == "processed"
+    assert tier_of(engine, organization) == "pro"
+    legacy = {
+        **samples.subscription(customer["id"], prices=[samples.price("legacy_plan", tier="legacy")]),
+        "created": plan["created"] - 100,
+    }
+    assert status_of(client, samples.event("customer.subscription.created", legacy, created=T + 4)) == "processed"
+    assert tier_of(engine, organization) == "legacy"
+    # Only lookup keys left among the active ones: the first of them, in age then item order.
+    for gone, at in ((legacy, T + 5), (plan, T + 6)):
+        ended = {**gone, "status": "canceled", "canceled_at": at, "ended_at": at}
+        assert status_of(client, samples.event("customer.subscription.deleted", ended, created=at)) == "processed"
+    assert tier_of(engine, organization) == "extra_seats"
+
+
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)], ids=["in order", "reversed"])
 def test_a_same_second_pair_ends_in_the_later_state_either_way(
     client: FlaskClient, engine: Engine, order: tuple[int, int]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -13,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
 from tests.support import add_user
+from webhook import migrations
 
 TABLES = (
     "stripe_customers",
@@ -158,46 +160,83 @@ def test_service_role_deletes_on_a_connection_that_cached_the_deletion_trigger(e
         one_connection.dispose()
 
 
-def test_the_api_roles_hold_no_privilege_the_catalog_would_show(engine: Engine) -> None:
-    """Every consumer function and table, from the catalog (so one added later is covered too)."""
+_CATALOG = {
+    # Every consumer table without row level security (all of them must have it on).
+    "without_rls": "SELECT relname::text FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+    "AND relkind = 'r' AND relname LIKE 'stripe\\_%' AND NOT relrowsecurity ORDER BY 1",
+    # Every SECURITY DEFINER function (the consumer's, and the shim's auth.*) without a fixed search_path.
+    "definer_without_search_path": "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.prosecdef "
+    "AND p.pronamespace IN ('public'::regnamespace, 'auth'::regnamespace) "
+    "AND NOT coalesce(p.proconfig::text[] && ARRAY['search_path=\"\"', 'search_path='], false) ORDER BY 1",
+    # What the API roles may do with the consumer's tables, sequences and functions.
+    "granted": """
+        SELECT c.relname || ':' || r.rolname || ':' || p.privilege FROM pg_class c
+        CROSS JOIN (VALUES ('anon'), ('authenticated')) AS r (rolname)
+        CROSS JOIN (VALUES ('SELECT'), ('INSERT'), ('UPDATE'), ('DELETE'), ('TRUNCATE'), ('REFERENCES'),
+                           ('TRIGGER')) AS p (privilege)
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v') AND c.relname LIKE 'stripe\\_%'
+          AND has_table_privilege(r.rolname, c.oid, p.privilege)
+        UNION ALL
+        SELECT c.relname || ':' || r.rolname || ':' || p.privilege FROM pg_class c
+        CROSS JOIN (VALUES ('anon'), ('authenticated')) AS r (rolname)
+        CROSS JOIN (VALUES ('USAGE'), ('SELECT'), ('UPDATE')) AS p (privilege)
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S' AND c.relname LIKE 'stripe\\_%'
+          AND has_sequence_privilege(r.rolname, c.oid, p.privilege)
+        UNION ALL
+        SELECT p.oid::regprocedure::text || ':' || r.rolname || ':' || 'EXECUTE' FROM pg_proc p
+        CROSS JOIN (VALUES ('anon'), ('authenticated')) AS r (rolname)
+        WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'stripe\\_%'
+          AND has_function_privilege(r.rolname, p.oid, 'EXECUTE')
+        ORDER BY 1""",
+    "tables": "SELECT relname::text FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+    "AND relkind = 'r' AND relname LIKE 'stripe\\_%' ORDER BY 1",
+    "sequences": "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+    "AND relkind = 'S' AND relname LIKE 'stripe\\_%'",
+    # Supabase's default privileges, which the shim copies: what a new table or sequence would get.
+    "default_grants": "SELECT count(*) FROM pg_default_acl d, aclexplode(d.defaclacl) a "
+    "WHERE a.grantee = 'authenticated'::regrole AND d.defaclobjtype IN ('r', 'S')",
+}
+
+
+def _catalog(connection: Any) -> dict[str, Any]:
+    return {name: connection.execute(text(sql)).scalars().all() for name, sql in _CATALOG.items()}
+
+
+# CONTRACT §3 and §7: row level security decides what a user reads of their own customer row, a
+# user reads their own row of the view, and calls stripe_has_access(feature) about themselves.
+GRANTED = [
+    "stripe_customers:anon:SELECT",
+    "stripe_customers:authenticated:SELECT",
+    "stripe_has_access(text):anon:EXECUTE",
+    "stripe_has_access(text):authenticated:EXECUTE",
+    "stripe_user_billing:authenticated:SELECT",
+]
+
+
+def test_the_catalog_shows_rls_everywhere_fixed_search_paths_and_no_api_role_privilege(engine: Engine) -> None:
+    """One look at pg_class, pg_proc and pg_default_acl, so that a table, sequence or function a
+    release adds is covered without a test of its own."""
     with engine.connect() as connection:
-        callable_functions = (
-            connection.execute(
-                text(
-                    "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace "
-                    "AND p.proname LIKE 'stripe\\_%' AND (has_function_privilege('anon', p.oid, 'EXECUTE') "
-                    "OR has_function_privilege('authenticated', p.oid, 'EXECUTE'))"
-                )
-            )
-            .scalars()
-            .all()
-        )
-        functions = connection.execute(
-            text(
-                "SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace AND proname LIKE 'stripe\\_%'"
-            )
-        ).scalar_one()
-        readable_or_writable = (
-            connection.execute(
-                text(
-                    "SELECT c.relname || ':' || r.rolname || ':' || p.privilege FROM pg_class c "
-                    "CROSS JOIN (VALUES ('anon'), ('authenticated')) AS r (rolname) "
-                    "CROSS JOIN (VALUES ('SELECT'), ('INSERT'), ('UPDATE'), ('DELETE'), ('TRUNCATE')) AS p (privilege) "
-                    "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND c.relname LIKE 'stripe\\_%' "
-                    "AND has_table_privilege(r.rolname, c.oid, p.privilege) ORDER BY 1"
-                )
-            )
-            .scalars()
-            .all()
-        )
-        tables = connection.execute(
-            text(
-                "SELECT array_agg(relname::text ORDER BY relname) FROM pg_class "
-                "WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' AND relname LIKE 'stripe\\_%'"
-            )
-        ).scalar_one()
-    # The one the app's users may call: about themselves only (tests/test_billing.py).
-    assert functions > 10 and callable_functions == ["stripe_has_access(text)"]
-    assert sorted(tables) == sorted(TABLES)  # every table is in the list the tests above try
-    # Row level security decides what a user reads of their own customer row; nothing else at all.
-    assert readable_or_writable == ["stripe_customers:anon:SELECT", "stripe_customers:authenticated:SELECT"]
+        found = _catalog(connection)
+    assert found["without_rls"] == []
+    assert found["definer_without_search_path"] == []
+    assert sorted(found["tables"]) == sorted(TABLES)  # every table is in the list the tests above try
+    assert found["sequences"] == [2]  # the two audits' identities
+    assert found["default_grants"][0] > 0  # Supabase grants new objects to the API roles ...
+    assert found["granted"] == GRANTED  # ... and migrate takes back all but the contract's
+
+
+def test_a_sequence_the_api_roles_could_rewind_is_revoked_by_the_next_migrate(engine: Engine) -> None:
+    with acting_as(engine, "authenticated") as connection, pytest.raises(DBAPIError, match="permission denied"):
+        connection.execute(text("SELECT setval('stripe_customers_audit_id_seq', 1)"))
+    can_rewind = text("SELECT has_sequence_privilege('authenticated', 'stripe_later_seq', 'UPDATE')")
+    with engine.connect() as connection:  # a sequence a later release adds gets Supabase's defaults ...
+        connection.execute(text("CREATE SEQUENCE IF NOT EXISTS public.stripe_later_seq"))
+        assert connection.execute(can_rewind).scalar()
+    try:
+        migrations.migrate(engine, shim=False)  # ... until the migrate that adds it
+        with engine.connect() as connection:
+            assert not connection.execute(can_rewind).scalar()
+    finally:
+        with engine.connect() as connection:
+            connection.execute(text("DROP SEQUENCE public.stripe_later_seq"))

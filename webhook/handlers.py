@@ -56,7 +56,7 @@ class SubscriptionChange(_Change):
     id: str  # sub_…
     customer: str  # cus_…
     status: str
-    items: list[dict[str, Any]]  # price, product, lookup_key, quantity, tier
+    items: list[dict[str, Any]]  # price, product, lookup_key, quantity, tier (the price's tier metadata)
     current_period_end: int | None
     cancel_at_period_end: bool
     cancel_at: int | None
@@ -64,6 +64,7 @@ class SubscriptionChange(_Change):
     ended_at: int | None
     trial_end: int | None
     metadata: dict[str, Any]
+    created: int | None = None  # Stripe's created: an organization's tier reads the oldest first
     as_of: int | None = None
     tie: str | None = None
     object: Literal["subscription"] = "subscription"
@@ -251,7 +252,7 @@ def _item(item: dict[str, Any], tier_key: str) -> dict[str, Any]:
         "product": _optional_id(price.get("product")),
         "lookup_key": _text(price.get("lookup_key")),
         "quantity": _time(item.get("quantity")),
-        "tier": _text(_dict(price.get("metadata")).get(tier_key)) or _text(price.get("lookup_key")),
+        "tier": _text(_dict(price.get("metadata")).get(tier_key)),  # the lookup key is the tier's fallback, in SQL
     }
 
 
@@ -279,6 +280,7 @@ def subscription_state(subscription: dict[str, Any], keys: Keys) -> Subscription
         ended_at=_time(subscription.get("ended_at")),
         trial_end=_time(subscription.get("trial_end")),
         metadata=_dict(subscription.get("metadata")),
+        created=_time(subscription.get("created")) or _time(subscription.get("start_date")),
     )
 
 

@@ -35,7 +35,7 @@ DECLARE
         UNION ALL
         SELECT c.stripe_customer_id, c.organization_id, false FROM public.organization_members m
         JOIN public.stripe_customers c ON c.organization_id = m.organization_id WHERE m.user_id = u.user_id$members$;
-  v_version text := 'stripe_user_billing 3' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
+  v_version text := 'stripe_user_billing 4' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
 BEGIN
   IF NOT v_orgs THEN
     v_through_members := ''; v_member_of := '';
@@ -49,7 +49,9 @@ BEGIN
   -- has one: the best subscription among all those customers' (active > trialing > past_due >
   -- unpaid > paused > incomplete > canceled > incomplete_expired, else 'none'; then the latest
   -- period end; then their own customer's, then by organization id), its period end, cancellation
-  -- and tier (the first item's), and the entitlements of them all. stripe_customer_id: their own
+  -- and tier (the first item's tier metadata, else the first item's lookup key: stripe_items_tier's
+  -- rule, written out because the API roles may call no function but stripe_has_access), and the
+  -- entitlements of them all. stripe_customer_id: their own
   -- customer, else the best subscription's; organization_id: the best subscription's customer's
   -- organization, else their first. A signed-in user (anon, authenticated) sees only their own row;
   -- the service role and the consumer see every row. Two branches of users, each gated by a
@@ -63,7 +65,10 @@ BEGIN
       coalesce(b.organizations[array_position(b.customers, best.stripe_customer_id)],
                (array_remove(b.organizations, NULL))[1]) AS organization_id,
       coalesce(best.status, 'none') AS plan_status, best.current_period_end, best.cancel_at_period_end,
-      best.items -> 0 ->> 'tier' AS tier,
+      coalesce((SELECT x.i ->> 'tier' FROM jsonb_array_elements(best.items) WITH ORDINALITY AS x (i, n)
+                WHERE x.i ->> 'tier' IS NOT NULL ORDER BY x.n LIMIT 1),
+               (SELECT x.i ->> 'lookup_key' FROM jsonb_array_elements(best.items) WITH ORDINALITY AS x (i, n)
+                WHERE x.i ->> 'lookup_key' IS NOT NULL ORDER BY x.n LIMIT 1)) AS tier,
       coalesce((SELECT array_agg(DISTINCT e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
                 WHERE e.stripe_customer_id = ANY (b.customers)), '{}') AS entitlements
     FROM (
@@ -138,6 +143,15 @@ BEGIN
         EXECUTE format('REVOKE %s ON %s FROM anon, authenticated', v_privilege, v_table);
       END IF;
     END LOOP;
+  END LOOP;
+  -- Sequences too (Supabase's default privileges grant the API roles UPDATE on them): setval()
+  -- would rewind an audit's identity and fail every later insert. Run at each migrate, so a
+  -- sequence a later release creates is revoked by the migrate that creates it.
+  FOR v_table IN SELECT c.oid::regclass FROM pg_class c
+      WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S' AND c.relname LIKE 'stripe\_%'
+        AND (has_sequence_privilege('anon', c.oid, 'USAGE,SELECT,UPDATE')
+             OR has_sequence_privilege('authenticated', c.oid, 'USAGE,SELECT,UPDATE')) LOOP
+    EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM PUBLIC, anon, authenticated', v_table);
   END LOOP;
   FOR v_function IN SELECT p.oid::regprocedure FROM pg_proc p
       WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'stripe\_%'

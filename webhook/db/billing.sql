@@ -24,6 +24,15 @@ CREATE TABLE IF NOT EXISTS public.stripe_subscriptions (
   updated_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- step: when Stripe created each subscription (an organization's tier reads the oldest first)
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_subscriptions'::regclass
+                 AND attname = 'started_at' AND NOT attisdropped) THEN
+    ALTER TABLE public.stripe_subscriptions ADD COLUMN started_at timestamptz;  -- no default: no rewrite
+  END IF;
+END $$;
+
 -- step: a customer's subscriptions, for access and the console
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_subscriptions_customer_idx
   ON public.stripe_subscriptions (stripe_customer_id);
@@ -195,14 +204,17 @@ BEGIN
     status := v_order.verdict; RETURN;
   END IF;
   INSERT INTO public.stripe_subscriptions AS s (stripe_subscription_id, stripe_customer_id, status, items,
-    current_period_end, cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_end, subscription_metadata)
+    current_period_end, cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_end, subscription_metadata,
+    started_at)
   VALUES (v_id, p_change ->> 'customer', p_change ->> 'status', coalesce(p_change -> 'items', '[]'),
     to_timestamp((p_change ->> 'current_period_end')::bigint), coalesce((p_change ->> 'cancel_at_period_end')::boolean, false),
     to_timestamp((p_change ->> 'cancel_at')::bigint), to_timestamp((p_change ->> 'canceled_at')::bigint),
     to_timestamp((p_change ->> 'ended_at')::bigint), to_timestamp((p_change ->> 'trial_end')::bigint),
     jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'),
-                       'sync', public.stripe_sync_stamp(p_source, v_order.event_id, v_order.as_of, v_order.tie_note)))
+                       'sync', public.stripe_sync_stamp(p_source, v_order.event_id, v_order.as_of, v_order.tie_note)),
+    to_timestamp((p_change ->> 'created')::bigint))
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET stripe_customer_id = EXCLUDED.stripe_customer_id,
+    started_at = coalesce(EXCLUDED.started_at, s.started_at),
     status = EXCLUDED.status, items = EXCLUDED.items, current_period_end = EXCLUDED.current_period_end,
     cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at,
     canceled_at = EXCLUDED.canceled_at, ended_at = EXCLUDED.ended_at, trial_end = EXCLUDED.trial_end,

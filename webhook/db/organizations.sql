@@ -92,8 +92,22 @@ BEGIN
 END $$;
 
 -- step: the organization functions and triggers
--- An organization's subscription_tier, from its customer's best subscription (active, then
--- trialing): the first item's price's tier metadata, else its lookup key (items[].tier), else the
+-- The tier a list of subscriptions' items names (each subscription's items, in the order given):
+-- the first price's tier metadata (items[].tier), else the first price's lookup key, else NULL. An
+-- add-on price that names no tier never hides the plan's, wherever it stands.
+CREATE OR REPLACE FUNCTION public.stripe_items_tier(p_items jsonb[]) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT coalesce(
+    (SELECT x.item ->> 'tier' FROM unnest(p_items) WITH ORDINALITY AS s (items, m),
+       jsonb_array_elements(s.items) WITH ORDINALITY AS x (item, n)
+     WHERE x.item ->> 'tier' IS NOT NULL ORDER BY s.m, x.n LIMIT 1),
+    (SELECT x.item ->> 'lookup_key' FROM unnest(p_items) WITH ORDINALITY AS s (items, m),
+       jsonb_array_elements(s.items) WITH ORDINALITY AS x (item, n)
+     WHERE x.item ->> 'lookup_key' IS NOT NULL ORDER BY s.m, x.n LIMIT 1))
+$$;
+
+-- An organization's subscription_tier, from its customer's active subscriptions (else its trialing
+-- ones), oldest first (Stripe's created) and in item order, by stripe_items_tier; else the
 -- free tier (STRIPE_FREE_TIER, which the consumer sets for each transaction; 'free' for a change
 -- made by hand). Written only when it moves, audited with the event (or person) that moved it.
 -- Serialised per organization and read after the lock, so that of two concurrent changes the later
@@ -114,10 +128,12 @@ BEGIN
     RETURN;  -- deleted (its customer's link goes with it)
   END IF;
   SELECT c.stripe_customer_id INTO v_customer FROM public.stripe_customers c WHERE c.organization_id = p_org;
-  SELECT s.items -> 0 ->> 'tier' INTO v_tier FROM public.stripe_subscriptions s
-  WHERE s.stripe_customer_id = v_customer AND s.status IN ('active', 'trialing')
-  ORDER BY s.status = 'trialing', s.current_period_end DESC NULLS LAST, s.stripe_subscription_id
-  LIMIT 1;
+  SELECT public.stripe_items_tier(array_agg(s.items ORDER BY coalesce(s.started_at, s.created_at),
+                                             s.stripe_subscription_id)) INTO v_tier
+  FROM public.stripe_subscriptions s
+  WHERE s.stripe_customer_id = v_customer AND s.status = (
+    SELECT min(a.status) FROM public.stripe_subscriptions a  -- 'active' < 'trialing'
+    WHERE a.stripe_customer_id = v_customer AND a.status IN ('active', 'trialing'));
   v_tier := coalesce(v_tier, nullif(current_setting('stripe_webhook.free_tier', true), ''), 'free');
   IF v_tier IS DISTINCT FROM v_old THEN
     UPDATE public.organizations o SET subscription_tier = v_tier WHERE o.id = p_org;

@@ -18,6 +18,7 @@ DROP FUNCTION IF EXISTS public.stripe_tie_order(jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_attrs_match(jsonb, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_event_customer_id(jsonb);
 DROP VIEW IF EXISTS public.stripe_user_billing;
+DROP FUNCTION IF EXISTS public.stripe_items_tier(jsonb[]);
 DROP FUNCTION IF EXISTS public.stripe_has_access(text);
 DROP FUNCTION IF EXISTS public.stripe_has_access(text, uuid);
 DROP FUNCTION IF EXISTS public.stripe_apply_object(jsonb, text, text, bigint, jsonb);
