@@ -15,6 +15,7 @@ from sqlalchemy import Engine, text
 from tests.server import free_port, wait_until_up
 from tests.support import SECRET, cli, configured, count
 from tests.test_rls import TABLES
+from webhook import migrations
 from webhook.database import make_engine
 
 
@@ -122,3 +123,12 @@ def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
         output, _ = server.communicate(timeout=60)
     assert server.returncode == 0, output
     assert secret in output  # the dev secret is printed for `stripe listen` users
+
+
+def test_help_says_what_migrate_and_backfill_do() -> None:
+    listed = cli("db", "--help")
+    assert listed.returncode == 0
+    flat = " ".join(listed.stdout.split())
+    assert all(f"db/{path.name}" in flat for path in migrations.APPLIED), flat
+    backfill = " ".join(cli("--help").stdout.split())
+    assert "subscriptions, payment methods and entitlements" in backfill

@@ -98,7 +98,10 @@ def test_a_subscription_as_the_change_it_implies(new_period_shape: bool) -> None
     subscription = samples.subscription(
         "cus_Unit1",
         status="past_due",
-        prices=[samples.price("pro", tier="gold"), samples.price("addon", tier=None)],
+        prices=[
+            {**samples.price("pro"), "metadata": {"tier": "gold", "plan": "platinum"}},
+            samples.price("addon", tier=None),
+        ],
         period_end=1_800_000_000,
         new_period_shape=new_period_shape,
     )
@@ -110,10 +113,11 @@ def test_a_subscription_as_the_change_it_implies(new_period_shape: bool) -> None
         "past_due",
         1_800_000_000,
     )
-    assert [item["tier"] for item in change.items] == ["gold", "addon"]  # type: ignore[union-attr]
+    assert [item["tier"] for item in change.items] == ["gold", None]  # type: ignore[union-attr]
+    assert change.created == subscription["created"]  # type: ignore[union-attr]
     # The tier metadata key is configurable.
     other = HANDLERS["customer.subscription.updated"](subscription, Keys(tier="plan"))
-    assert [item["tier"] for item in other.items] == ["pro", "addon"]  # type: ignore[union-attr]
+    assert [item["tier"] for item in other.items] == ["platinum", None]  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

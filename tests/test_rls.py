@@ -240,3 +240,45 @@ def test_a_sequence_the_api_roles_could_rewind_is_revoked_by_the_next_migrate(en
     finally:
         with engine.connect() as connection:
             connection.execute(text("DROP SEQUENCE public.stripe_later_seq"))
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["(SELECT stripe_has_access(…))", "bare call"])
+def test_a_policy_that_wraps_the_call_asks_once_per_statement(engine: Engine, wrapped: bool) -> None:
+    """The README's policy form: wrapped in a SELECT, Postgres evaluates stripe_has_access once per
+    statement (an initplan), not once per row of the app's table."""
+    user = add_user(engine)
+    call = "(SELECT stripe_has_access('pro'))" if wrapped else "stripe_has_access('pro')"
+    with engine.connect() as connection:
+        connection.execute(
+            text("INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES ('cus_Pol1', :u)"), {"u": user}
+        )
+        connection.execute(
+            text(
+                "INSERT INTO stripe_entitlements (stripe_customer_id, lookup_key, feature) "
+                "VALUES ('cus_Pol1', 'pro', 'feat_pro')"
+            )
+        )
+        connection.execute(text("DROP TABLE IF EXISTS public.app_documents"))
+        connection.execute(
+            text("CREATE TABLE public.app_documents AS SELECT n AS id FROM generate_series(1, 10000) AS n")
+        )
+        connection.execute(text("ALTER TABLE public.app_documents ENABLE ROW LEVEL SECURITY"))
+        connection.execute(text(f"CREATE POLICY pro_only ON public.app_documents FOR SELECT USING ({call})"))
+        connection.execute(text("GRANT SELECT ON public.app_documents TO authenticated"))
+    try:
+        with engine.connect() as connection:
+            connection = connection.execution_options(isolation_level="READ COMMITTED")
+            with connection.begin():
+                connection.execute(text("SET LOCAL track_functions = 'all'"))  # counts calls, this transaction
+                claims = json.dumps({"role": "authenticated", "sub": user})
+                connection.execute(text("SELECT set_config('request.jwt.claims', :c, true)"), {"c": claims})
+                connection.execute(text("SET LOCAL ROLE authenticated"))
+                assert connection.execute(text("SELECT count(*) FROM public.app_documents")).scalar_one() == 10000
+                connection.execute(text("RESET ROLE"))
+                calls = connection.execute(
+                    text("SELECT pg_stat_get_xact_function_calls('public.stripe_has_access(text)'::regprocedure)")
+                ).scalar_one()
+        assert calls == 1 if wrapped else calls >= 10000
+    finally:
+        with engine.connect() as connection:
+            connection.execute(text("DROP TABLE public.app_documents"))

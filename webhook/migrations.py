@@ -33,6 +33,8 @@ CONSOLE = DB_DIR / "console.sql"
 QUEUE = DB_DIR / "queue.sql"
 ACCESS = DB_DIR / "access.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
+# What `db migrate` applies, in this order (the shim first, with --shim).
+APPLIED = (SHAPE, SCHEMA, FUNCTIONS, BILLING, ORGANIZATIONS, CONSOLE, QUEUE, ACCESS)
 
 
 PG_DUMP_SECONDS = 120
@@ -132,9 +134,7 @@ def _run(connection: Connection, step: Step) -> None:
 def migrate(engine: Engine, shim: bool) -> list[Traversable]:
     """Each step of each file in its own short transaction (db/schema.sql says why). A failed step
     leaves the ones before it applied; every step is idempotent, so running migrate again finishes."""
-    applied = [SHAPE, SCHEMA, FUNCTIONS, BILLING, ORGANIZATIONS, CONSOLE, QUEUE, ACCESS]
-    if shim:
-        applied.insert(0, SHIM)
+    applied = [SHIM, *APPLIED] if shim else list(APPLIED)
     with engine.connect() as connection:
         for path in applied:
             for step in steps(path):

@@ -44,7 +44,11 @@ def add_commands(commands: Commands) -> None:
     replay.add_argument("--from-stripe", action="store_true", help="fetch from Stripe the events the log lacks")
     replay.set_defaults(run=cmd_replay)
 
-    backfill_parser = commands.add_parser("backfill", help="upsert every Stripe customer (resumes a stopped run)")
+    backfill_parser = commands.add_parser(
+        "backfill",
+        help="upsert every Stripe customer, then subscriptions, payment methods and entitlements "
+        "(never over a newer event; resumes a stopped run)",
+    )
     backfill_parser.add_argument(
         "--from-start", action="store_true", help="ignore where a stopped run got to and list every customer again"
     )

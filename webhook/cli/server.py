@@ -28,7 +28,11 @@ def add_commands(commands: Commands) -> None:
     serve.set_defaults(run=cmd_serve)
 
     db = commands.add_parser("db", help="apply or undo the schema").add_subparsers(dest="db_command", required=True)
-    migrate = db.add_parser("migrate", help="apply db/schema.sql")
+    migrate = db.add_parser(
+        "migrate",
+        help=f"apply the schema ({', '.join('db/' + path.name for path in migrations.APPLIED)}), in that order; "
+        "each step idempotent and safe beside live traffic",
+    )
     migrate.add_argument("--shim", action="store_true", help="apply db/supabase_shim.sql first (never on Supabase)")
     migrate.add_argument("--backup-dir", help="pg_dump --schema-only into this folder first")
     migrate.set_defaults(run=cmd_db_migrate)
