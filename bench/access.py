@@ -22,9 +22,11 @@ import random
 import statistics
 import time
 import uuid
+from pathlib import Path
 
 from sqlalchemy import Engine, text
 
+from bench import cluster
 from bench.console_size import FILL, signed_in_console, sized_database
 from bench.pgcost import _backend_cpu
 from webhook import samples, store
@@ -125,11 +127,6 @@ def time_as_user(engine: Engine, sql: str, users: list[int]) -> list[float]:
     return sorted(taken)
 
 
-def _line(what: str, taken: list[float]) -> str:
-    p99 = taken[min(len(taken) - 1, int(len(taken) * 0.99))]
-    return f"| {what} | {statistics.median(taken):.3f} | {p99:.3f} | {taken[-1]:.3f} |"
-
-
 def event_cost(engine: Engine, batches: int, per_batch: int) -> dict[str, float]:
     """Backend CPU (ms) per event of the consumer's statement, customer against subscription events."""
     customers = [samples.customer() for _ in range(50)]
@@ -159,15 +156,12 @@ def event_cost(engine: Engine, batches: int, per_batch: int) -> dict[str, float]
     return {kind: total * 1000 / (batches * per_batch) for kind, total in spent.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--customers", type=int, default=1_000_000)
-    parser.add_argument("--organizations", type=int, default=100_000)
-    parser.add_argument("--samples", type=int, default=2000)
-    args = parser.parse_args()
-    if args.organizations * 10 > args.customers:
-        parser.error("each organization has 10 members: --organizations at most --customers / 10")
-    url, engine = sized_database("access-size-")
+def measure(
+    url: str, engine: Engine, args: argparse.Namespace
+) -> tuple[str, list[tuple[str, list[float]]], dict[str, float]]:
+    """The server's version, each timed query's samples (sorted ms), and the statement's CPU."""
+    with engine.connect() as connection:
+        version = str(connection.execute(text("SHOW server_version")).scalar_one()).split()[0]
     costs = event_cost(engine, batches=6, per_batch=300)
     fill(engine, args.customers, args.organizations)
 
@@ -177,6 +171,7 @@ def main() -> None:
     through = time_as_user(engine, "SELECT public.stripe_has_access('team_feature')", members)
     nobody = time_as_user(engine, "SELECT public.stripe_has_access('absent')", members)
     billing_row = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users)
+    service = time_as_service(engine, "SELECT public.stripe_has_access('feature_3', md5('u' || %s)::uuid)", users)
     with engine.connect() as connection:  # the timed answers were the members' branch's, not a miss
         granted = connection.execute(
             text(
@@ -192,20 +187,72 @@ def main() -> None:
         assert client.get(f"/support/customers/cus_{n}").status_code == 200
         pages.append((time.perf_counter() - started) * 1000)
     pages.sort()
+    return (
+        version,
+        [
+            ("stripe_has_access('feature_3') as the signed-in user", has_access),
+            ("stripe_has_access(feature, user) as service_role", service),
+            (f"stripe_has_access through the user's organization (true for {granted} of {len(members)})", through),
+            ("stripe_has_access of a feature nobody has (both branches)", nobody),
+            ("the user's row of stripe_user_billing", billing_row),
+            ("the console's customer page (in-process app, rendered)", pages),
+        ],
+        costs,
+    )
+
+
+def time_as_service(engine: Engine, sql: str, users: list[int]) -> list[float]:
+    """The statement's round trip as service_role, one user a transaction."""
+    taken = []
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="READ COMMITTED")
+        for n in users:
+            with connection.begin():
+                connection.execute(text("SET LOCAL ROLE service_role"))
+                started = time.perf_counter()
+                connection.exec_driver_sql(sql % n).all()
+                taken.append((time.perf_counter() - started) * 1000)
+    return sorted(taken)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--organizations", type=int, default=100_000)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument(
+        "--postgres-bin",
+        type=Path,
+        help="also measure on a scratch cluster of these server binaries (Debian's PostgreSQL 15: "
+        "/usr/lib/postgresql/15/bin), beside the embedded one",
+    )
+    args = parser.parse_args()
+    if args.organizations * 10 > args.customers:
+        parser.error("each organization has 10 members: --organizations at most --customers / 10")
+    servers = [None] + ([cluster.start(args.postgres_bin)] if args.postgres_bin else [])
+    results = []
+    for server_url in servers:
+        url, engine = sized_database("access-size-", server_url)
+        results.append(measure(url, engine, args))
+        engine.dispose()
 
     print(
         f"\n{args.customers:,} customers, {2 * args.customers:,} subscriptions, {5 * args.customers:,} entitlements, "
-        f"{args.organizations:,} organizations of 10 members\n"
+        f"{args.organizations:,} organizations of 10 members; {args.samples} samples each\n"
     )
-    print("| what | median ms | p99 ms | max ms |\n|---|---|---|---|")
-    print(_line("stripe_has_access('feature_3') as the signed-in user", has_access))
-    print(_line(f"stripe_has_access through the user's organization (true for {granted} of {len(members)})", through))
-    print(_line("stripe_has_access of a feature nobody has (both branches)", nobody))
-    print(_line("the user's row of stripe_user_billing", billing_row))
-    print(_line("the console's customer page (in-process app, rendered)", pages))
+    head = " | ".join(f"Postgres {version} median / p99 ms" for version, _, _ in results)
+    print(f"| what | {head} |\n|---|{'---|' * len(results)}")
+    for row, (what, _) in enumerate(results[0][1]):
+        cells = " | ".join(_cell(timed[row][1]) for _, timed, _ in results)
+        print(f"| {what} | {cells} |")
     print("\nthe consumer's statement, one event a statement, backend CPU per event:")
-    for kind, cost in costs.items():
-        print(f"  {kind}: {cost:.3f} ms")
+    for version, _, costs in results:
+        print(f"  Postgres {version}: " + ", ".join(f"{kind} {cost:.3f} ms" for kind, cost in costs.items()))
+
+
+def _cell(taken: list[float]) -> str:
+    p99 = taken[min(len(taken) - 1, int(len(taken) * 0.99))]
+    return f"{statistics.median(taken):.3f} / {p99:.3f}"
 
 
 if __name__ == "__main__":

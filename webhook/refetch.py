@@ -47,16 +47,14 @@ def _stripe_clock(answer: Any) -> int:
 
 
 def _read(settings: Settings, budget: Budget, what: str, read: Callable[[stripe.StripeClient], Any]) -> Any | None:
-    """read(client) within the time budget, each try with a token of the deployment's read budget
-    if one is there now: a 429 or a 5xx tried again after a short pause; None when Stripe cannot
-    answer in time (or refuses: no such object for this key), or no token is left."""
+    """read(client) within the time budget, each try spending a token of the deployment's read
+    budget: a 429 or a 5xx tried again after a short pause; None when Stripe cannot answer in time
+    (or refuses: no such object for this key)."""
     assert settings.stripe_api_key is not None
     client = stripe_api.delivery_client(settings.stripe_api_key, settings.stripe_api_base, TIMEOUT_SECONDS)
     deadline = time.monotonic() + TIMEOUT_SECONDS
     for attempt in range(1, ATTEMPTS + 1):
-        if not budget.take_now():
-            log(logging.WARNING, "stripe read skipped: the read budget is spent", stripe_id=what)
-            return None
+        budget.spend()
         try:
             return read(client)
         except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as error:
