@@ -5,7 +5,8 @@ loopback that takes 150 ms a read and allows 25 requests a second (a test-mode a
 STRIPE_API_RATE=25. Three measurements:
 
 1. Bursts: alternating rounds of signed `customer.updated` snapshot events and `v1.customer.updated`
-   thin notifications (10 for each of 100 customers), from 16 keep-alive clients: deliveries per
+   thin notifications (10 for each of 100 customers; the snapshot rounds' are 100 others, so that
+   no snapshot event ties with a thin read), from 16 keep-alive clients: deliveries per
    second, the answer's p99, and the workers' CPU per delivery (the fake Stripe's own CPU is not
    counted: it stands in for Stripe).
 2. Reads per thin notification over those rounds, and the 429s Stripe answered.
@@ -82,16 +83,24 @@ def main() -> None:
     migrations.migrate(engine, shim=True)
     fake = FakeStripe()
     fake.delay, fake.rate_limit = 0.15, RATE
-    customers = [fake.add_customer() for _ in range(max(100, args.drain_objects))]
+    customers = [fake.add_customer() for _ in range(max(200, args.drain_objects))]
     results: dict[str, list[tuple[float, float, float]]] = {"snapshot": [], "thin": []}
     thin_sent = 0
     env = {"STRIPE_API_KEY": "sk_test_fake", "STRIPE_API_RATE": str(args.rate)}
+    started_at = int(time.time())
     with fake.serving() as base, gunicorn(url, workers=2, STRIPE_API_BASE=base, **env) as (port, master):
         for n in range(args.rounds):
             for kind in ("snapshot", "thin") if n % 2 == 0 else ("thin", "snapshot"):
                 bodies = [
                     json.dumps(
-                        samples.event("customer.updated", {**customers[i % 100], "name": f"r{n}-{i}"})
+                        # Other customers than the thin rounds': a snapshot event of the second
+                        # a thin read stamped is a tie, read from Stripe in the request (rule 3).
+                        # Each customer's ten in ten seconds: ten in one would be ties too.
+                        samples.event(
+                            "customer.updated",
+                            {**customers[100 + i % 100], "name": f"r{n}-{i}"},
+                            created=started_at - 1000 + 10 * n + i // 100,
+                        )
                         if kind == "snapshot"
                         else samples.thin_event("v1.customer.updated", customers[i % 100]["id"])
                     )
