@@ -190,6 +190,39 @@ def test_past_ten_entitlements_the_rest_is_read_from_stripe(
     assert complete is False and "no API key" in sync["note"]
 
 
+def _active(n: int) -> dict[str, Any]:
+    return {
+        "id": f"ent_{n}",
+        "object": "entitlements.active_entitlement",
+        "feature": f"feat_{n}",
+        "lookup_key": f"f{n:03}",
+    }
+
+
+def test_more_than_a_page_of_entitlements_and_a_failure_reading_the_rest(
+    with_key: tuple[FlaskClient, FakeStripe], engine: Engine
+) -> None:
+    """Stripe lists 100 a page: 150 take two pages, all kept. A Stripe failure while reading the rest
+    keeps the summary's ten and marks the set incomplete, saying why."""
+    keyed, fake = with_key
+    fake.entitlements["cus_Ent4"] = [_active(n) for n in range(150)]
+    summary = samples.entitlement_summary("cus_Ent4", [f"f{n:03}" for n in range(150)])  # lists 10
+    event = samples.event("entitlements.active_entitlement_summary.updated", summary, created=T)
+    assert _status(keyed, event) == "processed"
+    assert _entitlements(engine, "cus_Ent4") == [f"f{n:03}" for n in range(150)]
+    assert [path for _, path in fake.requests].count("/v1/entitlements/active_entitlements") == 2
+
+    fake.failures = [(500, {"error": {"type": "api_error", "message": "down"}})] * 10
+    later = samples.event("entitlements.active_entitlement_summary.updated", summary, created=T + 1)
+    assert _status(keyed, later) == "processed"
+    assert _entitlements(engine, "cus_Ent4") == [f"f{n:03}" for n in range(10)]
+    with engine.connect() as connection:
+        complete, sync = connection.execute(
+            text("SELECT complete, sync FROM stripe_entitlement_sets WHERE stripe_customer_id = 'cus_Ent4'")
+        ).one()
+    assert complete is False and "could not be read" in sync["note"]
+
+
 def test_a_same_second_subscription_tie_is_settled_by_stripe(
     with_key: tuple[FlaskClient, FakeStripe], engine: Engine
 ) -> None:

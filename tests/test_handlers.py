@@ -121,11 +121,16 @@ def test_a_subscription_as_the_change_it_implies(new_period_shape: bool) -> None
 
 
 @pytest.mark.parametrize(
-    "broken",
-    [{"id": "si_123"}, {"id": "sub_1", "status": "frozen"}, {"id": "sub_1", "status": "active", "customer": None}],
+    ("broken", "reason"),
+    [
+        ({"id": "si_123", "status": "active", "customer": "cus_1"}, "no sub_"),
+        ({"id": "sub_1", "status": "frozen", "customer": "cus_1"}, "no known status"),
+        ({"id": "sub_1", "status": "active", "customer": None}, "cus_"),
+    ],
 )
-def test_a_subscription_without_its_ids_or_a_known_status_is_bad_input(broken: dict[str, object]) -> None:
-    with pytest.raises(RejectedDelivery):
+def test_a_subscription_without_its_ids_or_a_known_status_is_bad_input(broken: dict[str, object], reason: str) -> None:
+    """Each refused for its own reason: everything else about it is well-formed."""
+    with pytest.raises(RejectedDelivery, match=reason):
         HANDLERS["customer.subscription.updated"]({"object": "subscription", **broken}, Keys())
 
 

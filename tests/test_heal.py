@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
-from tests.support import SECRET, cli, configured, count, customer_row, deliver, now, settings_for
+from tests.support import SECRET, cli, configured, count, customer_row, deliver, failing_writes, now, settings_for
 from webhook import samples, stripe_api
 from webhook.budget import Budget
 from webhook.heal import Healer
@@ -249,3 +249,16 @@ def test_a_429_is_tried_again_after_stripes_retry_after(
     first, second = fake.request_times[:2]
     assert fake.requests[:2] == [("GET", "/v1/customers")] * 2
     assert second - first >= 2.9  # waited as long as Stripe asked, not the backoff's first 0 s
+
+
+def test_heal_reports_the_recovered_events_that_failed(
+    fake: FakeStripe, served: str, engine: Engine, database_url: str, client: FlaskClient
+) -> None:
+    events = _missed(fake, 4)
+    doomed = events[1]["data"]["object"]["id"]
+    with failing_writes(engine, "stripe_customers", "BEFORE", f"NEW.stripe_customer_id = '{doomed}'"):
+        healed = cli("heal", "--once", **_env(database_url, served))
+    assert healed.returncode == 0, healed.stderr
+    assert "recovered 4 events (1 failed)" in healed.stdout, healed.stdout
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'failed'") == 1
+    assert "stripe_heal_last_round_recovered_events 4.0" in client.get("/metrics").get_data(as_text=True)

@@ -457,3 +457,31 @@ def test_verify_finds_and_fix_mends_an_organization_left_unlinked(
     row = customer_row(engine, waiting["id"])
     assert row is not None and row["organization_id"] == uuid.UUID(organization)
     assert "linked to its organization by reconciliation" in row["customer_metadata"]["sync"]["note"]
+
+
+@pytest.mark.parametrize("deleted_first", [True, False], ids=["deleted then updated", "updated then deleted"])
+def test_a_same_second_deletion_stays_with_stripe_unreadable(
+    database_url: str, engine: Engine, deleted_first: bool
+) -> None:
+    """Rule 1 orders a subscription's .deleted after anything else of its second, so neither the
+    delivery order nor an unreachable Stripe (rule 3 falling back to rule 4) brings it back."""
+    unreadable = settings_for(database_url, STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE="http://127.0.0.1:9")
+    client = create_app(unreadable, engine).test_client()
+    organization = add_organization(engine)
+    customer = billing(organization)
+    team = samples.subscription(customer["id"], prices=[samples.price("team_monthly", tier="team")])
+    assert status_of(client, samples.event("customer.created", customer, created=T)) == "processed"
+    assert status_of(client, samples.event("customer.subscription.created", team, created=T)) == "processed"
+    assert tier_of(engine, organization) == "team"
+    canceled = {**team, "status": "canceled", "canceled_at": T + 30, "ended_at": T + 30}
+    deleted = samples.event("customer.subscription.deleted", canceled, created=T + 30)
+    updated = samples.event("customer.subscription.updated", {**team, "cancel_at_period_end": True}, created=T + 30)
+    first, second = (deleted, updated) if deleted_first else (updated, deleted)
+    assert status_of(client, first) == "processed"
+    assert status_of(client, second) == ("stale" if deleted_first else "processed")
+    with engine.connect() as connection:
+        kept = connection.execute(
+            text("SELECT status FROM stripe_subscriptions WHERE stripe_subscription_id = :s"), {"s": team["id"]}
+        ).scalar_one()
+    assert kept == "canceled"
+    assert tier_of(engine, organization) == "free"

@@ -135,6 +135,24 @@ def test_thin_subscription_and_entitlement_events(
     assert count(engine, "SELECT count(*) FROM stripe_entitlements WHERE stripe_customer_id = 'cus_Thin1'") == 1
 
 
+def test_a_subscription_read_whose_items_end_apart_takes_the_latest_end(
+    settled: Any, stripe_api: tuple[FakeStripe, str], engine: Engine
+) -> None:
+    """API 2025-03-31 and on: the period is on the items; several ending apart, the latest wins."""
+    fake, _ = stripe_api
+    prices = [samples.price("pro_monthly"), samples.price("seats", tier=None)]
+    subscription = samples.subscription("cus_Thin2", prices=prices, new_period_shape=True)
+    for item, end in zip(subscription["items"]["data"], (T + 86400, T + 3 * 86400), strict=True):
+        item["current_period_end"] = end
+    fake.subscriptions[subscription["id"]] = subscription
+    assert settled(samples.thin_event("v1.customer.subscription.updated", subscription["id"])) == "processed"
+    with engine.connect() as connection:
+        end = connection.execute(
+            text("SELECT extract(epoch FROM current_period_end)::bigint FROM stripe_subscriptions")
+        ).scalar_one()
+    assert end == T + 3 * 86400
+
+
 def test_pings_and_unhandled_thin_types_are_ignored(keyed: FlaskClient, engine: Engine) -> None:
     for notification in (
         samples.thin_event("v2.core.event_destination.ping", None),

@@ -219,6 +219,14 @@ def test_refetch_always_applies_stripes_state_and_survives_429(
         assert row is not None and row["customer_name"] == "truth"
         assert row["customer_metadata"]["sync"]["source"] == "api"
 
+        # Rate limited once: tried again within the read's budget, and Stripe's state applies.
+        fake.customers[customer["id"]]["name"] = "truth after a 429"
+        fake.failures.append((429, {"error": {"type": "rate_limit_error", "message": "slow down"}}))
+        again = samples.event("customer.updated", {**customer, "name": "not this"}, created=now() + 2)
+        assert post_event(port, again)[1]["status"] == "processed"
+        assert customer_row(engine, customer["id"])["customer_name"] == "truth after a 429"  # type: ignore[index]
+        assert not fake.failures  # the 429 was answered, then the retry
+
         # Rate limited for longer than a delivery may wait: the event's own state, not a lost event.
         fake.failures.extend([(429, {"error": {"type": "rate_limit_error", "message": "slow down"}})] * 10)
         later = samples.event("customer.updated", {**customer, "name": "from the event"}, created=now() + 5)
