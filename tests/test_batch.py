@@ -235,6 +235,7 @@ def test_a_held_lock_fails_only_the_events_that_wait_for_it(database_url: str, e
     assert all(customer_row(engine, customer["id"]) is None for customer in locked)
 
 
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Settings) -> None:
     """A server that accepts connections and never speaks: every delivery queued behind the one
     connecting gets its 503 with it, not after a connect timeout of its own in turn."""

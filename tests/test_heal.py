@@ -98,6 +98,7 @@ def test_two_heal_processes_at_once_apply_each_event_once_and_fetch_each_page_on
     assert fake.requests.count(("GET", "/v1/events")) == 3
 
 
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_a_killed_heal_is_taken_over_and_heal_stops_on_sigterm(
     fake: FakeStripe, served: str, engine: Engine, database_url: str
 ) -> None:

@@ -67,6 +67,7 @@ def _undo_some_of_the_schema(engine: Engine) -> None:
         connection.execute(text("ALTER TABLE stripe_customer_claims DISABLE ROW LEVEL SECURITY"))
 
 
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_migrations_beside_live_traffic_fail_no_delivery(database_url: str, engine: Engine) -> None:
     stop = threading.Event()
     runs = []

@@ -76,6 +76,7 @@ def test_database_errors_say_what_and_where_never_the_password(database_url: str
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_migrate_backup_never_shows_the_password_and_never_hangs(database_url: str, tmp_path: Path) -> None:
     url = make_url(database_url).set(username="nobody_here", password="hunter2-secret")
     wrong = cli(
@@ -100,6 +101,7 @@ def test_migrate_backup_never_shows_the_password_and_never_hangs(database_url: s
     assert "hunter2-secret" not in hung.stderr + hung.stdout
 
 
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_readyz_answers_within_two_seconds_when_the_database_never_answers(database_url: str) -> None:
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
@@ -73,6 +74,7 @@ def test_prune_keeps_failed_events_tombstones_and_says_what_it_did(
     assert customer_row(engine, customer["id"]) is None
 
 
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_pruning_100000_events_beside_live_deliveries(database_url: str, engine: Engine) -> None:
     with engine.connect() as connection:
         connection.execute(

@@ -37,6 +37,7 @@ def _request(event_body: str) -> bytes:
     return head.encode()
 
 
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_stalled_clients_cannot_starve_deliveries(database_url: str, engine: Engine) -> None:
     events = [samples.event("customer.created", samples.customer()) for _ in range(40)]
     with gunicorn(database_url, workers=2) as (port, _):
