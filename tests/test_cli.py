@@ -71,31 +71,28 @@ def test_migrate_with_backup_rollback_and_migrate_again(scratch_url: str, tmp_pa
     scratch.dispose()
 
 
-def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
-    """The README's first command: embedded Postgres, generated secret, gunicorn on the port."""
-    port = free_port()
-    server = subprocess.Popen(
+def _serve(folder: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-m", "webhook", "serve", "--port", str(port)],
-        cwd=tmp_path,
+        cwd=folder,
         env=configured(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def test_serve_with_no_environment_then_send(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The README's first command: embedded Postgres, generated secret, gunicorn on the port; and
+    `send` as a newcomer runs it (--port, from a subfolder, from elsewhere, without an API key)."""
+    port = free_port()
+    server = _serve(tmp_path, port)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/readyz", 90)
         secret = (tmp_path / ".data" / "webhook_secret").read_text().strip()
         assert secret.startswith("whsec_")
 
-        sent = cli(
-            "send",
-            "customer.created",
-            "--email",
-            "a@example.com",
-            "--url",
-            f"http://127.0.0.1:{port}/webhooks/stripe",
-            cwd=tmp_path,
-        )
+        sent = cli("send", "customer.created", "--email", "a@example.com", "--port", str(port), cwd=tmp_path)
 
         assert sent.returncode == 0, sent.stdout + sent.stderr
         answer = json.loads(sent.stdout.split(" -> 200 ", 1)[1])
@@ -112,17 +109,52 @@ def test_serve_with_no_environment_then_send(tmp_path: Path) -> None:
         embedded.dispose()
         assert email == "a@example.com"
 
-        # Thin notifications, signed the same way: a ping is ignored; a customer's needs the API key.
+        # Thin notifications, signed the same way: a ping is ignored; a customer's needs the API
+        # key, and send prints the reason the server recorded.
         target = f"http://127.0.0.1:{port}/webhooks/stripe"
         ping = cli("send", "--thin", "v2.core.event_destination.ping", "--url", target, cwd=tmp_path)
         assert ping.returncode == 0 and '"status": "ignored"' in ping.stdout, ping.stdout + ping.stderr
-        keyless = cli("send", "--thin", "v1.customer.updated", "--url", target, cwd=tmp_path)
+        keyless = cli("send", "--thin", "v1.customer.updated", "--port", str(port), cwd=tmp_path)
         assert keyless.returncode == 1 and " -> 500 " in keyless.stdout
+        assert "need STRIPE_API_KEY" in keyless.stdout and "replay" in keyless.stdout
+
+        # From a folder below serve's: its secret is found, none is made.
+        below = tmp_path / "src" / "app"
+        below.mkdir(parents=True)
+        deeper = cli("send", "customer.created", "--port", str(port), cwd=below)
+        assert deeper.returncode == 0 and " -> 200 " in deeper.stdout, deeper.stdout + deeper.stderr
+        assert not (below / ".data").exists()
+        # From anywhere else: one line saying what to do, and no secret of its own.
+        elsewhere = tmp_path_factory.mktemp("elsewhere")
+        lost = cli("send", "customer.created", "--port", str(port), cwd=elsewhere)
+        assert lost.returncode == 2 and not (elsewhere / ".data").exists()
+        assert lost.stderr.count("\n") == 1 and "the folder `serve` runs in" in lost.stderr
+        # With another secret: the server's refusal, and which secret was used.
+        wrong = cli("send", "customer.created", "--port", str(port), cwd=elsewhere, STRIPE_WEBHOOK_SECRET="whsec_x")
+        assert wrong.returncode == 1 and " -> 400 " in wrong.stdout
+        assert "signed with the secret from STRIPE_WEBHOOK_SECRET" in wrong.stderr
+
+        # A second consumer on the same machine, in another folder, at the same time.
+        other_folder, other_port = tmp_path_factory.mktemp("second"), free_port()
+        other = _serve(other_folder, other_port)
+        try:
+            wait_until_up(f"http://127.0.0.1:{other_port}/readyz", 90)
+            both = [
+                cli("send", "customer.created", "--port", str(p), cwd=f)
+                for p, f in ((port, tmp_path), (other_port, other_folder))
+            ]
+            assert [" -> 200 " in answer.stdout for answer in both] == [True, True]
+        finally:
+            other.send_signal(signal.SIGTERM)
+            other_output, _ = other.communicate(timeout=60)
+        assert other.returncode == 0, other_output
     finally:
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=60)
     assert server.returncode == 0, output
     assert secret in output  # the dev secret is printed for `stripe listen` users
+    for printed in (output, other_output):
+        assert "RuntimeDirWarning" not in printed and "Control socket" not in printed, printed
 
 
 def test_help_says_what_migrate_and_backfill_do() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,12 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from bench import cluster
-from tests.support import SECRET, add_user, cli, count
+from tests.support import SECRET, add_user, cli, count, deliver, settings_for
 from tests.test_rls import TABLES
 from webhook import database, migrations, samples, store
+from webhook.app import create_app
 from webhook.config import Keys
+from webhook.embedded import pg_bin
 from webhook.results import Applied, Status
 from webhook.verify import parse_event
 
@@ -321,3 +324,44 @@ def test_the_previous_releases_batch_call_still_answers_in_its_text_form(engine:
         ).scalar_one()
     assert outcomes[0] == "ignored"
     assert outcomes[1].startswith("error:22P02:")  # jsonb refuses the lone surrogate: that event alone
+
+
+def test_db_sql_applied_by_psql_in_one_transaction_leaves_migrate_nothing_to_do(
+    scratch_url: str, tmp_path: Path
+) -> None:
+    """A team that keeps the schema in its own migrations (supabase/migrations, Alembic, Flyway):
+    `db sql` prints it, their tool applies it in one transaction, and the consumer serves."""
+    printed = cli("db", "sql")
+    assert printed.returncode == 0, printed.stderr
+    migration = tmp_path / "20261207000000_stripe_webhook.sql"
+    migration.write_text(printed.stdout)
+    libpq_url = scratch_url.replace("postgresql+psycopg2://", "postgresql://")
+    applied = subprocess.run(
+        [
+            pg_bin("psql"),
+            "--no-psqlrc",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--single-transaction",
+            "-q",
+            "-f",
+            str(migration),
+            libpq_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert applied.returncode == 0, applied.stderr
+    scratch = database.make_engine(scratch_url, pool_size=1)
+    with scratch.connect() as connection:
+        before = connection.exec_driver_sql(_SHAPE_OF_EVERYTHING).scalars().all()
+    assert len(before) > 60
+    migrated = cli("db", "migrate", DATABASE_URL=scratch_url, STRIPE_WEBHOOK_SECRET=SECRET)
+    assert migrated.returncode == 0, migrated.stderr
+    with scratch.connect() as connection:
+        assert connection.exec_driver_sql(_SHAPE_OF_EVERYTHING).scalars().all() == before
+    client = create_app(settings_for(scratch_url), scratch).test_client()
+    answer = deliver(client, samples.event("customer.created", samples.customer()))
+    assert (answer.status_code, answer.get_json()["status"]) == (200, "processed")
+    scratch.dispose()

@@ -43,7 +43,8 @@ def answer_delivery(
     except DatabaseUnavailable:
         return 503, {"error": "database unavailable; retry later"}
     except ProcessingFailed as failure:
-        return 500, {"error": "processing failed; the event is kept for replay", "event_id": failure.event_id}
+        reason = failure.shown or "processing failed; the event is kept for replay"
+        return 500, {"error": reason, "event_id": failure.event_id}
     finally:
         metrics.LATENCY.observe(time.perf_counter() - started)
 

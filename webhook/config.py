@@ -183,7 +183,9 @@ def free_tier(env: Mapping[str, str]) -> str:
     return tier
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(env: Mapping[str, str] | None = None, *, make_secret: bool = True) -> Settings:
+    """The environment as Settings. make_secret=False (`send`): in embedded mode, no secret is
+    generated here when none is kept: webhook_secrets is then empty, and the caller looks further."""
     env = os.environ if env is None else env
     database_url = _database_url(env)
     data_dir = DATA_DIR.resolve()
@@ -191,7 +193,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if raw_secret:
         webhook_secrets = _secrets(raw_secret)
     elif database_url is None:
-        webhook_secrets = (embedded_secret(data_dir),)
+        kept = (data_dir / "webhook_secret").exists()
+        webhook_secrets = (embedded_secret(data_dir),) if make_secret or kept else ()
     else:
         raise ConfigError("STRIPE_WEBHOOK_SECRET is required when DATABASE_URL is set")
 

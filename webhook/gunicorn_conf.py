@@ -20,6 +20,9 @@ worker_class = "webhook.worker.BufferedThreadWorker"
 # statements carry more of them: against 4, +18% events/s and -11%/-14% CPU per event in the
 # workers/Postgres (2 workers, 16 connections; README, Performance). 12 and 16 did no better.
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+# gunicorn's control socket (~/.gunicorn/gunicorn.ctl, one path for every instance) is unused
+# here, and two consumers on one machine would fight over it.
+control_socket_disable = True
 keepalive = 30
 timeout = 30
 graceful_timeout = 20

@@ -142,6 +142,27 @@ def migrate(engine: Engine, shim: bool) -> list[Traversable]:
     return applied
 
 
+_CONCURRENTLY = re.compile(r"\b(CREATE (?:UNIQUE )?INDEX|DROP INDEX) CONCURRENTLY(?= IF)")
+
+
+def as_one_migration(shim: bool) -> str:
+    """What `db migrate` applies, as one SQL file for a team's own migrations (`db sql`): the same
+    statements in the same order, idempotent, with the indexes built plainly, since a migration tool
+    runs a file in one transaction and CONCURRENTLY cannot run in one."""
+    header = (
+        "-- The Stripe webhook consumer's schema, as `python -m webhook db migrate"
+        + (" --shim" if shim else "")
+        + "` applies it (printed by `db sql`).\n"
+        "-- Idempotent: safe to apply again, and `db migrate` afterwards finds it in shape. Indexes are built\n"
+        "-- without CONCURRENTLY so the file runs in one transaction; on tables that already hold many rows,\n"
+        "-- `db migrate` builds them without blocking writes instead.\n"
+    )
+    parts = []
+    for path in [SHIM, *APPLIED] if shim else APPLIED:
+        parts.append(f"\n-- ==== db/{path.name} ====\n" + _CONCURRENTLY.sub(r"\1", path.read_text()))
+    return header + "".join(parts)
+
+
 def rollback(engine: Engine) -> None:
     with engine.connect() as connection:
         run_sql(connection, ROLLBACK.read_text())

@@ -38,12 +38,14 @@ class StripeUnavailable(Exception):
 
 
 class ProcessingFailed(Exception):
-    """The event is logged as failed with its error, for a retry or `replay`."""
+    """The event is logged as failed with its error, for a retry or `replay`. `shown`: a reason the
+    answer may say (a configuration the operator must fix), where others only say it failed."""
 
-    def __init__(self, event_id: str, error: str) -> None:
+    def __init__(self, event_id: str, error: str, shown: str | None = None) -> None:
         super().__init__(error)
         self.event_id = event_id
         self.error = error
+        self.shown = shown
 
 
 def change_for(event: Event, settings: Settings) -> Change | None:
@@ -151,9 +153,9 @@ def _queue(engine: Engine, event: Event, settings: Settings) -> Outcome:
     """A delivered thin notification: logged and queued, answered at once; read in the background
     (webhook/thin_queue.py). Without an API key it can never be read: failed, for a replay."""
     if settings.stripe_api_key is None:
-        error = thin.ThinNeedsKey("thin events need STRIPE_API_KEY to read the object they name; replay it once set")
+        error = thin.ThinNeedsKey(thin.NEEDS_KEY)
         _record_failure(engine, event, error)
-        raise ProcessingFailed(event.id, describe(error))
+        raise ProcessingFailed(event.id, describe(error), shown=thin.NEEDS_KEY)
     try:
         queued = thin_queue.enqueue(engine, event, store.jsonb_text(event.payload))
     except psycopg2.DataError as error:  # a payload jsonb cannot hold: kept as text, failed

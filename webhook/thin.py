@@ -42,6 +42,9 @@ ENTITLEMENTS_PREFIX = "v1.entitlements.active_entitlement_summary."
 READ_TIMEOUT_SECONDS = 10.0
 
 
+NEEDS_KEY = "thin events need STRIPE_API_KEY to read the object they name; kept as failed, replay it once set"
+
+
 class ThinNeedsKey(Exception):
     """A thin event cannot be applied without STRIPE_API_KEY: kept as failed, for a replay."""
 
@@ -157,5 +160,5 @@ def read(client: stripe.StripeClient, event: Event, settings: Settings) -> Chang
 
 def client_for(settings: Settings) -> stripe.StripeClient:
     if settings.stripe_api_key is None:
-        raise ThinNeedsKey("thin events need STRIPE_API_KEY to read the object they name; replay it once set")
+        raise ThinNeedsKey(NEEDS_KEY)
     return stripe_api.delivery_client(settings.stripe_api_key, settings.stripe_api_base, READ_TIMEOUT_SECONDS)

@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     run: Callable[[Settings, argparse.Namespace], int] = args.run
     try:
-        settings = load_settings()
+        # `send` signs with the server's secret: it must not make one of its own where none is kept.
+        settings = load_settings(make_secret=not getattr(args, "finds_secret", False))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,7 +16,7 @@ import stripe
 
 from webhook import embedded, migrations, samples
 from webhook.cli.common import EXIT_FAILURES, EXIT_OK, Commands, UsageError, engine_for
-from webhook.config import Settings
+from webhook.config import DATA_DIR, Settings
 from webhook.database import make_engine
 from webhook.serving import gunicorn_command
 
@@ -36,6 +36,13 @@ def add_commands(commands: Commands) -> None:
     migrate.add_argument("--shim", action="store_true", help="apply db/supabase_shim.sql first (never on Supabase)")
     migrate.add_argument("--backup-dir", help="pg_dump --schema-only into this folder first")
     migrate.set_defaults(run=cmd_db_migrate)
+    sql = db.add_parser(
+        "sql",
+        help="print the SQL db migrate applies, as one idempotent migration for the team's own tool "
+        "(supabase/migrations, Alembic, Flyway); no database needed",
+    )
+    sql.add_argument("--shim", action="store_true", help="with db/supabase_shim.sql first (never for Supabase)")
+    sql.set_defaults(run=cmd_db_sql)
     rollback = db.add_parser("rollback", help="apply db/rollback.sql")
     rollback.add_argument("--yes", action="store_true", help="confirm dropping the tables")
     rollback.set_defaults(run=cmd_db_rollback)
@@ -43,6 +50,7 @@ def add_commands(commands: Commands) -> None:
     send = commands.add_parser("send", help="sign and POST a realistic event (a local `stripe trigger`)")
     send.add_argument("type", help="event type, e.g. customer.created")
     send.add_argument("--url", help="where to POST (default: http://127.0.0.1:PORT/webhooks/stripe)")
+    send.add_argument("--port", type=int, help="the port `serve --port` listens on (default: PORT, 8000)")
     send.add_argument("--customer-id", help="the customer's cus_… id (default: a new one)")
     send.add_argument("--email", help="the customer's email")
     send.add_argument("--name", help="the customer's name")
@@ -53,7 +61,7 @@ def add_commands(commands: Commands) -> None:
         action="store_true",
         help="send a thin notification (TYPE like v1.customer.updated; --customer-id names it)",
     )
-    send.set_defaults(run=cmd_send)
+    send.set_defaults(run=cmd_send, finds_secret=True)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -99,6 +107,11 @@ def cmd_db_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db_sql(settings: Settings, args: argparse.Namespace) -> int:
+    sys.stdout.write(migrations.as_one_migration(args.shim))
+    return EXIT_OK
+
+
 def cmd_db_rollback(settings: Settings, args: argparse.Namespace) -> int:
     if not args.yes:
         raise UsageError("db rollback drops the Stripe tables and their data; pass --yes to confirm")
@@ -107,8 +120,29 @@ def cmd_db_rollback(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _signing_secret(settings: Settings) -> tuple[str, str]:
+    """The secret `send` signs with, and where it came from: STRIPE_WEBHOOK_SECRET, else the one
+    `serve` keeps in .data/webhook_secret of this folder or the nearest folder above it."""
+    if settings.webhook_secrets:
+        where = (
+            "STRIPE_WEBHOOK_SECRET"
+            if os.environ.get("STRIPE_WEBHOOK_SECRET")
+            else str(settings.data_dir / "webhook_secret")
+        )
+        return settings.webhook_secrets[0], where
+    for folder in Path.cwd().resolve().parents:
+        kept = folder / DATA_DIR / "webhook_secret"
+        if kept.is_file():
+            return kept.read_text().strip(), str(kept)
+    raise UsageError(
+        "no webhook secret to sign with: run send in the folder `serve` runs in (it keeps .data/webhook_secret), "
+        "or set STRIPE_WEBHOOK_SECRET to the server's secret"
+    )
+
+
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
-    url = args.url or f"http://127.0.0.1:{settings.port}/webhooks/stripe"
+    url = args.url or f"http://127.0.0.1:{args.port or settings.port}/webhooks/stripe"
+    secret, secret_source = _signing_secret(settings)
     if args.thin:
         if not args.type.startswith(("v1.", "v2.")):
             raise UsageError("a thin event's type starts with v1. or v2. (v1.customer.updated, …)")
@@ -124,7 +158,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
             user_id_key=settings.user_id_metadata_key,
         )
     body = json.dumps(event)
-    header = stripe.WebhookSignature.generate_signature_header(body, settings.webhook_secrets[0])
+    header = stripe.WebhookSignature.generate_signature_header(body, secret)
     request = urllib.request.Request(
         url,
         data=body.encode(),
@@ -140,4 +174,10 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: could not reach {url}: {error.reason}", file=sys.stderr)
         return EXIT_FAILURES
     print(f"{args.type} {event['id']} -> {status} {answer.strip()}")
+    if status == 400 and "no valid signature" in answer:
+        print(
+            f"error: signed with the secret from {secret_source}, which the server does not have: run send in "
+            "the folder `serve` runs in, or set STRIPE_WEBHOOK_SECRET to the server's secret",
+            file=sys.stderr,
+        )
     return EXIT_OK if 200 <= status < 300 else EXIT_FAILURES
