@@ -14,7 +14,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
-from tests.support import settings_for
+from tests.server import gunicorn
+from tests.support import KEY, settings_for
 from webhook import database, migrations
 from webhook.app import create_app
 from webhook.config import Settings
@@ -74,8 +75,48 @@ def scratch_url(engine: Engine) -> Iterator[str]:
 
 @pytest.fixture
 def fake() -> FakeStripe:
-    """A fake Stripe API (tests/fake_stripe.py); test_ties.py serves its own over HTTP."""
+    """A fake Stripe API (tests/fake_stripe.py); a module may override it with one of module scope."""
     return FakeStripe()
+
+
+@pytest.fixture
+def stripe_http(fake: FakeStripe) -> Iterator[str]:
+    """The fake Stripe over real HTTP on loopback: its base URL, for STRIPE_API_BASE."""
+    with fake.serving() as base:
+        yield base
+
+
+@pytest.fixture
+def keyed_settings(database_url: str, stripe_http: str) -> Settings:
+    """Settings with an API key, reading the fake Stripe over HTTP."""
+    return settings_for(database_url, STRIPE_API_KEY=KEY, STRIPE_API_BASE=stripe_http)
+
+
+@pytest.fixture
+def keyed(keyed_settings: Settings, engine: Engine) -> FlaskClient:
+    """The in-process app with an API key (thin notifications queue; ties read the fake Stripe)."""
+    return create_app(keyed_settings, engine).test_client()
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str) -> Iterator[int]:
+    """A gunicorn server (2 workers) for the module, without an API key: its port."""
+    with gunicorn(database_url, workers=2) as (port, _):
+        yield port
+
+
+@pytest.fixture(scope="module")
+def keyed_server(fake: FakeStripe, database_url: str) -> Iterator[int]:
+    """A gunicorn server (2 workers) for the module with an API key, reading `fake` (which the
+    module overrides with one of module scope) over HTTP: its port."""
+    with (
+        fake.serving() as base,
+        gunicorn(database_url, workers=2, STRIPE_API_KEY=KEY, STRIPE_API_BASE=base) as (
+            port,
+            _,
+        ),
+    ):
+        yield port
 
 
 @pytest.fixture(autouse=True)

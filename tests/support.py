@@ -25,6 +25,9 @@ SECRET = "whsec_test_primary_0123456789abcdef"
 SECOND_SECRET = "whsec_test_rotated_fedcba9876543210"
 
 
+KEY = "sk_test_fake"  # the one API key the fake Stripe accepts
+
+
 def settings_for(database_url: str, **overrides: str) -> Settings:
     env = {"DATABASE_URL": database_url, "STRIPE_WEBHOOK_SECRET": f"{SECRET},{SECOND_SECRET}"}
     env.update(overrides)

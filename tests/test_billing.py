@@ -6,7 +6,6 @@ roles see them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,10 +13,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
-from tests.support import add_user, count, deliver, event_row, now, read_waiting, settings_for
+from tests.support import add_user, count, deliver, event_row, now, read_waiting
 from tests.test_rls import acting_as
 from webhook import samples
-from webhook.app import create_app
+from webhook.config import Settings
 
 T = now() - 3600
 
@@ -146,19 +145,9 @@ def test_an_entitlement_summary_replaces_the_set_and_an_older_one_is_stale(clien
     assert _entitlements(engine, "cus_Ent1") == ["api", "pro"]  # export is gone, basic never came
 
 
-@pytest.fixture
-def with_key(database_url: str, engine: Engine) -> Iterator[tuple[FlaskClient, FakeStripe]]:
-    fake = FakeStripe()
-    with fake.serving() as base:
-        settings = settings_for(database_url, STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=base)
-        fake.settings = settings  # type: ignore[attr-defined]  # for read_waiting
-        yield create_app(settings, engine).test_client(), fake
-
-
 def test_past_ten_entitlements_the_rest_is_read_from_stripe(
-    with_key: tuple[FlaskClient, FakeStripe], client: FlaskClient, engine: Engine
+    keyed: FlaskClient, fake: FakeStripe, client: FlaskClient, engine: Engine
 ) -> None:
-    keyed, fake = with_key
     keys = [f"feature_{n:02}" for n in range(12)]
     fake.entitlements["cus_Ent2"] = [
         {"id": f"ent_{n}", "object": "entitlements.active_entitlement", "feature": f"feat_{n}", "lookup_key": key}
@@ -200,11 +189,10 @@ def _active(n: int) -> dict[str, Any]:
 
 
 def test_more_than_a_page_of_entitlements_and_a_failure_reading_the_rest(
-    with_key: tuple[FlaskClient, FakeStripe], engine: Engine
+    keyed: FlaskClient, fake: FakeStripe, engine: Engine
 ) -> None:
     """Stripe lists 100 a page: 150 take two pages, all kept. A Stripe failure while reading the rest
     keeps the summary's ten and marks the set incomplete, saying why."""
-    keyed, fake = with_key
     fake.entitlements["cus_Ent4"] = [_active(n) for n in range(150)]
     summary = samples.entitlement_summary("cus_Ent4", [f"f{n:03}" for n in range(150)])  # lists 10
     event = samples.event("entitlements.active_entitlement_summary.updated", summary, created=T)
@@ -224,9 +212,8 @@ def test_more_than_a_page_of_entitlements_and_a_failure_reading_the_rest(
 
 
 def test_a_same_second_subscription_tie_is_settled_by_stripe(
-    with_key: tuple[FlaskClient, FakeStripe], engine: Engine
+    keyed: FlaskClient, fake: FakeStripe, engine: Engine
 ) -> None:
-    keyed, fake = with_key
     subscription = samples.subscription("cus_Billing5", status="active")
     fake.subscriptions[subscription["id"]] = {**subscription, "status": "unpaid"}
     fake.clock = T + 30
@@ -425,14 +412,15 @@ def test_payment_methods_keep_the_card_summary_and_a_detach_outlives_a_late_atta
     assert _payment_methods(engine, "cus_Pm1") == []
 
 
-def test_a_thin_payment_method_event_reads_stripe(with_key: tuple[FlaskClient, FakeStripe], engine: Engine) -> None:
-    keyed, fake = with_key
+def test_a_thin_payment_method_event_reads_stripe(
+    keyed: FlaskClient, keyed_settings: Settings, fake: FakeStripe, engine: Engine
+) -> None:
     method = samples.payment_method("cus_Pm2", last4="4444")
     fake.payment_methods = {method["id"]: method}
     for thin_type in ("v1.payment_method.attached", "v1.payment_method.detached"):
         notification = samples.thin_event(thin_type, method["id"])
         assert _status(keyed, notification) == "queued"
-        assert read_waiting(engine, fake.settings) == 1  # type: ignore[attr-defined]
+        assert read_waiting(engine, keyed_settings) == 1
         assert event_row(engine, notification["id"])["status"] == "processed"  # type: ignore[index]
         if thin_type.endswith("attached"):
             assert [row[3] for row in _payment_methods(engine, "cus_Pm2")] == ["4444"]

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,18 +14,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
-from tests.support import SECRET, cli, configured, count, customer_row, deliver, failing_writes, now, settings_for
+from tests.support import KEY, SECRET, cli, configured, count, customer_row, deliver, failing_writes, now, settings_for
 from webhook import samples, stripe_api
 from webhook.budget import Budget
 from webhook.heal import Healer
-
-KEY = "sk_test_fake"
-
-
-@pytest.fixture
-def served(fake: FakeStripe) -> Iterator[str]:
-    with fake.serving() as base:
-        yield base
 
 
 def _env(database_url: str, base: str, **extra: str) -> dict[str, str]:
@@ -63,33 +54,33 @@ def _heal(*args: str, **env: str) -> subprocess.Popen[str]:
 
 
 def test_heal_recovers_missed_events_and_a_second_round_finds_nothing(
-    fake: FakeStripe, served: str, client: FlaskClient, engine: Engine, database_url: str
+    fake: FakeStripe, stripe_http: str, client: FlaskClient, engine: Engine, database_url: str
 ) -> None:
     events = _missed(fake, 5)
     for delivered in events[:2]:
         assert deliver(client, delivered).status_code == 200
-    first = cli("heal", "--once", **_env(database_url, served))
+    first = cli("heal", "--once", **_env(database_url, stripe_http))
     assert first.returncode == 0, first.stderr
     assert "recovered 3 events" in first.stdout
     for event in events:
         assert customer_row(engine, event["data"]["object"]["id"]) is not None
-    second = cli("heal", "--once", **_env(database_url, served))
+    second = cli("heal", "--once", **_env(database_url, stripe_http))
     assert "recovered 0 events" in second.stdout, second.stdout
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 5
 
 
 def test_two_heal_processes_at_once_apply_each_event_once_and_fetch_each_page_once(
-    fake: FakeStripe, served: str, engine: Engine, database_url: str
+    fake: FakeStripe, stripe_http: str, engine: Engine, database_url: str
 ) -> None:
     _missed(fake, 250)  # three pages
     fake.gate.clear()  # Stripe holds its first answer until the second process has tried
-    first = _heal("--once", **_env(database_url, served))
+    first = _heal("--once", **_env(database_url, stripe_http))
     try:
         deadline = time.monotonic() + 30
         while not fake.requests:
             assert time.monotonic() < deadline, "the first heal never asked Stripe"
             time.sleep(0.05)
-        second = _heal("--once", **_env(database_url, served))
+        second = _heal("--once", **_env(database_url, stripe_http))
         assert "another heal process holds the lease" in second.communicate(timeout=60)[0]
     finally:
         fake.gate.set()
@@ -100,11 +91,11 @@ def test_two_heal_processes_at_once_apply_each_event_once_and_fetch_each_page_on
 
 @pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_a_killed_heal_is_taken_over_and_heal_stops_on_sigterm(
-    fake: FakeStripe, served: str, engine: Engine, database_url: str
+    fake: FakeStripe, stripe_http: str, engine: Engine, database_url: str
 ) -> None:
     _missed(fake, 600)  # six pages, a second each
     fake.delay = 1.0
-    env = _env(database_url, served, HEAL_INTERVAL="3s")
+    env = _env(database_url, stripe_http, HEAL_INTERVAL="3s")
     first = _heal(**env)
     deadline = time.monotonic() + 30
     while fake.requests.count(("GET", "/v1/events")) < 2:
@@ -130,11 +121,11 @@ def test_a_killed_heal_is_taken_over_and_heal_stops_on_sigterm(
 
 
 def test_background_stripe_traffic_stays_under_the_rate(
-    fake: FakeStripe, served: str, engine: Engine, database_url: str
+    fake: FakeStripe, stripe_http: str, engine: Engine, database_url: str
 ) -> None:
     for i in range(1500):
         fake.add_customer(email=f"r{i}@example.com")
-    result = cli("backfill", **_env(database_url, served, STRIPE_API_RATE="5"))
+    result = cli("backfill", **_env(database_url, stripe_http, STRIPE_API_RATE="5"))
     assert result.returncode == 0, result.stderr
     times = fake.request_times
     busiest = max(sum(1 for t in times if start <= t < start + 1) for start in times)
@@ -167,12 +158,12 @@ def test_a_stripe_storm_fails_the_round_and_the_next_succeeds(
 
 
 def test_reconciliation_fixes_a_hand_edit_and_a_silent_deletion(
-    fake: FakeStripe, served: str, engine: Engine, database_url: str
+    fake: FakeStripe, stripe_http: str, engine: Engine, database_url: str
 ) -> None:
     kept, gone = fake.add_customer(email="kept@example.com"), fake.add_customer(email="gone@example.com")
     for i in range(10):
         fake.add_customer(email=f"other{i}@example.com")
-    assert cli("backfill", **_env(database_url, served)).returncode == 0
+    assert cli("backfill", **_env(database_url, stripe_http)).returncode == 0
     with engine.connect() as connection:
         connection.execute(
             text("UPDATE stripe_customers SET customer_email = 'typo@example.com' WHERE stripe_customer_id = :c"),
@@ -180,7 +171,7 @@ def test_reconciliation_fixes_a_hand_edit_and_a_silent_deletion(
         )
     fake.delete_customer(gone["id"])  # deleted in Stripe, and no event says so
 
-    result = cli("heal", "--once", **_env(database_url, served, RECONCILE_INTERVAL="1s"))
+    result = cli("heal", "--once", **_env(database_url, stripe_http, RECONCILE_INTERVAL="1s"))
     assert "drift 2 found, 2 fixed" in result.stdout, result.stdout + result.stderr
     assert customer_row(engine, kept["id"])["customer_email"] == "kept@example.com"  # type: ignore[index]
     assert customer_row(engine, gone["id"]) is None
@@ -205,11 +196,11 @@ def test_metrics_show_failed_events_and_the_last_processed_event(
 
 
 def test_heal_stops_within_seconds_while_stripe_is_slow(
-    fake: FakeStripe, served: str, engine: Engine, database_url: str
+    fake: FakeStripe, stripe_http: str, engine: Engine, database_url: str
 ) -> None:
     _missed(fake, 10)
     fake.delay = 25.0  # one answer takes longer than a stop may
-    healer = _heal(**_env(database_url, served, HEAL_INTERVAL="3s"))
+    healer = _heal(**_env(database_url, stripe_http, HEAL_INTERVAL="3s"))
     try:
         deadline = time.monotonic() + 30
         while not fake.requests:
@@ -229,23 +220,23 @@ def test_heal_stops_within_seconds_while_stripe_is_slow(
 
 
 def test_malformed_items_of_the_events_list_are_reported_as_skipped(
-    fake: FakeStripe, served: str, engine: Engine, database_url: str
+    fake: FakeStripe, stripe_http: str, engine: Engine, database_url: str
 ) -> None:
     good = _missed(fake, 2)
     fake.events.append({"id": "evt_malformed", "object": "event", "type": "customer.created", "created": now()})
-    result = cli("heal", "--once", **_env(database_url, served))
+    result = cli("heal", "--once", **_env(database_url, stripe_http))
     assert result.returncode == 0, result.stderr
     assert "recovered 2 events; skipped 1 malformed items" in result.stdout
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(good)
 
 
 def test_a_429_is_tried_again_after_stripes_retry_after(
-    fake: FakeStripe, served: str, engine: Engine, database_url: str
+    fake: FakeStripe, stripe_http: str, engine: Engine, database_url: str
 ) -> None:
     fake.add_customer()
     fake.failures = [(429, {"error": {"type": "rate_limit_error", "message": "slow down"}})]
     fake.retry_after = 3
-    verified = cli("verify", **_env(database_url, served))
+    verified = cli("verify", **_env(database_url, stripe_http))
     assert verified.returncode == 0 and "checked 0 rows" in verified.stdout, verified.stderr  # past the 429
     first, second = fake.request_times[:2]
     assert fake.requests[:2] == [("GET", "/v1/customers")] * 2
@@ -253,12 +244,12 @@ def test_a_429_is_tried_again_after_stripes_retry_after(
 
 
 def test_heal_reports_the_recovered_events_that_failed(
-    fake: FakeStripe, served: str, engine: Engine, database_url: str, client: FlaskClient
+    fake: FakeStripe, stripe_http: str, engine: Engine, database_url: str, client: FlaskClient
 ) -> None:
     events = _missed(fake, 4)
     doomed = events[1]["data"]["object"]["id"]
     with failing_writes(engine, "stripe_customers", "BEFORE", f"NEW.stripe_customer_id = '{doomed}'"):
-        healed = cli("heal", "--once", **_env(database_url, served))
+        healed = cli("heal", "--once", **_env(database_url, stripe_http))
     assert healed.returncode == 0, healed.stderr
     assert "recovered 4 events (1 failed)" in healed.stdout, healed.stdout
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'failed'") == 1

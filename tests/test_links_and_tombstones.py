@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,15 +34,9 @@ from webhook.stripe_api import make_client
 T = now() - 3600
 
 
-@pytest.fixture(scope="module")
-def served(database_url: str) -> Iterator[int]:
-    with gunicorn(database_url, workers=2) as (port, _):
-        yield port
-
-
 @pytest.fixture
-def port(served: int, engine: Engine) -> int:
-    return served
+def port(server: int, engine: Engine) -> int:
+    return server
 
 
 def _sync(engine: Engine, customer_id: str) -> dict[str, Any]:

@@ -5,7 +5,6 @@ end in one state and one audited change; and the answers when there is no key or
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,31 +12,13 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
-from tests.support import count, customer_row, deliver, event_row, now, read_waiting, settings_for
+from tests.support import count, customer_row, deliver, event_row, now, read_waiting
 from webhook import samples
-from webhook.app import create_app
 from webhook.budget import Budget
 from webhook.config import Settings
 from webhook.thin_queue import Reader
 
 T = now() - 3600
-
-
-@pytest.fixture
-def stripe_api() -> Iterator[tuple[FakeStripe, str]]:
-    fake = FakeStripe()
-    with fake.serving() as base:
-        yield fake, base
-
-
-@pytest.fixture
-def keyed_settings(stripe_api: tuple[FakeStripe, str], database_url: str) -> Settings:
-    return settings_for(database_url, STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=stripe_api[1])
-
-
-@pytest.fixture
-def keyed(keyed_settings: Settings, engine: Engine) -> FlaskClient:
-    return create_app(keyed_settings, engine).test_client()
 
 
 def _answer(client: FlaskClient, event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -59,9 +40,8 @@ def settled(keyed: FlaskClient, keyed_settings: Settings, engine: Engine) -> Any
 
 
 def test_a_thin_event_applies_what_stripe_says_now(
-    keyed: FlaskClient, settled: Any, stripe_api: tuple[FakeStripe, str], engine: Engine
+    keyed: FlaskClient, settled: Any, fake: FakeStripe, engine: Engine
 ) -> None:
-    fake, _ = stripe_api
     customer = fake.add_customer(name="Now in Stripe", created=T)
     fake.clock = T + 30
     notification = samples.thin_event("v1.customer.updated", customer["id"], created=T + 29, context="acct_123")
@@ -82,9 +62,8 @@ def test_a_thin_event_applies_what_stripe_says_now(
 
 @pytest.mark.parametrize("snapshot_first", [True, False], ids=["snapshot then thin", "thin then snapshot"])
 def test_the_snapshot_and_thin_versions_of_one_change_end_in_one_state_and_one_audit_row(
-    keyed: FlaskClient, settled: Any, stripe_api: tuple[FakeStripe, str], engine: Engine, snapshot_first: bool
+    keyed: FlaskClient, settled: Any, fake: FakeStripe, engine: Engine, snapshot_first: bool
 ) -> None:
-    fake, _ = stripe_api
     customer = fake.add_customer(name="Renamed", created=T)
     fake.clock = T + 10
     snapshot = samples.event("customer.updated", customer, created=T + 10)
@@ -101,9 +80,8 @@ def test_the_snapshot_and_thin_versions_of_one_change_end_in_one_state_and_one_a
 
 
 def test_a_thin_event_for_a_deleted_customer_deletes_it_with_a_tombstone(
-    keyed: FlaskClient, settled: Any, stripe_api: tuple[FakeStripe, str], engine: Engine
+    keyed: FlaskClient, settled: Any, fake: FakeStripe, engine: Engine
 ) -> None:
-    fake, _ = stripe_api
     customer = samples.customer(created=T)
     assert _answer(keyed, samples.event("customer.created", customer, created=T))[1]["status"] == "processed"
     fake.deleted.add(customer["id"])
@@ -114,10 +92,7 @@ def test_a_thin_event_for_a_deleted_customer_deletes_it_with_a_tombstone(
     assert _answer(keyed, late)[1]["status"] == "stale"
 
 
-def test_thin_subscription_and_entitlement_events(
-    settled: Any, stripe_api: tuple[FakeStripe, str], engine: Engine
-) -> None:
-    fake, _ = stripe_api
+def test_thin_subscription_and_entitlement_events(settled: Any, fake: FakeStripe, engine: Engine) -> None:
     subscription = samples.subscription("cus_Thin1", status="past_due")
     fake.subscriptions[subscription["id"]] = subscription
     thin = samples.thin_event("v1.customer.subscription.past_due", subscription["id"])
@@ -136,10 +111,9 @@ def test_thin_subscription_and_entitlement_events(
 
 
 def test_a_subscription_read_whose_items_end_apart_takes_the_latest_end(
-    settled: Any, stripe_api: tuple[FakeStripe, str], engine: Engine
+    settled: Any, fake: FakeStripe, engine: Engine
 ) -> None:
     """API 2025-03-31 and on: the period is on the items; several ending apart, the latest wins."""
-    fake, _ = stripe_api
     prices = [samples.price("pro_monthly"), samples.price("seats", tier=None)]
     subscription = samples.subscription("cus_Thin2", prices=prices, new_period_shape=True)
     for item, end in zip(subscription["items"]["data"], (T + 86400, T + 3 * 86400), strict=True):
@@ -198,9 +172,8 @@ def _due_now(engine: Engine) -> None:
 
 
 def test_stripe_down_keeps_the_notification_waiting_then_a_later_read_applies_it(
-    keyed: FlaskClient, keyed_settings: Settings, stripe_api: tuple[FakeStripe, str], engine: Engine
+    keyed: FlaskClient, keyed_settings: Settings, fake: FakeStripe, engine: Engine
 ) -> None:
-    fake, _ = stripe_api
     customer = fake.add_customer(name="After the outage", created=T)
     fake.failures = [(500, {"error": {"type": "api_error", "message": "down"}})] * 2
     notification = samples.thin_event("v1.customer.updated", customer["id"])
@@ -221,9 +194,8 @@ def test_stripe_down_keeps_the_notification_waiting_then_a_later_read_applies_it
 
 
 def test_refused_for_three_days_the_notification_fails_with_the_reason(
-    keyed: FlaskClient, keyed_settings: Settings, stripe_api: tuple[FakeStripe, str], engine: Engine
+    keyed: FlaskClient, keyed_settings: Settings, fake: FakeStripe, engine: Engine
 ) -> None:
-    fake, _ = stripe_api
     customer = fake.add_customer(created=T)
     notification = samples.thin_event("v1.customer.updated", customer["id"])
     assert _answer(keyed, notification)[1]["status"] == "queued"
@@ -242,12 +214,9 @@ def test_refused_for_three_days_the_notification_fails_with_the_reason(
     assert _waiting(engine) == []
 
 
-def test_a_404_is_not_a_deletion(
-    keyed: FlaskClient, settled: Any, stripe_api: tuple[FakeStripe, str], engine: Engine
-) -> None:
+def test_a_404_is_not_a_deletion(keyed: FlaskClient, settled: Any, fake: FakeStripe, engine: Engine) -> None:
     """Stripe answers its own account's key with deleted: true; a 404 means this key cannot see the
     object (another account or mode). The paying customer and their access stay."""
-    fake, _ = stripe_api
     customer = samples.customer(created=T, name="Paying")
     assert _answer(keyed, samples.event("customer.created", customer, created=T))[1]["status"] == "processed"
     subscription = samples.subscription(customer["id"], status="active")
@@ -265,9 +234,8 @@ def test_a_404_is_not_a_deletion(
 
 
 def test_notifications_waiting_together_are_served_by_one_read(
-    keyed: FlaskClient, keyed_settings: Settings, stripe_api: tuple[FakeStripe, str], engine: Engine
+    keyed: FlaskClient, keyed_settings: Settings, fake: FakeStripe, engine: Engine
 ) -> None:
-    fake, _ = stripe_api
     customer = fake.add_customer(name="Ten times", created=T)
     other = fake.add_customer(name="Once", created=T)
     notifications = [samples.thin_event("v1.customer.updated", customer["id"]) for _ in range(10)]
@@ -284,10 +252,9 @@ def test_notifications_waiting_together_are_served_by_one_read(
 
 
 def test_a_notification_arriving_during_the_read_waits_for_a_read_of_its_own(
-    keyed: FlaskClient, keyed_settings: Settings, stripe_api: tuple[FakeStripe, str], engine: Engine
+    keyed: FlaskClient, keyed_settings: Settings, fake: FakeStripe, engine: Engine
 ) -> None:
     """One read serves only notifications that arrived before it was made."""
-    fake, _ = stripe_api
     customer = fake.add_customer(name="First", created=T)
     first = samples.thin_event("v1.customer.updated", customer["id"])
     assert _answer(keyed, first)[1]["status"] == "queued"
@@ -307,9 +274,8 @@ def test_a_notification_arriving_during_the_read_waits_for_a_read_of_its_own(
 
 
 def test_a_lapsed_lease_is_taken_up_by_another_reader(
-    keyed: FlaskClient, keyed_settings: Settings, stripe_api: tuple[FakeStripe, str], engine: Engine
+    keyed: FlaskClient, keyed_settings: Settings, fake: FakeStripe, engine: Engine
 ) -> None:
-    fake, _ = stripe_api
     customer = fake.add_customer(name="Taken over", created=T)
     notification = samples.thin_event("v1.customer.updated", customer["id"])
     assert _answer(keyed, notification)[1]["status"] == "queued"

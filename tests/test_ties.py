@@ -26,22 +26,13 @@ def fake() -> Iterator[FakeStripe]:
     yield FakeStripe()
 
 
-@pytest.fixture(scope="module")
-def served(fake: FakeStripe, database_url: str) -> Iterator[int]:
-    with (
-        fake.serving() as base,
-        gunicorn(database_url, workers=2, STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=base) as (port, _),
-    ):
-        yield port
-
-
 @pytest.fixture
-def port(served: int, fake: FakeStripe, engine: Engine) -> int:
+def port(keyed_server: int, fake: FakeStripe, engine: Engine) -> int:
     fake.customers.clear()
     fake.deleted.clear()
     fake.failures.clear()
     fake.clock, fake.delay = None, 0.0
-    return served
+    return keyed_server
 
 
 def _updated(customer: dict[str, Any], previous: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
