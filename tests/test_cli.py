@@ -138,7 +138,13 @@ def test_serve_with_no_environment_then_send(tmp_path: Path, tmp_path_factory: p
         other_folder, other_port = tmp_path_factory.mktemp("second"), free_port()
         other = _serve(other_folder, other_port)
         try:
-            wait_until_up(f"http://127.0.0.1:{other_port}/readyz", 90)
+            try:
+                wait_until_up(f"http://127.0.0.1:{other_port}/readyz", 90)
+            except OSError:
+                other.kill()
+                raise AssertionError(
+                    f"the second consumer did not come up:\n{other.communicate(timeout=30)[0]}"
+                ) from None
             both = [
                 cli("send", "customer.created", "--port", str(p), cwd=f)
                 for p, f in ((port, tmp_path), (other_port, other_folder))

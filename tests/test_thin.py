@@ -159,6 +159,15 @@ def test_without_a_key_a_thin_event_fails_until_replayed(client: FlaskClient, en
     assert logged is not None and logged["status"] == "failed" and "need STRIPE_API_KEY" in logged["last_error"]
 
 
+def _metrics(client: FlaskClient) -> dict[str, float]:
+    text_format = client.get("/metrics").get_data(as_text=True)
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text_format.splitlines()
+        if line and not line.startswith("#") and "{" not in line.split()[0]
+    }
+
+
 def _waiting(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT * FROM stripe_thin_waiting ORDER BY object_key"))
@@ -242,7 +251,13 @@ def test_notifications_waiting_together_are_served_by_one_read(
     for notification in [*notifications, samples.thin_event("v1.customer.updated", other["id"])]:
         assert _answer(keyed, notification)[1]["status"] == "queued"
     assert _answer(keyed, notifications[3])[1]["status"] == "queued"  # Stripe's duplicate: no second read
+    before = _metrics(keyed)
+    assert before["stripe_thin_waiting"] == 11 and before["stripe_thin_oldest_waiting_age_seconds"] >= 0
     assert read_waiting(engine, keyed_settings) == 2
+    after = _metrics(keyed)
+    assert after["stripe_thin_waiting"] == 0
+    assert after["stripe_api_reads_total"] - before.get("stripe_api_reads_total", 0) == 2
+    assert after["stripe_thin_reads_coalesced_total"] - before.get("stripe_thin_reads_coalesced_total", 0) == 9
     reads = [path for _, path in fake.requests]
     assert sorted(reads) == sorted([f"/v1/customers/{customer['id']}", f"/v1/customers/{other['id']}"])
     assert {event_row(engine, n["id"])["status"] for n in notifications} == {"processed"}  # type: ignore[index]
@@ -263,7 +278,7 @@ def test_a_notification_arriving_during_the_read_waits_for_a_read_of_its_own(
     assert claim is not None and [e.id for e in claim.events] == [first["id"]]
     later = samples.thin_event("v1.customer.updated", customer["id"])
     assert _answer(keyed, later)[1]["status"] == "queued"  # while the first one is being read
-    reader._serve(claim, None)
+    reader._serve(claim)
     assert event_row(engine, first["id"])["status"] == "processed"  # type: ignore[index]
     assert event_row(engine, later["id"])["status"] == "received"  # type: ignore[index]
     [waiting] = _waiting(engine)

@@ -80,6 +80,7 @@ class Budget:
         """Take a token now, into debt if none is left: for a read a delivery waits on (a tie's third
         rule), which must not wait or be refused (falling back would leave the tie to the delivery
         order); the debt holds the background readers back until it is paid."""
+        metrics.STRIPE_READS.inc()
         with contextlib.suppress(SQLAlchemyError, psycopg2.Error):
             self._run(_SPEND)
 
@@ -146,7 +147,7 @@ class BudgetAdapter(HTTPAdapter):
             if response.status_code != 429:
                 break
             # Back off as Stripe says, else as on_429's back-off: the next take() waits it out.
-            backoff = 1.0 if self.on_429 is None else self.on_429.backoff_factor * 2**attempt
+            backoff = PAUSE_SECONDS if self.on_429 is None else self.on_429.backoff_factor * 2**attempt
             self.budget.pause(retry_after(response.headers) or min(backoff, 8.0))
             if attempt < retries:
                 response.close()

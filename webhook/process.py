@@ -174,7 +174,7 @@ def _thin_change(engine: Engine, event: Event, settings: Settings) -> Change | N
     if not thin.wanted(event, settings):
         return None
     try:
-        return thin.read(thin.client_for(settings), event, settings)
+        return thin.read(thin.client_for(settings, budget.shared(engine, settings.stripe_api_rate)), event, settings)
     except (thin.ThinNeedsKey, thin.Refused) as error:
         _record_failure(engine, event, error)
         raise ProcessingFailed(event.id, describe(error)) from error

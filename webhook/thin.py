@@ -17,12 +17,15 @@ deletion: Stripe answers its own account's key with `"deleted": true` for a dele
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Any
 
 import stripe
 
 from webhook import stripe_api
+from webhook.budget import Budget
+from webhook.budget import session as budget_session
 from webhook.config import Settings
 from webhook.handlers import (
     Change,
@@ -158,7 +161,19 @@ def read(client: stripe.StripeClient, event: Event, settings: Settings) -> Chang
     return replace(subscription_state(found, settings.keys), as_of=as_of)
 
 
-def client_for(settings: Settings) -> stripe.StripeClient:
+def client_for(settings: Settings, budget: Budget) -> stripe.StripeClient:
+    """A client whose every request (a list's pages too) takes a token of the deployment's budget
+    first, and pauses everyone on a 429; no retries of its own: the queue reads again later."""
     if settings.stripe_api_key is None:
         raise ThinNeedsKey(NEEDS_KEY)
-    return stripe_api.delivery_client(settings.stripe_api_key, settings.stripe_api_base, READ_TIMEOUT_SECONDS)
+    return _client(settings.stripe_api_key, settings.stripe_api_base, budget)
+
+
+@functools.cache
+def _client(api_key: str, api_base: str, budget: Budget) -> stripe.StripeClient:
+    return stripe.StripeClient(
+        api_key,
+        base_addresses={"api": api_base},
+        max_network_retries=0,
+        http_client=stripe.RequestsClient(timeout=READ_TIMEOUT_SECONDS, session=budget_session(budget)),
+    )

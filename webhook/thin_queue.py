@@ -169,7 +169,7 @@ class Reader:
         events = [parse_event(str(payload)) for _, _, _, event_id, payload in rows if event_id is not None]
         return Claim(key, events, ids, expired)
 
-    def work_once(self, stop: threading.Event | None = None) -> bool:
+    def work_once(self) -> bool:
         """Take up one row and settle it; False when none is due."""
         claim = self.claim()
         if claim is None:
@@ -178,21 +178,18 @@ class Reader:
             self._fail(claim, "")
             return True
         try:
-            self._serve(claim, stop)
+            self._serve(claim)
         except (SQLAlchemyError, psycopg2.Error) as error:
             # The database, not the read: the lease lapses and the row is taken up again.
             log(logging.WARNING, "thin read not applied", object=claim.key, error=type(error).__name__)
         return True
 
-    def _serve(self, claim: Claim, stop: threading.Event | None) -> None:
+    def _serve(self, claim: Claim) -> None:
         carrier = claim.events[-1]  # the newest: the read is made after it arrived
-        if not self.budget.take(stop):
-            return  # stopping: the lease lapses and another process takes the row up
         try:
-            change = thin.read(thin.client_for(self.settings), carrier, self.settings)
+            # Each request waits for its token; a 429 has paused every process already.
+            change = thin.read(thin.client_for(self.settings, self.budget), carrier, self.settings)
         except thin.NotYet as refusal:
-            if refusal.rate_limited:
-                self.budget.pause(refusal.retry_after)
             if claim.expired:
                 self._fail(claim, f"Stripe kept refusing the read for 3 days: {refusal}")
                 return
@@ -261,14 +258,14 @@ class Reader:
     def drain(self, stop: threading.Event | None = None) -> int:
         """Settle every row due now (heal --once, tests); how many were taken up."""
         taken = 0
-        while not (stop is not None and stop.is_set()) and self.work_once(stop):
+        while not (stop is not None and stop.is_set()) and self.work_once():
             taken += 1
         return taken
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                busy = self.work_once(stop)
+                busy = self.work_once()
             except Exception as error:  # the database away: look again later, never die
                 log(logging.WARNING, "thin reader waiting", error=type(error).__name__)
                 busy = False
