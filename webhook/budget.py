@@ -30,16 +30,7 @@ from webhook import database, metrics
 
 _BOUNDED = "SET LOCAL statement_timeout = '2s'; SET LOCAL lock_timeout = '1s'; "
 _LEVEL = "least(%(burst)s, b.tokens + extract(epoch FROM clock_timestamp() - b.updated_at) * %(rate)s)"
-_TAKE = (
-    _BOUNDED
-    + f"""
-    INSERT INTO public.stripe_api_budget AS b (name, tokens, updated_at)
-    VALUES ('stripe', %(burst)s - 1, clock_timestamp())
-    ON CONFLICT (name) DO UPDATE SET tokens = {_LEVEL} - 1, updated_at = clock_timestamp()
-      WHERE {_LEVEL} >= 1
-    RETURNING true
-    """
-)
+# A token taken: the row made full on first use, else refilled for the time since and one spent.
 _SPEND = (
     _BOUNDED
     + f"""
@@ -48,6 +39,8 @@ _SPEND = (
     ON CONFLICT (name) DO UPDATE SET tokens = {_LEVEL} - 1, updated_at = clock_timestamp()
     """
 )
+# ... only when one is there: nothing changes otherwise, and no row comes back.
+_TAKE = _SPEND + f" WHERE {_LEVEL} >= 1 RETURNING true"
 _WAIT = _BOUNDED + f"SELECT (1 - {_LEVEL}) / %(rate)s FROM public.stripe_api_budget AS b WHERE name = 'stripe'"
 _PAUSE = (
     _BOUNDED
