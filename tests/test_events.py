@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -14,7 +12,6 @@ from sqlalchemy import Engine, text
 
 from tests.support import (
     add_user,
-    audit_steps_backwards,
     count,
     customer_row,
     deliver,
@@ -116,79 +113,6 @@ def test_metadata_key_is_configurable(database_url: str, engine: Engine) -> None
     assert deliver(client, samples.event("customer.created", customer)).get_json()["status"] == "processed"
 
     assert str(customer_row(engine, customer["id"])["user_id"]) == user_id  # type: ignore[index]
-
-
-def test_deletion_removes_the_row_and_stale_updates_do_not_revive_it(client: FlaskClient, engine: Engine) -> None:
-    customer = samples.customer(email="gone@example.com")
-    t = now() - 100
-    assert deliver(client, samples.event("customer.created", customer, created=t)).get_json()["status"] == "processed"
-    deletion = samples.event("customer.deleted", customer, created=t + 10)
-
-    assert deliver(client, deletion).get_json()["status"] == "processed"
-    assert customer_row(engine, customer["id"]) is None
-    for created in (t + 5, t + 10):  # delivered late: older than, or as old as, the deletion
-        late = samples.event("customer.updated", {**customer, "name": "Zombie"}, created=created)
-        assert deliver(client, late).get_json()["status"] == "stale"
-    assert customer_row(engine, customer["id"]) is None
-
-    with engine.connect() as connection:
-        audit = connection.execute(
-            text("SELECT operation, old_row, event_id FROM stripe_customers_audit ORDER BY id")
-        ).all()
-    assert [entry.operation for entry in audit] == ["INSERT", "DELETE"]
-    assert audit[1].old_row["customer_email"] == "gone@example.com" and audit[1].event_id == deletion["id"]
-
-
-def test_deleting_an_unknown_customer_is_processed(client: FlaskClient, engine: Engine) -> None:
-    customer = samples.customer()
-    assert (
-        deliver(client, samples.event("customer.deleted", customer, created=now())).get_json()["status"] == "processed"
-    )
-    created_late = samples.event("customer.created", customer, created=now() - 30)
-
-    assert deliver(client, created_late).get_json()["status"] == "stale"
-    assert customer_row(engine, customer["id"]) is None
-
-
-def test_shuffled_updates_end_in_the_newest_state(client: FlaskClient, engine: Engine) -> None:
-    customer = samples.customer()
-    base = now() - 1000
-    events = [
-        samples.event("customer.updated", {**customer, "name": f"version {i}"}, created=base + i) for i in range(30)
-    ]
-    shuffled = events[:]
-    random.Random(7).shuffle(shuffled)
-
-    outcomes = [deliver(client, event).get_json()["status"] for event in shuffled]
-
-    assert set(outcomes) <= {"processed", "stale"} and "stale" in outcomes
-    row = customer_row(engine, customer["id"])
-    assert row is not None and row["customer_name"] == "version 29"
-    assert sync_of(row)["event_id"] == events[-1]["id"]
-    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 30
-
-
-def test_concurrent_duplicated_deliveries_end_in_the_newest_state(client: FlaskClient, engine: Engine) -> None:
-    customers = [samples.customer() for _ in range(5)]
-    base = now() - 1000
-    events = [
-        samples.event("customer.updated", {**customer, "name": f"{customer['id']} v{i}"}, created=base + i)
-        for customer in customers
-        for i in range(12)
-    ]
-    deliveries = events * 2  # Stripe retries: every event arrives twice
-    random.Random(11).shuffle(deliveries)
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        statuses = list(pool.map(lambda event: deliver(client, event).status_code, deliveries))
-
-    assert set(statuses) == {200}
-    for customer in customers:
-        assert customer_row(engine, customer["id"])["customer_name"] == f"{customer['id']} v11"  # type: ignore[index]
-    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(events)
-    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status NOT IN ('processed', 'stale')") == 0
-    # The audit, in commit order, never moves a customer backwards.
-    assert audit_steps_backwards(engine) == 0
 
 
 def test_checkout_creates_the_row_and_links_the_user(client: FlaskClient, engine: Engine) -> None:

@@ -15,7 +15,6 @@ from tests.support import (
     deliver,
     event_row,
     failing_writes,
-    now,
     settings_for,
     sign,
 )
@@ -73,20 +72,6 @@ def test_event_of_the_other_livemode_is_ignored(database_url: str, engine: Engin
     assert deliver(client, event).get_json()["status"] == "ignored"
     assert customer_row(engine, customer["id"]) is None
     assert event_row(engine, event["id"])["status"] == "ignored"  # type: ignore[index]
-
-
-def test_older_event_is_stale(client: FlaskClient, engine: Engine) -> None:
-    customer = samples.customer(email="new@example.com")
-    newer = samples.event("customer.updated", customer, created=now())
-    older = samples.event("customer.updated", {**customer, "email": "old@example.com"}, created=now() - 60)
-
-    assert deliver(client, newer).get_json()["status"] == "processed"
-    answer = deliver(client, older)
-
-    assert answer.get_json() == {"event_id": older["id"], "status": "stale"}
-    assert customer_row(engine, customer["id"])["customer_email"] == "new@example.com"  # type: ignore[index]
-    assert event_row(engine, older["id"])["status"] == "stale"  # type: ignore[index]
-    assert deliver(client, older).get_json()["status"] == "duplicate"
 
 
 def _post(client: FlaskClient, body: bytes | str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:

@@ -19,7 +19,6 @@ from tests.support import (
     cli,
     count,
     customer_row,
-    deliver,
     event_row,
     now,
     settings_for,
@@ -286,40 +285,3 @@ def test_unstorable_and_malformed_events_get_a_final_answer(port: int, engine: E
     status, answer = post_event(port, not_a_customer)
     assert status == 400 and "cus_" in answer["error"]
     assert event_row(engine, not_a_customer["id"]) is None
-
-
-def test_a_tombstone_never_moves_back_in_time(client: Any, engine: Engine) -> None:
-    """An older deletion delivered later, or a row gone by hand, never lowers the time a deletion
-    keeps older events out by: a customer's tombstone and a payment method's alike."""
-
-    def tombstones() -> tuple[int, int]:
-        with engine.connect() as connection:
-            return (
-                connection.execute(text("SELECT event_created FROM stripe_customer_tombstones")).scalar_one(),
-                connection.execute(text("SELECT event_created FROM stripe_object_tombstones")).scalar_one(),
-            )
-
-    def status(event: dict[str, Any]) -> str:
-        answer = deliver(client, event)
-        assert answer.status_code == 200, answer.get_data(as_text=True)
-        return str(answer.get_json()["status"])
-
-    customer = samples.customer(created=T)
-    method = samples.payment_method(customer["id"])
-    assert status(samples.event("customer.created", customer, created=T)) == "processed"
-    assert status(samples.event("payment_method.attached", method, created=T)) == "processed"
-    assert status(samples.event("customer.deleted", customer, created=T + 10)) == "processed"
-    assert status(samples.event("payment_method.detached", {**method, "customer": None}, created=T + 10)) == "processed"
-    assert tombstones() == (T + 10, T + 10)
-    assert status(samples.event("customer.deleted", customer, created=T + 5)) == "stale"
-    detached_earlier = samples.event("payment_method.detached", {**method, "customer": None}, created=T + 5)
-    assert status(detached_earlier) == "stale"
-    assert tombstones() == (T + 10, T + 10)
-    # Back, newer, then gone by hand: the tombstone moves forward to what the row reflected ...
-    assert status(samples.event("customer.created", customer, created=T + 20)) == "processed"
-    with engine.connect() as connection:
-        connection.execute(text("DELETE FROM stripe_customers WHERE stripe_customer_id = :c"), {"c": customer["id"]})
-    assert tombstones()[0] == T + 20
-    # ... and an old deletion after that leaves it there.
-    assert status(samples.event("customer.deleted", customer, created=T + 15)) == "stale"
-    assert tombstones()[0] == T + 20

@@ -1,21 +1,27 @@
-"""Ties (README): two events of one customer in one second, settled by the ladder, in both
-delivery orders and duplicated, through a real gunicorn with two workers; the fake Stripe over HTTP
-(STRIPE_API_BASE) holds the truth for the third rung."""
+"""The ordering rules (README, "Event semantics"), in one place: an older event is stale; a deletion
+keeps older events out (its tombstone never moves back); shuffled and duplicated deliveries end in
+the newest state; and ties, two events of one customer in one second, settled by the ladder in both
+delivery orders and duplicated, through a real gunicorn with two workers, the fake Stripe over HTTP
+(STRIPE_API_BASE) holding the truth for the third rung."""
 
 from __future__ import annotations
 
+import random
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
 from tests.server import gunicorn, post_event
-from tests.support import customer_row, event_row, now
+from tests.support import audit_steps_backwards, count, customer_row, deliver, event_row, now
+from tests.test_events import sync_of
 from webhook import samples
 
 T = now() - 3600  # the one second both events carry
@@ -224,3 +230,127 @@ def test_refetch_always_applies_stripes_state_and_survives_429(
         assert post_event(port, later)[1]["status"] == "processed"
         fake.failures.clear()
     assert customer_row(engine, customer["id"])["customer_name"] == "from the event"  # type: ignore[index]
+
+
+def test_older_event_is_stale(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer(email="new@example.com")
+    newer = samples.event("customer.updated", customer, created=now())
+    older = samples.event("customer.updated", {**customer, "email": "old@example.com"}, created=now() - 60)
+
+    assert deliver(client, newer).get_json()["status"] == "processed"
+    answer = deliver(client, older)
+
+    assert answer.get_json() == {"event_id": older["id"], "status": "stale"}
+    assert customer_row(engine, customer["id"])["customer_email"] == "new@example.com"  # type: ignore[index]
+    assert event_row(engine, older["id"])["status"] == "stale"  # type: ignore[index]
+    assert deliver(client, older).get_json()["status"] == "duplicate"
+
+
+def test_deletion_removes_the_row_and_stale_updates_do_not_revive_it(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer(email="gone@example.com")
+    t = now() - 100
+    assert deliver(client, samples.event("customer.created", customer, created=t)).get_json()["status"] == "processed"
+    deletion = samples.event("customer.deleted", customer, created=t + 10)
+
+    assert deliver(client, deletion).get_json()["status"] == "processed"
+    assert customer_row(engine, customer["id"]) is None
+    for created in (t + 5, t + 10):  # delivered late: older than, or as old as, the deletion
+        late = samples.event("customer.updated", {**customer, "name": "Zombie"}, created=created)
+        assert deliver(client, late).get_json()["status"] == "stale"
+    assert customer_row(engine, customer["id"]) is None
+
+    with engine.connect() as connection:
+        audit = connection.execute(
+            text("SELECT operation, old_row, event_id FROM stripe_customers_audit ORDER BY id")
+        ).all()
+    assert [entry.operation for entry in audit] == ["INSERT", "DELETE"]
+    assert audit[1].old_row["customer_email"] == "gone@example.com" and audit[1].event_id == deletion["id"]
+
+
+def test_deleting_an_unknown_customer_is_processed(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer()
+    assert (
+        deliver(client, samples.event("customer.deleted", customer, created=now())).get_json()["status"] == "processed"
+    )
+    created_late = samples.event("customer.created", customer, created=now() - 30)
+
+    assert deliver(client, created_late).get_json()["status"] == "stale"
+    assert customer_row(engine, customer["id"]) is None
+
+
+def test_shuffled_updates_end_in_the_newest_state(client: FlaskClient, engine: Engine) -> None:
+    customer = samples.customer()
+    base = now() - 1000
+    events = [
+        samples.event("customer.updated", {**customer, "name": f"version {i}"}, created=base + i) for i in range(30)
+    ]
+    shuffled = events[:]
+    random.Random(7).shuffle(shuffled)
+
+    outcomes = [deliver(client, event).get_json()["status"] for event in shuffled]
+
+    assert set(outcomes) <= {"processed", "stale"} and "stale" in outcomes
+    row = customer_row(engine, customer["id"])
+    assert row is not None and row["customer_name"] == "version 29"
+    assert sync_of(row)["event_id"] == events[-1]["id"]
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 30
+
+
+def test_concurrent_duplicated_deliveries_end_in_the_newest_state(client: FlaskClient, engine: Engine) -> None:
+    customers = [samples.customer() for _ in range(5)]
+    base = now() - 1000
+    events = [
+        samples.event("customer.updated", {**customer, "name": f"{customer['id']} v{i}"}, created=base + i)
+        for customer in customers
+        for i in range(12)
+    ]
+    deliveries = events * 2  # Stripe retries: every event arrives twice
+    random.Random(11).shuffle(deliveries)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda event: deliver(client, event).status_code, deliveries))
+
+    assert set(statuses) == {200}
+    for customer in customers:
+        assert customer_row(engine, customer["id"])["customer_name"] == f"{customer['id']} v11"  # type: ignore[index]
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == len(events)
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status NOT IN ('processed', 'stale')") == 0
+    # The audit, in commit order, never moves a customer backwards.
+    assert audit_steps_backwards(engine) == 0
+
+
+def test_a_tombstone_never_moves_back_in_time(client: Any, engine: Engine) -> None:
+    """An older deletion delivered later, or a row gone by hand, never lowers the time a deletion
+    keeps older events out by: a customer's tombstone and a payment method's alike."""
+
+    def tombstones() -> tuple[int, int]:
+        with engine.connect() as connection:
+            return (
+                connection.execute(text("SELECT event_created FROM stripe_customer_tombstones")).scalar_one(),
+                connection.execute(text("SELECT event_created FROM stripe_object_tombstones")).scalar_one(),
+            )
+
+    def status(event: dict[str, Any]) -> str:
+        answer = deliver(client, event)
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        return str(answer.get_json()["status"])
+
+    customer = samples.customer(created=T)
+    method = samples.payment_method(customer["id"])
+    assert status(samples.event("customer.created", customer, created=T)) == "processed"
+    assert status(samples.event("payment_method.attached", method, created=T)) == "processed"
+    assert status(samples.event("customer.deleted", customer, created=T + 10)) == "processed"
+    assert status(samples.event("payment_method.detached", {**method, "customer": None}, created=T + 10)) == "processed"
+    assert tombstones() == (T + 10, T + 10)
+    assert status(samples.event("customer.deleted", customer, created=T + 5)) == "stale"
+    detached_earlier = samples.event("payment_method.detached", {**method, "customer": None}, created=T + 5)
+    assert status(detached_earlier) == "stale"
+    assert tombstones() == (T + 10, T + 10)
+    # Back, newer, then gone by hand: the tombstone moves forward to what the row reflected ...
+    assert status(samples.event("customer.created", customer, created=T + 20)) == "processed"
+    with engine.connect() as connection:
+        connection.execute(text("DELETE FROM stripe_customers WHERE stripe_customer_id = :c"), {"c": customer["id"]})
+    assert tombstones()[0] == T + 20
+    # ... and an old deletion after that leaves it there.
+    assert status(samples.event("customer.deleted", customer, created=T + 15)) == "stale"
+    assert tombstones()[0] == T + 20
