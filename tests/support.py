@@ -192,3 +192,8 @@ def wait_for(condition: Callable[[], bool], seconds: float, every: float = 0.05)
     while not condition():
         assert time.monotonic() < deadline, f"not within {seconds} s"
         time.sleep(every)
+
+
+def waiting_on_locks(engine: Engine) -> int:
+    """How many backends wait for a lock now (another test's held transaction, say)."""
+    return count(engine, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")

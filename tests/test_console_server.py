@@ -15,7 +15,7 @@ from sqlalchemy import Engine, text
 from werkzeug.security import generate_password_hash
 
 from tests.server import gunicorn, post_event
-from tests.support import count
+from tests.support import count, wait_for, waiting_on_locks
 from webhook import samples
 
 PASSWORD = "correct horse battery staple"
@@ -78,7 +78,7 @@ def test_a_locked_table_slows_the_console_never_a_delivery(console_server: str, 
     assert locked.wait(10)
     with ThreadPoolExecutor(max_workers=18) as pool:
         pages = [pool.submit(page, n) for n in range(12)]
-        time.sleep(0.5)  # the pages are waiting on the lock
+        wait_for(lambda: waiting_on_locks(engine) >= 2, 10)  # two pages (the side pool's two) wait on the lock
         deliveries = list(pool.map(delivery, customers))
         page_answers = [future.result() for future in pages]
     holder.join()

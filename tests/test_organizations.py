@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +24,8 @@ from tests.support import (
     now,
     settings_for,
     unlinked_by_hand_then_verified,
+    wait_for,
+    waiting_on_locks,
 )
 from tests.test_rls import acting_as
 from webhook import database, migrations, samples
@@ -368,7 +369,8 @@ def test_a_link_made_while_a_subscription_is_being_written_waits_for_it(engine: 
         _apply(writing, samples.event("customer.subscription.created", plan, created=T))
         with ThreadPoolExecutor(max_workers=1) as pool:
             linking = pool.submit(_apply_alone, engine, samples.event("customer.created", customer, created=T))
-            time.sleep(0.5)  # the link is waiting on the subscription's transaction (or, wrongly, done)
+            # The link waits on the subscription's transaction (or, wrongly, is done).
+            wait_for(lambda: linking.done() or waiting_on_locks(engine) >= 1, 10)
             assert not linking.done()
             writing.execute(text("COMMIT"))
             linking.result(timeout=10)
