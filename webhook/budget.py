@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import threading
 import time
 import weakref
 from typing import Any
@@ -77,22 +76,17 @@ class Budget:
         with contextlib.suppress(SQLAlchemyError, psycopg2.Error):
             self._run(_SPEND)
 
-    def take(self, stop: threading.Event | None = None) -> bool:
-        """Wait for one read's token; False when `stop` was set first."""
-        while not (stop is not None and stop.is_set()):
+    def take(self) -> None:
+        """Wait for one read's token."""
+        while True:
             try:
                 if self._run(_TAKE):
-                    return True
+                    return
                 wait = self._run(_WAIT) or 0.0
             except (SQLAlchemyError, psycopg2.Error):
                 wait = 1.0  # the database is away: what the read found could not be applied anyway
             # A little jitter, so that waiting processes do not all ask at the same instant.
-            pause = max(0.005, float(wait)) * (1 + random.random() / 4)
-            if stop is not None:
-                stop.wait(pause)
-            else:
-                time.sleep(pause)
-        return False
+            time.sleep(max(0.005, float(wait)) * (1 + random.random() / 4))
 
     def pause(self, seconds: float | None) -> None:
         """Stripe answered 429: no process reads for `seconds` from now (PAUSE_SECONDS when Stripe
@@ -103,8 +97,8 @@ class Budget:
 
 
 def retry_after(headers: Any) -> float | None:
-    """Seconds a 429's Retry-After asks for, when it says."""
-    value = headers.get("Retry-After") if headers else None
+    """Seconds a 429's Retry-After asks for, when it says (at most a minute)."""
+    value = (headers.get("Retry-After") or headers.get("retry-after")) if headers else None
     try:
         return None if value is None else min(60.0, max(0.0, float(value)))
     except ValueError:
@@ -124,8 +118,9 @@ def shared(engine: Engine, rate: int) -> Budget:
 
 class BudgetAdapter(HTTPAdapter):
     """A requests adapter whose every request (pages and the library's retries included) first
-    takes a token. A 429 pauses the whole deployment and, with `retries_429`, is sent again after
-    the pause (a request refused with 429 did nothing, so repeating it, a POST too, is safe)."""
+    takes a token. A 429 pauses the whole deployment and, as `on_429` says (status: how many times,
+    backoff_factor), is sent again after the pause (a request refused with 429 did nothing, so
+    repeating it, a POST too, is safe)."""
 
     def __init__(self, budget: Budget, on_429: Retry | None = None) -> None:
         self.budget, self.on_429 = budget, on_429
@@ -145,13 +140,3 @@ class BudgetAdapter(HTTPAdapter):
             if attempt < retries:
                 response.close()
         return response
-
-
-def session(budget: Budget, on_429: Retry | None = None) -> requests.Session:
-    """A session whose requests share the budget; a 429 is sent again as on_429 says (status=
-    how many times, backoff_factor) after the deployment's pause."""
-    adapter = BudgetAdapter(budget, on_429)
-    http = requests.Session()
-    for scheme in ("https://", "http://"):
-        http.mount(scheme, adapter)
-    return http

@@ -15,8 +15,7 @@ from requests.adapters import HTTPAdapter
 from stripe.params import CustomerListParams
 from urllib3.util.retry import Retry
 
-from webhook.budget import Budget
-from webhook.budget import session as budget_session
+from webhook.budget import Budget, BudgetAdapter
 from webhook.config import ConfigError, Settings
 
 # Retries on connection errors, 409, 5xx and when Stripe says so (Stripe-Should-Retry), with the
@@ -55,12 +54,12 @@ def make_client(settings: Settings, budget: Budget | None = None) -> stripe.Stri
     whole account, and checkout shares it."""
     if not settings.stripe_api_key:
         raise ConfigError("STRIPE_API_KEY is required for this command")
-    http = _session() if budget is None else budget_session(budget, RATE_LIMITED)
+    adapter = HTTPAdapter(max_retries=RATE_LIMITED) if budget is None else BudgetAdapter(budget, RATE_LIMITED)
     return stripe.StripeClient(
         settings.stripe_api_key,
         base_addresses={"api": settings.stripe_api_base},
         max_network_retries=NETWORK_RETRIES,
-        http_client=stripe.RequestsClient(timeout=TIMEOUT_SECONDS, session=http),
+        http_client=stripe.RequestsClient(timeout=TIMEOUT_SECONDS, session=session(adapter)),
     )
 
 
@@ -77,12 +76,12 @@ def delivery_client(api_key: str, api_base: str, timeout: float) -> stripe.Strip
     )
 
 
-def _session() -> requests.Session:
-    adapter = HTTPAdapter(max_retries=RATE_LIMITED)
-    session = requests.Session()
+def session(adapter: HTTPAdapter) -> requests.Session:
+    """A requests session that sends everything through `adapter` (its retries, its budget)."""
+    http = requests.Session()
     for scheme in ("https://", "http://"):
-        session.mount(scheme, adapter)
-    return session
+        http.mount(scheme, adapter)
+    return http
 
 
 def explain(error: stripe.StripeError) -> str:

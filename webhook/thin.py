@@ -24,8 +24,7 @@ from typing import Any
 import stripe
 
 from webhook import stripe_api
-from webhook.budget import Budget
-from webhook.budget import session as budget_session
+from webhook.budget import Budget, BudgetAdapter, retry_after
 from webhook.config import Settings
 from webhook.handlers import (
     Change,
@@ -87,19 +86,10 @@ def object_key(event: Event) -> str:
     return f"{event.context or ''}/{named}"
 
 
-def _retry_after(error: stripe.StripeError) -> float | None:
-    headers = error.headers or {}
-    value = headers.get("Retry-After") or headers.get("retry-after")
-    try:
-        return None if value is None else max(0.0, float(value))
-    except ValueError:
-        return None
-
-
 def _classified(error: stripe.StripeError, what: str) -> Exception:
     """A Stripe error as NotYet or Refused, with a reason safe to store (no key, no customer data)."""
     if isinstance(error, stripe.RateLimitError) or error.http_status == 429:
-        return NotYet("Stripe rate limit (HTTP 429)", rate_limited=True, retry_after=_retry_after(error))
+        return NotYet("Stripe rate limit (HTTP 429)", rate_limited=True, retry_after=retry_after(error.headers))
     if isinstance(error, stripe.APIConnectionError) or (error.http_status or 0) >= 500 or error.http_status is None:
         return NotYet(stripe_api.explain(error))
     if error.http_status == 404:
@@ -175,5 +165,7 @@ def _client(api_key: str, api_base: str, budget: Budget) -> stripe.StripeClient:
         api_key,
         base_addresses={"api": api_base},
         max_network_retries=0,
-        http_client=stripe.RequestsClient(timeout=READ_TIMEOUT_SECONDS, session=budget_session(budget)),
+        http_client=stripe.RequestsClient(
+            timeout=READ_TIMEOUT_SECONDS, session=stripe_api.session(BudgetAdapter(budget))
+        ),
     )

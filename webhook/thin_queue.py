@@ -29,7 +29,7 @@ import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from webhook import database, metrics, refetch, thin
+from webhook import budget, database, metrics, refetch, thin
 from webhook.budget import PAUSE_SECONDS, Budget
 from webhook.config import Refetch, Settings
 from webhook.handlers import Change
@@ -107,13 +107,14 @@ _BACK_OFF = (
     """
 )
 
+_RELEASE = "SELECT public.stripe_thin_release(%(key)s, %(holder)s, %(ids)s)"
 _FAIL = (
     _BOUNDED
     + """
     UPDATE public.stripe_webhook_events SET status = 'failed', last_error = %(error)s
     WHERE id = ANY (%(ids)s) AND status IN ('received', 'failed');
-    SELECT public.stripe_thin_release(%(key)s, %(holder)s, %(ids)s)
     """
+    + _RELEASE
 )
 
 
@@ -175,7 +176,7 @@ class Reader:
         if claim is None:
             return False
         if not claim.events:  # every notification it named was settled meanwhile
-            self._fail(claim, "")
+            _execute(self.engine, _BOUNDED + _RELEASE, {"key": claim.key, "holder": self.holder, "ids": claim.ids})
             return True
         try:
             self._serve(claim)
@@ -250,10 +251,9 @@ class Reader:
 
     def _fail(self, claim: Claim, reason: str) -> None:
         _execute(self.engine, _FAIL, {"key": claim.key, "holder": self.holder, "ids": claim.ids, "error": reason})
-        if reason:
-            for event in claim.events:
-                metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
-            log(logging.ERROR, "thin notifications failed", object=claim.key, count=len(claim.events), error=reason)
+        for event in claim.events:
+            metrics.EVENTS.labels(type=event.type, outcome="failed").inc()
+        log(logging.ERROR, "thin notifications failed", object=claim.key, count=len(claim.events), error=reason)
 
     def drain(self, stop: threading.Event | None = None) -> int:
         """Settle every row due now (heal --once, tests); how many were taken up."""
@@ -279,8 +279,8 @@ def start(engine: Engine, settings: Settings, threads: int = READERS) -> threadi
     """Reader threads for this process (daemons: a lease left by a stop lapses, and another
     process takes its row up); set the returned event to stop them."""
     stop = threading.Event()
-    budget = Budget(engine, settings.stripe_api_rate)
+    readers_budget = budget.shared(engine, settings.stripe_api_rate)
     for n in range(threads):
-        reader = Reader(engine, settings, budget)
+        reader = Reader(engine, settings, readers_budget)
         threading.Thread(target=reader.run, args=(stop,), name=f"thin-reader-{n}", daemon=True).start()
     return stop

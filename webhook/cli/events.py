@@ -13,9 +13,8 @@ import time
 import stripe
 from sqlalchemy import Engine
 
-from webhook import stripe_api, thin_queue
+from webhook import budget, stripe_api, thin_queue
 from webhook.backfill import backfill
-from webhook.budget import Budget
 from webhook.cli.common import (
     EXIT_FAILURES,
     EXIT_OK,
@@ -102,7 +101,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def _budgeted(settings: Settings) -> tuple[Engine, stripe.StripeClient]:
     """The database, and a Stripe client that shares the deployment's read budget."""
     engine = engine_for(settings)
-    return engine, stripe_api.make_client(settings, Budget(engine, settings.stripe_api_rate))
+    return engine, stripe_api.make_client(settings, budget.shared(engine, settings.stripe_api_rate))
 
 
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
@@ -161,7 +160,7 @@ def cmd_heal(settings: Settings, args: argparse.Namespace) -> int:
     healer = Healer(engine, settings, client)
     if args.once:
         # Thin notifications waiting for a read, as every serve process reads them.
-        taken = thin_queue.Reader(engine, settings, Budget(engine, settings.stripe_api_rate)).drain()
+        taken = thin_queue.Reader(engine, settings, budget.shared(engine, settings.stripe_api_rate)).drain()
         if taken:
             print(f"thin notifications: read {taken} objects")
         result = healer.run_round()
