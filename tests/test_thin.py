@@ -16,6 +16,7 @@ from tests.support import count, customer_row, deliver, event_row, now, read_wai
 from webhook import samples
 from webhook.budget import Budget
 from webhook.config import Settings
+from webhook.replay import replay_stored
 from webhook.thin_queue import Reader
 
 T = now() - 3600
@@ -301,3 +302,20 @@ def test_a_lapsed_lease_is_taken_up_by_another_reader(
         connection.execute(text("UPDATE stripe_thin_waiting SET leased_until = now() - interval '1 second'"))
     assert read_waiting(engine, keyed_settings) == 1
     assert event_row(engine, notification["id"])["status"] == "processed"  # type: ignore[index]
+
+
+def test_a_replayed_thin_event_stripe_cannot_answer_is_reported_and_kept(
+    keyed: FlaskClient, keyed_settings: Settings, fake: FakeStripe, engine: Engine
+) -> None:
+    """replay reads a thin event in place: when Stripe answers 5xx it says so in its summary, keeps
+    the event as it was (received, still queued), and goes on with the others."""
+    customer = fake.add_customer(name="Replayed", created=T)
+    notification = samples.thin_event("v1.customer.updated", customer["id"])
+    assert _answer(keyed, notification)[1]["status"] == "queued"
+    fake.failures = [(503, {"error": {"type": "api_error", "message": "down"}})]
+    summary = replay_stored(engine, keyed_settings, event_id=None, status="received", since_seconds=None)
+    assert summary.failed == 1 and "Stripe could not be read" in summary.failures[0]
+    assert event_row(engine, notification["id"])["status"] == "received"  # type: ignore[index]
+    assert [row["event_ids"] for row in _waiting(engine)] == [[notification["id"]]]
+    again = replay_stored(engine, keyed_settings, event_id=None, status="received", since_seconds=None)
+    assert again.outcomes == {"processed": 1} and customer_row(engine, customer["id"])["customer_name"] == "Replayed"  # type: ignore[index]

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from webhook import store, stripe_api
 from webhook.config import Settings
 from webhook.handlers import HANDLERS
-from webhook.process import ProcessingFailed, process_event
+from webhook.process import ProcessingFailed, StripeUnavailable, process_event
 from webhook.results import Source
 from webhook.verify import RejectedDelivery, parse_event
 
@@ -59,6 +59,9 @@ def _run(
         except ProcessingFailed as failure:
             outcome = "failed"
             summary.failures.append(f"{event_id}: {failure}")
+        except StripeUnavailable as unread:  # a thin event: kept as it was, read again later
+            outcome = "failed"
+            summary.failures.append(f"{event_id}: Stripe could not be read ({unread}); kept as it was")
         summary.outcomes[outcome] += 1
 
 
