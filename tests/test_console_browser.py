@@ -19,8 +19,9 @@ from sqlalchemy import Engine
 from werkzeug.security import generate_password_hash
 
 from tests.server import gunicorn, post_event
-from tests.support import add_user, event_row, failing_writes, now
+from tests.support import KEY, add_user, deliver, event_row, failing_writes, now, settings_for
 from webhook import samples
+from webhook.app import create_app
 
 pytestmark = pytest.mark.browser
 PASSWORD = "correct horse battery staple"
@@ -86,6 +87,10 @@ def test_support_person_answers_why_a_user_has_no_access(
     stale = samples.event("customer.updated", {**customer, "name": "Old Name"}, created=second - 3600)
     users = f"alice:{generate_password_hash(PASSWORD)}"
 
+    # A thin notification about her, queued by a consumer with a key and not read yet: waiting.
+    waiting = samples.thin_event("v1.customer.updated", customer["id"])
+    keyed = create_app(settings_for(database_url, STRIPE_API_KEY=KEY), engine).test_client()
+    assert deliver(keyed, waiting).get_json()["status"] == "queued"
     with gunicorn(database_url, workers=2, SUPPORT_USERS=users) as (port, _):
         for event in (updated, created):  # the update first, as Stripe may deliver them
             assert post_event(port, event)[0] == 200
@@ -111,6 +116,7 @@ def test_support_person_answers_why_a_user_has_no_access(
         assert "alarm" in failed_row.get_attribute("class")
         assert "stale" in browser.find_element(By.ID, stale["id"]).text
         assert "stale" in browser.find_element(By.ID, created["id"]).text  # same second: the type orders them
+        assert "waiting" in browser.find_element(By.ID, waiting["id"]).text
         _shot(browser, tmp_path, "customer-with-a-failed-event")
 
         _after(browser, failed_row.find_element(By.TAG_NAME, "button").click)  # replay it
