@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.fake_stripe import FakeStripe
 from tests.server import gunicorn
@@ -124,18 +125,28 @@ def clean_tables(request: pytest.FixtureRequest) -> None:
     if "engine" not in request.fixturenames:
         return
     engine: Engine = request.getfixturevalue("engine")
-    with engine.connect() as connection:
-        connection.execute(
-            text(
-                "TRUNCATE public.stripe_customers, public.stripe_webhook_events, public.stripe_customer_tombstones, "
-                "public.stripe_customer_claims, public.stripe_organization_claims, public.stripe_sync_cursors, "
-                "public.stripe_customers_audit, public.stripe_support_sessions, public.stripe_support_signins, "
-                "public.stripe_subscriptions, public.stripe_payment_methods, public.stripe_entitlements, "
-                "public.stripe_entitlement_sets, public.stripe_thin_waiting, public.stripe_api_budget, "
-                "public.stripe_object_tombstones, public.stripe_billing_audit, "
-                "public.organizations, auth.users CASCADE"
-            )
-        )
+    # A module's server (keyed_server) keeps thin readers polling these tables between tests; one
+    # of their statements and the TRUNCATE can each hold a lock the other waits for. Postgres ends
+    # one of them as a deadlock: the readers look again, and so does this.
+    for attempt in range(3):
+        try:
+            with engine.connect() as connection:
+                connection.execute(text(_TRUNCATE))
+            return
+        except OperationalError as error:
+            if getattr(error.orig, "pgcode", None) != "40P01" or attempt == 2:
+                raise
+
+
+_TRUNCATE = (
+    "TRUNCATE public.stripe_customers, public.stripe_webhook_events, public.stripe_customer_tombstones, "
+    "public.stripe_customer_claims, public.stripe_organization_claims, public.stripe_sync_cursors, "
+    "public.stripe_customers_audit, public.stripe_support_sessions, public.stripe_support_signins, "
+    "public.stripe_subscriptions, public.stripe_payment_methods, public.stripe_entitlements, "
+    "public.stripe_entitlement_sets, public.stripe_thin_waiting, public.stripe_api_budget, "
+    "public.stripe_object_tombstones, public.stripe_billing_audit, "
+    "public.organizations, auth.users CASCADE"
+)
 
 
 @pytest.fixture
