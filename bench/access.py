@@ -31,7 +31,7 @@ from bench.console_size import FILL, signed_in_console, sized_database
 from bench.pgcost import _backend_cpu
 from webhook import samples, store
 from webhook.config import Keys
-from webhook.handlers import HANDLERS
+from webhook.objects import HANDLERS
 from webhook.results import Source
 
 BILLING_FILL = [

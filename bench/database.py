@@ -15,8 +15,9 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from webhook import samples, store
-from webhook.handlers import customer_state
+from webhook import objects_store, samples
+from webhook.objects.customer import state as customer_state
+from webhook.results import Source
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -113,5 +114,5 @@ def backfill_database_work(engine: Engine, customers: int) -> float:
     ]
     started = time.perf_counter()
     for start in range(0, customers, 500):
-        store.apply_states(engine, changes[start : start + 500], "backfill", int(time.time()))
+        objects_store.apply_states(engine, changes[start : start + 500], Source.BACKFILL, int(time.time()))
     return customers / (time.perf_counter() - started)

@@ -28,7 +28,7 @@ from webhook import database, store
 from webhook.config import load_settings
 from webhook.process import change_for
 from webhook.results import Applied, Status
-from webhook.verify import parse_event
+from webhook.signature import parse_event
 
 TABLES = ("stripe_webhook_events", "stripe_customers", "stripe_customers_audit")
 TICKS = os.sysconf("SC_CLK_TCK")

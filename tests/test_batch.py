@@ -20,7 +20,7 @@ from webhook import batch, database, samples, store
 from webhook.config import Settings
 from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event
 from webhook.results import EventFailed
-from webhook.verify import parse_event
+from webhook.signature import parse_event
 
 
 def _customer_lock(customer_id: str) -> str:

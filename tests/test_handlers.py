@@ -8,8 +8,10 @@ import pytest
 
 from webhook import samples
 from webhook.config import Keys
-from webhook.handlers import HANDLERS, BadCustomerId, customer_state, user_link
-from webhook.verify import RejectedDelivery
+from webhook.objects import HANDLERS, BadCustomerId
+from webhook.objects.customer import state as customer_state
+from webhook.objects.customer import user_link
+from webhook.signature import RejectedDelivery
 
 
 def test_a_customer_object_as_the_upsert_it_implies() -> None:

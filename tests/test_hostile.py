@@ -16,8 +16,8 @@ from sqlalchemy import Engine
 
 from tests.support import SECRET, count, deliver, event_row, failing_writes, sign
 from webhook import samples
-from webhook.handlers import HANDLERS
 from webhook.logs import LOGGER, JsonFormatter
+from webhook.objects import HANDLERS
 
 WRITTEN = "SELECT (SELECT count(*) FROM stripe_webhook_events) + (SELECT count(*) FROM stripe_customers)"
 EMAIL = "private.person@example.com"

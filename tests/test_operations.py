@@ -27,7 +27,9 @@ from webhook import samples, stripe_api
 from webhook.backfill import backfill
 from webhook.cli import main as cli_main
 from webhook.config import ConfigError, Keys
-from webhook.customers import UnknownUser, ensure_customer, find_drift, fix_drift, push_profile
+from webhook.customers import UnknownUser, ensure_customer, push_profile
+from webhook.objects.customer import CUSTOMER
+from webhook.reconcile import find_drift, fix_drift
 from webhook.replay import replay_from_stripe, replay_stored
 
 API_KEY = "sk_test_fake"
@@ -55,7 +57,7 @@ def test_backfill_pages_through_every_customer(
     deliver(client, newer)
 
     with fake.mocked():
-        outcomes = backfill(engine, client_api, Keys()).outcomes
+        outcomes = backfill(engine, client_api, Keys()).outcomes["customer"]
 
     assert outcomes == {"processed": 249, "stale": 1}
     assert sum(1 for method, path in fake.requests if path == "/v1/customers") == 3  # 100 + 100 + 50
@@ -212,6 +214,10 @@ def test_push_profile_sends_the_change_to_stripe(
     assert ("POST", f"/v1/customers/{customer['id']}") in fake.requests
 
 
+def _listed(client: stripe.StripeClient) -> list[Any]:
+    return list(CUSTOMER.listing(stripe_api.reader(client), Keys()))
+
+
 def test_stripe_errors(
     fake: FakeStripe, engine: Engine, api_settings: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,22 +227,22 @@ def test_stripe_errors(
     server_error = (500, {"error": {"type": "api_error", "message": "Something went wrong"}})
     fake.failures = [server_error] * 3
     with fake.mocked(), pytest.raises(stripe.APIError) as raised:
-        list(stripe_api.list_customers(client_api))
+        _listed(client_api)
     assert len(fake.requests) == 3  # the library's retries, then the error
     assert stripe_api.explain(raised.value) == "Stripe API error (HTTP 500)"
     fake.failures = [server_error]
     with fake.mocked():
-        assert [c["id"] for c in stripe_api.list_customers(client_api)] == []  # one retry recovered
+        assert [c.id for c in _listed(client_api)] == []  # one retry recovered
     # Stripe's 429 asks for backoff and a retry, which the library does not do by itself.
     rate_limited = (429, {"error": {"type": "invalid_request_error", "message": "Too many requests"}})
     fake.failures, fake.requests = [rate_limited] * 2, []
     with fake.mocked():
-        assert [c["id"] for c in stripe_api.list_customers(client_api)] == []
+        assert [c.id for c in _listed(client_api)] == []
     assert len(fake.requests) == 3
     monkeypatch.setattr(stripe_api, "RATE_LIMITED", stripe_api.RATE_LIMITED.new(backoff_factor=0))
     fake.failures, fake.requests = [rate_limited] * 7, []
     with fake.mocked(), pytest.raises(stripe.RateLimitError) as limited:
-        list(stripe_api.list_customers(stripe_api.make_client(api_settings)))
+        _listed(stripe_api.make_client(api_settings))
     assert len(fake.requests) == 6  # the first try and five retries
     assert "rate limit" in stripe_api.explain(limited.value)
 

@@ -31,7 +31,7 @@ from tests.test_rls import acting_as
 from webhook import database, migrations, samples
 from webhook.app import create_app
 from webhook.config import Keys
-from webhook.handlers import HANDLERS
+from webhook.objects import HANDLERS
 
 T = now() - 3600
 

@@ -20,7 +20,7 @@ from webhook.app import create_app
 from webhook.config import Keys
 from webhook.embedded import pg_bin
 from webhook.results import Applied, Status
-from webhook.verify import parse_event
+from webhook.signature import parse_event
 
 
 def _indexes(engine: Engine, table: str) -> dict[str, str]:
@@ -284,7 +284,7 @@ def test_a_table_that_cannot_be_brought_to_shape_is_refused(scratch_url: str, ta
 
 def _apply(engine: Engine, event: dict[str, Any]) -> Applied:
     from webhook import batch
-    from webhook.handlers import HANDLERS
+    from webhook.objects import HANDLERS
 
     change = HANDLERS[event["type"]](event["data"]["object"], Keys())
     to_apply = store.EventToApply(json.dumps(event), None if change is None else change.as_json(), "webhook")

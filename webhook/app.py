@@ -20,7 +20,7 @@ from webhook.database import make_engine, schema_ready, side_engine
 from webhook.logs import configure_logging, log
 from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
 from webhook.readiness import Readiness
-from webhook.verify import RejectedDelivery, parse_event, verify_signature
+from webhook.signature import RejectedDelivery, parse_event, verify_signature
 
 WEBHOOK_PATH = "/webhooks/stripe"
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

@@ -1,52 +1,52 @@
-"""`backfill`: every Stripe customer into stripe_customers, in batches of one statement each, with a
-cursor in the database so that a run stopped by Stripe (or anything else) resumes where it was."""
+"""`backfill`: every declared object Stripe has into its table, in batches of one statement each,
+with a cursor per object in the database so that a run stopped by Stripe (or anything else)
+resumes where it was.
+
+Objects of the whole account (customers, subscriptions) are listed once; objects listed per
+customer (entitlement sets, payment methods) are read for each customer that has something here
+beyond its own row: a read per customer, so not for customers that never subscribed."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import stripe
 from sqlalchemy import Engine
 
-from webhook import jobs_store, store, stripe_api
+from webhook import jobs_store, objects, objects_store, stripe_api
 from webhook.config import Keys
-from webhook.handlers import (
-    EntitlementsChange,
-    customer_state,
-    entitlement,
-    payment_method_state,
-    subscription_state,
-)
+from webhook.objects import Change, Reader, StripeObject
 from webhook.results import Source
 
 BATCH = 500
-CURSOR = jobs_store.Cursor.BACKFILL
 
 
 @dataclass
 class Backfill:
-    outcomes: Counter[str] = field(default_factory=Counter)
-    billing: Counter[str] = field(default_factory=Counter)  # subscriptions and entitlement sets written/kept
-    resumed_after: str | None = None
-    stopped_after: str | None = None  # the last customer written, when the run did not finish
+    counts: Counter[str] = field(default_factory=Counter)  # objects read, by declared name
+    outcomes: dict[str, Counter[str]] = field(default_factory=dict)  # processed / stale, by declared name
+    resumed_after: str | None = None  # where the first object's listing resumed
+    stopped_after: str | None = None  # the last object written, when the run did not finish
     failed: stripe.StripeError | None = None
 
     def summary(self) -> str:
+        first, *rest = objects.OBJECTS
         resumed = f" (resumed after {self.resumed_after})" if self.resumed_after else ""
-        billing = (
-            f"; then {self.billing['subscriptions']} subscriptions and {self.billing['entitlement sets']} entitlement "
-            f"sets: {self.billing['processed']} written, {self.billing['stale']} kept"
-            if self.billing
-            else ""
-        )
-        return (
-            f"backfilled {sum(self.outcomes.values())} customers{resumed}: {self.outcomes['processed']} written, "
-            f"{self.outcomes['stale']} kept (a newer event already set them){billing}"
-        )
+        line = f"backfilled {self.counts[first.name]} {first.plural}{resumed}: " + self._written([first])
+        done = [declared for declared in rest if declared.name in self.outcomes]
+        if done:
+            named = [f"{self.counts[declared.name]} {declared.plural}" for declared in done]
+            listed = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
+            line += f"; then {listed}: " + self._written(done)
+        return line
+
+    def _written(self, declared: list[StripeObject]) -> str:
+        total = sum((self.outcomes.get(one.name, Counter()) for one in declared), Counter())
+        kept = " (a newer event already set them)" if declared[0] is objects.OBJECTS[0] else ""
+        return f"{total['processed']} written, {total['stale']} kept{kept}"
 
 
 def backfill(
@@ -56,59 +56,65 @@ def backfill(
     progress: Callable[[int], None] = lambda done: None,
     from_start: bool = False,
 ) -> Backfill:
-    """Upsert every live Stripe customer with sync.source 'backfill'. The state read from the API
-    is as of the run's start, so any row an event set after that start is left as it is. When the
+    """Upsert every object Stripe has with sync.source 'backfill'. The state read from the API is
+    as of the run's start, so any row an event set after that start is left as it is. When a
     listing fails for good (after the client's retries), what was already read is written and the
     cursor kept; the error is in the result."""
     as_of = int(time.time())
-    run = Backfill(resumed_after=None if from_start else jobs_store.saved_cursor(engine, CURSOR))
-    batch: list[dict[str, Any]] = []
-
-    def write() -> None:
-        changes = [customer_state(customer, keys).as_json() for customer in batch]
-        run.outcomes.update(store.apply_states(engine, changes, Source.BACKFILL, as_of))
-        run.stopped_after = batch[-1]["id"]
-        jobs_store.save_cursor(engine, CURSOR, run.stopped_after)
-        batch.clear()
-        progress(sum(run.outcomes.values()))
-
-    try:
-        for customer in stripe_api.list_customers(client, after=run.resumed_after):
-            batch.append(customer)
-            if len(batch) == BATCH:
-                write()
-    except stripe.StripeError as error:
-        run.failed = error
-    if batch:
-        write()
-    if run.failed is None:
-        run.stopped_after = None
-        jobs_store.save_cursor(engine, CURSOR, None)
+    reader = stripe_api.reader(client)
+    run = Backfill()
+    for declared in objects.OBJECTS:
+        cursor = f"{jobs_store.Cursor.BACKFILL}:{declared.name}"
+        after = None if from_start else jobs_store.saved_cursor(engine, cursor)
+        if declared is objects.OBJECTS[0]:
+            run.resumed_after = after
+        outcomes = run.outcomes[declared.name] = Counter()
         try:
-            _billing(engine, client, keys, as_of, run)
+            for batch in _batches(_listing(engine, reader, declared, keys, after)):
+                outcomes.update(
+                    objects_store.apply_states(engine, [c.as_json() for c, _ in batch], Source.BACKFILL, as_of)
+                )
+                run.counts[declared.name] += len(batch)
+                run.stopped_after = batch[-1][1]
+                jobs_store.save_cursor(engine, cursor, run.stopped_after)
+                progress(sum(run.counts.values()))
         except stripe.StripeError as error:
             run.failed = error
+            return run
+        run.stopped_after = None
+        jobs_store.save_cursor(engine, cursor, None)
     return run
 
 
-def _billing(engine: Engine, client: stripe.StripeClient, keys: Keys, as_of: int, run: Backfill) -> None:
-    """Every subscription (canceled ones too), then the active entitlements and payment methods of
-    each customer that has a subscription or an entitlement set here (entitlements come from subscribed products; a
-    read per customer, so not for customers that never subscribed), written as the customers are:
-    as of the run's start, never over a newer event's state."""
-    states = [subscription_state(found, keys) for found in stripe_api.list_subscriptions(client)]
-    changes = [state.as_json() for state in states]
-    run.billing["subscriptions"] = len(changes)
-    for start in range(0, len(changes), BATCH):
-        run.billing.update(store.apply_states(engine, changes[start : start + BATCH], Source.BACKFILL, as_of))
-    with engine.connect() as connection:
-        customers = sorted({state.customer for state in states} | set(store.local_entitlement_sets(connection)))
-    for customer_id in customers:
-        active = [entitlement(item) for item in stripe_api.list_active_entitlements(client, customer_id)]
-        change = EntitlementsChange(id=customer_id, entitlements=[a for a in active if a["lookup_key"]], complete=True)
-        methods = [
-            payment_method_state(found, customer_id) for found in stripe_api.list_payment_methods(client, customer_id)
-        ]
-        changes = [change.as_json(), *(method.as_json() for method in methods)]
-        run.billing.update(store.apply_states(engine, changes, Source.BACKFILL, as_of))
-        run.billing["entitlement sets"] += 1
+def _listing(
+    engine: Engine, reader: Reader, declared: StripeObject, keys: Keys, after: str | None
+) -> Iterator[tuple[Change, str]]:
+    """The object's changes, each with where a resumed run starts after it."""
+    if declared.scope == "account":
+        for change in declared.listing(reader, keys, after):
+            yield change, change.id
+        return
+    for customer in objects_store.customers_with_objects(engine):
+        if after is not None and customer <= after:
+            continue
+        # A customer's list whole before any of it is written: the cursor then never points past
+        # a customer read only in part.
+        for change in list(declared.listing(reader, customer, keys)):
+            yield change, customer
+
+
+def _batches(listing: Iterator[tuple[Change, str]]) -> Iterator[list[tuple[Change, str]]]:
+    """BATCH at a time, never splitting one resume point's changes (a customer's methods)."""
+    batch: list[tuple[Change, str]] = []
+    try:
+        for change, resume in listing:
+            if len(batch) >= BATCH and batch[-1][1] != resume:
+                yield batch
+                batch = []
+            batch.append((change, resume))
+    except stripe.StripeError:
+        if batch:  # what was read before Stripe failed is written, and the cursor kept there
+            yield batch
+        raise
+    if batch:
+        yield batch

@@ -28,7 +28,6 @@ from webhook.store import EventToApply
 # Postgres keeps up to 64 subtransactions of a transaction in shared memory; past that every
 # snapshot taken while it runs gets slower. A worker has 8 threads by default anyway.
 LIMIT = 16
-LOST_RETRIES = 2
 
 
 def _lost_to_another(outcome: Applied | Exception) -> bool:
@@ -71,9 +70,9 @@ class Batches:
     def apply(self, event_id: str, event: EventToApply) -> Applied:
         """The event's outcome name; raises EventFailed for its own error, Unreachable or the
         statement's error when the statement holding it failed as a whole."""
-        # A subscription's or payment method's customer is its "customer"; a customer's, and an
-        # entitlement set's, its "id". Subscriptions take their customer's lock too (its tier).
-        customer = "" if event.change is None else str(event.change.get("customer") or event.change.get("id"))
+        # Every change names its customer (a customer's is itself); some take their customer's lock
+        # too (a subscription moves its organization's tier).
+        customer = "" if event.change is None else str(event.change["customer"])
         queued = _Queued(event, (customer, event_id))
         with self._lock:
             self._queue.append(queued)
@@ -120,7 +119,7 @@ class Batches:
         # for) lost nothing: its subtransaction was undone. The other statement can finish once
         # this one has committed, so the victim is sent again at once, not answered 503 for Stripe
         # to send it minutes later.
-        for _ in range(LOST_RETRIES):
+        for _ in range(database.RETRIES):
             lost = [n for n, outcome in enumerate(outcomes) if _lost_to_another(outcome)]
             if not lost:
                 break

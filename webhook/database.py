@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 from psycopg2 import errorcodes
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import PoolProxiedConnection
 
 # The SQL ships inside the package (a wheel, a Docker image); `db/` at the top of a checkout
@@ -136,6 +138,28 @@ BUSY = {
 }
 # Worth running again at once: this transaction lost to another one.
 RETRY_AT_ONCE = {errorcodes.DEADLOCK_DETECTED, errorcodes.SERIALIZATION_FAILURE}
+RETRIES = 2  # a transaction lost to another is run this many more times
+
+
+def lost_to_another(error: BaseException) -> bool:
+    """A deadlock's victim or a serialization failure: it wrote nothing, and can run again at once."""
+    cause = error.orig if isinstance(error, DBAPIError) else error
+    return getattr(cause, "pgcode", None) in RETRY_AT_ONCE
+
+
+T = TypeVar("T")
+
+
+def retried(once: Callable[[], T]) -> T:
+    """once(), run again (RETRIES times at most) while it loses to another transaction. The one
+    place that decides this: the batch statement sends its events that lost the same way."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return once()
+        except DBAPIError as error:
+            if not lost_to_another(error) or attempt == RETRIES:
+                raise
+    raise AssertionError("unreachable")
 
 
 def connection_lost(engine: Engine, connection: PoolProxiedConnection, error: BaseException) -> bool:

@@ -24,10 +24,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from webhook import jobs_store, stripe_api
 from webhook.config import Settings
-from webhook.customers import FixRefused, check_fix, find_drift, fix_drift
 from webhook.logs import log
 from webhook.process import DatabaseUnavailable
 from webhook.prune import prune
+from webhook.reconcile import FixRefused, check_fix, find_drift, fix_drift
 from webhook.replay import replay_from_stripe
 
 LEASE, EVENTS_CURSOR, STATE = jobs_store.Cursor.HEAL_LEASE, jobs_store.Cursor.HEAL_EVENTS, jobs_store.Cursor.HEAL_STATE

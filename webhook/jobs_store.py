@@ -14,13 +14,13 @@ from sqlalchemy import Engine, text
 class Cursor(StrEnum):
     """Every row of stripe_sync_cursors, named once."""
 
-    BACKFILL = "backfill"  # the last customer a stopped backfill wrote: the next run resumes after it
+    BACKFILL = "backfill"  # backfill:<object>: the last one a stopped backfill wrote; the next run resumes after it
     HEAL_EVENTS = "heal_events"  # where heal's last recovery round started (unix seconds)
     HEAL_LEASE = "heal_lease"  # which heal process works now (the lease, renewed during a round)
     HEAL_STATE = "heal_state"  # JSON: when heal's rounds ran and what the last one found (for /metrics)
 
 
-def saved_cursor(engine: Engine, name: Cursor) -> str | None:
+def saved_cursor(engine: Engine, name: str) -> str | None:
     with engine.connect() as connection:
         found = connection.execute(
             text("SELECT value FROM stripe_sync_cursors WHERE name = :name"), {"name": name}
@@ -28,7 +28,7 @@ def saved_cursor(engine: Engine, name: Cursor) -> str | None:
     return None if found is None else str(found)
 
 
-def save_cursor(engine: Engine, name: Cursor, value: str | None) -> None:
+def save_cursor(engine: Engine, name: str, value: str | None) -> None:
     """Remember where a job got to (or, as JSON, what it found); None forgets it."""
     with engine.connect() as connection:
         if value is None:

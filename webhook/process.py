@@ -13,12 +13,12 @@ import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from webhook import batch, budget, database, metrics, refetch, store, thin, thin_queue
+from webhook import batch, budget, database, metrics, objects, refetch, store, thin, thin_queue
 from webhook.config import Refetch, Settings
-from webhook.handlers import HANDLERS, Change, CustomerChange, EntitlementsChange
 from webhook.logs import log
+from webhook.objects import HANDLERS, Change
 from webhook.results import Applied, EventFailed, SettledBy, Source, Status
-from webhook.verify import Event
+from webhook.signature import Event
 
 
 class Outcome(StrEnum):
@@ -57,17 +57,15 @@ def change_for(event: Event, settings: Settings) -> Change | None:
 
 
 def _completed(engine: Engine, change: Change, settings: Settings) -> Change:
-    """An entitlement summary lists at most 10: the rest is read from Stripe (with the key) before
-    the set replaces the customer's; without the key, or when Stripe cannot answer in time, the set
-    is stored as far as it goes and marked incomplete, with a note saying why."""
-    if not isinstance(change, EntitlementsChange) or change.complete:
+    """A change that says it is not whole (a summary listing only part of a set) is read whole from
+    Stripe (with the key) before it is applied; without the key, or when Stripe cannot answer in
+    time, it is stored as far as it goes and marked incomplete, with a note saying why."""
+    if change.complete:
         return change
     if settings.stripe_api_key is None:
-        return replace(change, note="entitlements not complete: the summary lists 10, and no API key to read the rest")
-    whole = refetch.entitlements_now(settings, budget.shared(engine, settings.stripe_api_rate), change.id)
-    if whole is None:
-        return replace(change, note="entitlements not complete: Stripe could not be read for the rest")
-    return replace(change, entitlements=whole.entitlements, complete=True)
+        return change.incomplete("no API key to read the rest")
+    whole = refetch.state_now(settings, budget.shared(engine, settings.stripe_api_rate), change)
+    return change.incomplete("Stripe could not be read for the rest") if whole is None else replace(whole, as_of=None)
 
 
 def describe(error: BaseException) -> str:
@@ -115,11 +113,11 @@ def process_event(
         found = change_for(event, settings)
         change = None if found is None else _completed(engine, found, settings)
     always = settings.refetch is Refetch.ALWAYS and not event.thin  # a thin event's change is a fresh read already
-    if always and isinstance(change, CustomerChange) and change.action != "link":
-        # dj-stripe's and Pay's way: the event only says which customer to read. If Stripe cannot
+    if always and change is not None and objects.of(change).refetch_always and not change.links_only:
+        # dj-stripe's and Pay's way: the event only says which object to read. If Stripe cannot
         # be read in time, the event's own state goes through the ordering rules instead.
-        fresh_customer = refetch.customer_now(settings, budget.shared(engine, settings.stripe_api_rate), change.id)
-        change, source = (change, source) if fresh_customer is None else (fresh_customer, Source.API)
+        fresh = refetch.state_now(settings, budget.shared(engine, settings.stripe_api_rate), change)
+        change, source = (change, source) if fresh is None else (fresh, Source.API)
     result = _apply(engine, event, change, source, actor)
     if result.status is Status.TIE:
         # Neither the type nor previous_attributes could order two same-second events: ask Stripe.

@@ -15,10 +15,10 @@ from sqlalchemy import Engine
 
 from webhook import store, stripe_api
 from webhook.config import Settings
-from webhook.handlers import HANDLERS
+from webhook.objects import HANDLERS
 from webhook.process import ProcessingFailed, StripeUnavailable, process_event
 from webhook.results import Source
-from webhook.verify import RejectedDelivery, parse_event
+from webhook.signature import RejectedDelivery, parse_event
 
 
 @dataclass

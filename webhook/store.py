@@ -1,5 +1,6 @@
-"""The statements about events and customers: the hot path (one batch call on the pool's raw
-psycopg2 connection), failed events, the customer writes of the commands, and their lookups."""
+"""The statements about the event log: the hot path (one batch call on the pool's raw psycopg2
+connection: the reason is said once, at _APPLY_EVENTS), failed events, and the log's lookups for
+replay. The objects' other statements are webhook/objects_store.py's."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
-from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, text
 from sqlalchemy.pool import PoolProxiedConnection
 
-from webhook.database import RETRY_AT_ONCE
 from webhook.results import Applied, EventFailed, Source, from_row
-from webhook.verify import Event
+from webhook.signature import Event
 
 
 @dataclass(frozen=True)
@@ -24,9 +23,6 @@ class EventToApply:
     change: dict[str, Any] | None  # what it asks of stripe_customers; None: only logged
     source: Source
     actor: str | None = None  # support:<name>, for the audit, when a person acts from the console
-
-
-DEADLOCK_RETRIES = 3
 
 
 def jsonb_text(document: str) -> str:
@@ -123,41 +119,6 @@ def record_failure(connection: PoolProxiedConnection, event: Event, error: str) 
         cursor.close()
 
 
-_APPLY_STATES = text(
-    """
-    SELECT applied.status
-    FROM jsonb_array_elements(CAST(:changes AS jsonb)) WITH ORDINALITY AS change (value, position),
-      LATERAL public.stripe_apply_object(change.value, :source, NULL, :as_of) AS applied
-    ORDER BY change.position
-    """
-)
-_APPLY_STATES_ACTING = text("SELECT set_config('stripe_webhook.actor', :actor, true);" + _APPLY_STATES.text)
-
-
-def apply_states(
-    engine: Engine, changes: list[dict[str, Any]], source: Source, as_of: int, actor: str | None = None
-) -> list[str]:
-    """Apply states read from the Stripe API at `as_of` (unix seconds): customers, subscriptions,
-    entitlement sets (each change says which), in one statement and one transaction; a row that a
-    newer event already set is left alone ('stale').
-    """
-    # Sorted, so concurrent batches take their locks in one order. A webhook that holds
-    # a user lock can still deadlock with a batch; Postgres aborts one side and the batch retries.
-    changes_json = jsonb_text(json.dumps(sorted(changes, key=lambda change: str(change["id"]))))
-    for attempt in range(DEADLOCK_RETRIES):
-        try:
-            with engine.connect() as connection:
-                result = connection.execute(
-                    _APPLY_STATES_ACTING if actor else _APPLY_STATES,
-                    {"changes": changes_json, "source": source, "as_of": as_of, "actor": actor},
-                )
-                return [str(outcome) for outcome in result.scalars()]
-        except OperationalError as error:
-            if getattr(error.orig, "pgcode", None) not in RETRY_AT_ONCE or attempt == DEADLOCK_RETRIES - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
 def select_events(
     connection: Connection, *, event_id: str | None, status: str, since_seconds: int | None
 ) -> list[tuple[str, str]]:
@@ -179,70 +140,3 @@ def select_events(
 def logged_event_ids(connection: Connection, event_ids: list[str]) -> set[str]:
     statement = text("SELECT id FROM public.stripe_webhook_events WHERE id = ANY(:ids)")
     return set(connection.execute(statement, {"ids": event_ids}).scalars())
-
-
-def customer_id_for_user(connection: Connection, user_id: str) -> str | None:
-    statement = text("SELECT stripe_customer_id FROM public.stripe_customers WHERE user_id = :user_id")
-    return connection.execute(statement, {"user_id": user_id}).scalar_one_or_none()
-
-
-def user_email(connection: Connection, user_id: str) -> tuple[bool, str | None]:
-    """(the auth.users row exists, its email)."""
-    row = connection.execute(text("SELECT email FROM auth.users WHERE id = :id"), {"id": user_id}).first()
-    return (row is not None, None if row is None else row[0])
-
-
-def recent_livemodes(connection: Connection) -> set[bool]:
-    """The modes of the newest applied events (through the status index): the database's mode."""
-    statement = text(
-        "SELECT DISTINCT livemode FROM (SELECT livemode FROM public.stripe_webhook_events "
-        "WHERE status = 'processed' ORDER BY received_at DESC LIMIT 100) AS recent"
-    )
-    return set(connection.execute(statement).scalars())
-
-
-def relink(connection: Connection, fix: bool) -> list[tuple[str, str]]:
-    """(link, customer) for each user or organization ('user_id', 'organization_id') no customer
-    holds while an unlinked customer names it; with fix, each linked to the newest such customer
-    (as a deletion or a moved link would)."""
-    statement = text("SELECT link || '_id', stripe_customer_id FROM public.stripe_relink(:fix)")
-    return [(row[0], row[1]) for row in connection.execute(statement, {"fix": fix})]
-
-
-def local_subscriptions(connection: Connection) -> dict[str, dict[str, Any]]:
-    """Each subscription's status, period end (unix seconds) and items, as verify compares them."""
-    statement = text(
-        "SELECT stripe_subscription_id, status, extract(epoch FROM current_period_end)::bigint AS current_period_end, "
-        "items FROM public.stripe_subscriptions ORDER BY stripe_subscription_id"
-    )
-    return {row[0]: dict(row._mapping) for row in connection.execute(statement)}
-
-
-def local_entitlement_sets(connection: Connection) -> dict[str, list[str]]:
-    """Each customer's set of entitlement lookup keys, sorted, for every set the consumer keeps."""
-    statement = text(
-        "SELECT s.stripe_customer_id, coalesce(array_agg(e.lookup_key ORDER BY e.lookup_key) "
-        "FILTER (WHERE e.lookup_key IS NOT NULL), '{}') FROM public.stripe_entitlement_sets s "
-        "LEFT JOIN public.stripe_entitlements e USING (stripe_customer_id) GROUP BY 1 ORDER BY 1"
-    )
-    return {row[0]: list(row[1]) for row in connection.execute(statement)}
-
-
-def local_payment_methods(connection: Connection) -> dict[str, dict[str, tuple[Any, ...]]]:
-    """Each customer's payment methods here: id -> (brand, last4, exp_month, exp_year)."""
-    statement = text(
-        "SELECT stripe_customer_id, stripe_payment_method_id, brand, last4, exp_month, exp_year "
-        "FROM public.stripe_payment_methods ORDER BY 1, 2"
-    )
-    found: dict[str, dict[str, tuple[Any, ...]]] = {}
-    for row in connection.execute(statement):
-        found.setdefault(row[0], {})[row[1]] = (row[2], row[3], row[4], row[5])
-    return found
-
-
-def local_customers(connection: Connection) -> list[tuple[str, str | None, str | None]]:
-    statement = text(
-        "SELECT stripe_customer_id, customer_email, customer_name FROM public.stripe_customers "
-        "ORDER BY stripe_customer_id"
-    )
-    return [(row[0], row[1], row[2]) for row in connection.execute(statement)]

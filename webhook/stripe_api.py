@@ -5,18 +5,18 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
 import stripe
 from requests.adapters import HTTPAdapter
-from stripe.params import CustomerListParams
 from urllib3.util.retry import Retry
 
 from webhook.budget import Budget, BudgetAdapter
 from webhook.config import ConfigError, Settings
+from webhook.objects.base import Reader
 
 # Retries on connection errors, 409, 5xx and when Stripe says so (Stripe-Should-Retry), with the
 # library's own backoff; an idempotency key makes a retried create safe. Each try waits at most
@@ -42,6 +42,10 @@ RATE_LIMITED = Retry(
     respect_retry_after_header=True,
     raise_on_status=False,
 )
+
+
+class NotAnObject(stripe.StripeError):
+    """Stripe answered a read with something that is not a JSON object."""
 
 
 class StripeUnavailable(Exception):
@@ -111,39 +115,25 @@ def plain(stripe_object: Any) -> dict[str, Any]:
     return dict(json.loads(json.dumps(stripe_object.to_dict(), default=str)))
 
 
+def reader(client: stripe.StripeClient, context: str | None = None) -> Reader:
+    """GET a /v1 or /v2 path with the client (its retries, its budget) and, for a thin
+    notification, its context (Stripe-Context): the object and Stripe's clock (the answer's Date)."""
+    options: dict[str, Any] = {"stripe_context": context} if context else {}
+
+    def read(path: str, query: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        answer = client.raw_request("get", path, **query, **options)
+        if not isinstance(answer.data, dict):
+            raise NotAnObject("not an object")
+        return dict(answer.data), stripe_clock(answer.headers.get("Date"))
+
+    return read
+
+
 def list_events(client: stripe.StripeClient, since: int, types: Sequence[str]) -> Iterator[dict[str, Any]]:
     """Every event of the given types created since `since` (Stripe keeps 30 days), newest first."""
     page = client.v1.events.list(params={"created": {"gte": since}, "types": list(types), "limit": PAGE})
     for event in page.auto_paging_iter():
         yield plain(event)
-
-
-def list_customers(client: stripe.StripeClient, after: str | None = None) -> Iterator[dict[str, Any]]:
-    """Every live customer (Stripe's list leaves deleted ones out), newest first; with `after`, the
-    ones after that customer in this order."""
-    params: CustomerListParams = {"limit": PAGE}
-    if after:
-        params["starting_after"] = after
-    for customer in client.v1.customers.list(params=params).auto_paging_iter():
-        yield plain(customer)
-
-
-def list_subscriptions(client: stripe.StripeClient) -> Iterator[dict[str, Any]]:
-    """Every subscription of the account, canceled ones too (status=all), newest first."""
-    for subscription in client.v1.subscriptions.list(params={"status": "all", "limit": PAGE}).auto_paging_iter():
-        yield plain(subscription)
-
-
-def list_active_entitlements(client: stripe.StripeClient, customer_id: str) -> list[dict[str, Any]]:
-    """A customer's active entitlements, every page."""
-    page = client.v1.entitlements.active_entitlements.list(params={"customer": customer_id, "limit": PAGE})
-    return [plain(item) for item in page.auto_paging_iter()]
-
-
-def list_payment_methods(client: stripe.StripeClient, customer_id: str) -> list[dict[str, Any]]:
-    """A customer's payment methods, every page."""
-    page = client.v1.payment_methods.list(params={"customer": customer_id, "limit": PAGE})
-    return [plain(item) for item in page.auto_paging_iter()]
 
 
 def retrieve_customer(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:

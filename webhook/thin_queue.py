@@ -32,10 +32,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from webhook import budget, database, metrics, refetch, thin
 from webhook.budget import PAUSE_SECONDS, Budget
 from webhook.config import Refetch, Settings
-from webhook.handlers import Change
 from webhook.logs import log
+from webhook.objects import Change
 from webhook.results import Applied, EventFailed, SettledBy, Status, from_row
-from webhook.verify import Event, parse_event
+from webhook.signature import Event, parse_event
 
 LEASE_SECONDS = 15  # a read takes thin.READ_TIMEOUT_SECONDS at most, its token a little more
 POLL_SECONDS = 0.5  # how often an idle reader looks for work queued by another process

@@ -26,10 +26,10 @@ from webhook.cli.common import (
     progress_bar,
 )
 from webhook.config import Settings
-from webhook.customers import FixRefused, check_fix, find_drift, fix_drift
 from webhook.heal import Healer
 from webhook.logs import configure_logging, log
 from webhook.prune import PruneRefused, prune
+from webhook.reconcile import FixRefused, check_fix, find_drift, fix_drift
 from webhook.replay import ReplaySummary, replay_from_stripe, replay_stored
 
 STOP_GRACE_SECONDS = 3.0

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from webhook.objects.customer import CUSTOMER
+
 # The audit's rows are whole table rows; these are the parts a person reads.
 FIELDS = {
     "customer_email": "email",
@@ -97,7 +99,7 @@ def access_of(
 
 
 def dashboard_url(customer_id: str, livemode: bool) -> str:
-    return f"https://dashboard.stripe.com/{'' if livemode else 'test/'}customers/{customer_id}"
+    return CUSTOMER.dashboard_url(customer_id, customer_id, livemode)
 
 
 @dataclass

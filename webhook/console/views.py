@@ -17,7 +17,8 @@ from webhook import stripe_api
 from webhook.config import Settings
 from webhook.console import auth, queries
 from webhook.console.timeline import State, access_of, dashboard_url, state_of, timeline
-from webhook.customers import FixRefused, resync
+from webhook.objects.customer import CUSTOMER
+from webhook.reconcile import FixRefused, resync
 from webhook.replay import replay_stored
 
 Page = str | BaseResponse | tuple[str, int]
@@ -210,6 +211,7 @@ def resync_customer(customer_id: str) -> BaseResponse:
             _engine(),
             stripe_api.make_client(settings),
             settings.stripe_api_key,
+            CUSTOMER,
             customer_id,
             settings.keys,
             _actor(),

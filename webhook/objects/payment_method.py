@@ -1,0 +1,104 @@
+"""Payment methods: stripe_payment_methods, a customer's cards and other methods (of a card only
+its brand, last four digits and expiry). A detached one leaves the table, with a tombstone."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from webhook.config import Keys
+from webhook.objects.base import (
+    Change,
+    Reader,
+    StripeObject,
+    customer_id,
+    listed,
+    mapping,
+    object_id,
+    text,
+    unix_time,
+)
+
+ID = re.compile(r"(pm|card|src|ba)_[a-zA-Z0-9]+")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PaymentMethodChange(Change):
+    object = "payment_method"
+    customer_id: str  # cus_…; "" for a detached one
+    action: Literal["upsert", "delete"] = "upsert"
+    type: str | None = None
+    brand: str | None = None
+    last4: str | None = None
+    exp_month: int | None = None
+    exp_year: int | None = None
+
+    @property
+    def customer(self) -> str:
+        return self.customer_id
+
+    @property
+    def deletes(self) -> bool:
+        return self.action == "delete"
+
+
+def state(method: dict[str, Any], customer: Any = None) -> PaymentMethodChange:
+    card = mapping(method.get("card"))
+    return PaymentMethodChange(
+        id=object_id(method.get("id"), ID, "pm_… payment method"),
+        customer_id=customer_id(customer if customer is not None else method.get("customer")),
+        type=text(method.get("type")) or "unknown",
+        brand=text(card.get("brand")),
+        last4=text(card.get("last4")),
+        exp_month=unix_time(card.get("exp_month")),
+        exp_year=unix_time(card.get("exp_year")),
+    )
+
+
+def gone(stripe_id: str) -> PaymentMethodChange:
+    return PaymentMethodChange(id=stripe_id, customer_id="", action="delete")
+
+
+def _changed(method: dict[str, Any], keys: Keys) -> PaymentMethodChange:
+    return state(method)
+
+
+def _detached(method: dict[str, Any], keys: Keys) -> PaymentMethodChange:
+    # Detached, the object no longer names its customer; the row is found by its own id.
+    return gone(object_id(method.get("id"), ID, "pm_… payment method"))
+
+
+def read(reader: Reader, stripe_id: str, keys: Keys) -> PaymentMethodChange:
+    """One attached to no customer (detached) leaves the table."""
+    found, clock = reader(f"/v1/payment_methods/{stripe_id}", {})
+    return replace(state(found) if found.get("customer") else gone(stripe_id), as_of=clock)
+
+
+def list_of(reader: Reader, customer: str, keys: Keys) -> Iterator[PaymentMethodChange]:
+    for found in listed(reader, "/v1/payment_methods", {"customer": customer}):
+        yield state(found, customer)
+
+
+PAYMENT_METHOD = StripeObject(
+    name="payment_method",
+    plural="payment methods",
+    id=ID,
+    table="stripe_payment_methods",
+    events={
+        "payment_method.attached": _changed,
+        "payment_method.updated": _changed,
+        "payment_method.automatically_updated": _changed,
+        "payment_method.detached": _detached,
+    },
+    thin=("v1.payment_method.",),
+    read=read,
+    scope="customer",
+    listing=list_of,
+    compared={"card": lambda change: [change.brand, change.last4, change.exp_month, change.exp_year]},
+    local_sql="SELECT stripe_payment_method_id AS id, stripe_customer_id AS customer, "
+    "jsonb_build_array(brand, last4, exp_month, exp_year) AS card FROM public.stripe_payment_methods",
+    dashboard="customers/{customer}",
+    gone=gone,
+)
