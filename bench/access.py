@@ -52,7 +52,7 @@ BILLING_FILL = [
     ),
     (
         "entitlement sets",
-        "INSERT INTO stripe_entitlement_sets (stripe_customer_id, complete, sync) "
+        "INSERT INTO stripe_entitlement_sets (stripe_customer_id, complete, entitlements_metadata) "
         "SELECT 'cus_' || n, true, '{}' FROM generate_series(1, :customers) AS n",
     ),
 ]
@@ -89,7 +89,7 @@ def fill(engine: Engine, customers: int, organizations: int) -> None:
         connection.execute(
             text(
                 "TRUNCATE stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_subscriptions, "
-                "stripe_entitlements, stripe_entitlement_sets, stripe_billing_audit, public.organizations, "
+                "stripe_entitlements, stripe_entitlement_sets, public.organizations, "
                 "auth.users CASCADE"
             )
         )

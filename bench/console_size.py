@@ -68,7 +68,7 @@ def fill(engine: Engine, customers: int, per_customer: int) -> None:
     with engine.connect() as connection:
         connection.execute(
             text(
-                "TRUNCATE stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_customer_tombstones, "
+                "TRUNCATE stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_object_tombstones, "
                 "stripe_customer_claims, stripe_sync_cursors, auth.users CASCADE"
             )
         )

@@ -139,12 +139,12 @@ def clean_tables(request: pytest.FixtureRequest) -> None:
 
 
 _TRUNCATE = (
-    "TRUNCATE public.stripe_customers, public.stripe_webhook_events, public.stripe_customer_tombstones, "
+    "TRUNCATE public.stripe_customers, public.stripe_webhook_events, "
     "public.stripe_customer_claims, public.stripe_organization_claims, public.stripe_sync_cursors, "
     "public.stripe_customers_audit, public.stripe_support_sessions, public.stripe_support_signins, "
     "public.stripe_subscriptions, public.stripe_payment_methods, public.stripe_entitlements, "
     "public.stripe_entitlement_sets, public.stripe_thin_waiting, public.stripe_api_budget, "
-    "public.stripe_object_tombstones, public.stripe_billing_audit, "
+    "public.stripe_object_tombstones, "
     "public.organizations, auth.users CASCADE"
 )
 

@@ -197,3 +197,27 @@ def wait_for(condition: Callable[[], bool], seconds: float, every: float = 0.05)
 def waiting_on_locks(engine: Engine) -> int:
     """How many backends wait for a lock now (another test's held transaction, say)."""
     return count(engine, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+
+
+# What the release before 2026-12-07 kept in shapes of its own (db/one_shape.sql moves them): a
+# customers' tombstone table, a billing audit, and a `sync` column on entitlement sets and payment
+# methods, each with a row.
+PREVIOUS_SHAPES = """
+CREATE TABLE stripe_customer_tombstones (stripe_customer_id text PRIMARY KEY, event_id text,
+  event_created bigint NOT NULL, deleted_at timestamptz NOT NULL DEFAULT now());
+INSERT INTO stripe_customer_tombstones VALUES ('cus_GoneBefore', 'evt_gone', 1700000100, now());
+CREATE TABLE stripe_billing_audit (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, object text NOT NULL,
+  stripe_id text NOT NULL, stripe_customer_id text, operation text NOT NULL, old_row jsonb, new_row jsonb,
+  event_id text, changed_by text NOT NULL DEFAULT current_user, changed_at timestamptz NOT NULL DEFAULT now());
+INSERT INTO stripe_billing_audit (object, stripe_id, stripe_customer_id, operation, new_row, event_id)
+VALUES ('subscription', 'sub_Before', 'cus_Before', 'INSERT', '{"status": "active"}', 'evt_sub'),
+       ('payment_method', 'pm_Before', 'cus_Before', 'INSERT', '{"last4": "4242"}', 'evt_pm');
+ALTER TABLE stripe_payment_methods ADD COLUMN sync jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE stripe_entitlement_sets ADD COLUMN sync jsonb NOT NULL DEFAULT '{}';
+INSERT INTO stripe_payment_methods (stripe_payment_method_id, stripe_customer_id, type, sync)
+VALUES ('pm_Before', 'cus_Before', 'card', '{"status": "synced", "event_id": "evt_pm", "event_created": 1700000200}')
+ON CONFLICT (stripe_payment_method_id) DO UPDATE SET sync = EXCLUDED.sync;
+INSERT INTO stripe_entitlement_sets (stripe_customer_id, sync)
+VALUES ('cus_Before', '{"status": "synced", "event_id": "evt_ent", "event_created": 1700000300}')
+ON CONFLICT (stripe_customer_id) DO UPDATE SET sync = EXCLUDED.sync;
+"""

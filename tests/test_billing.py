@@ -128,7 +128,7 @@ def test_a_subscription_removed_by_hand_is_not_brought_back_by_an_older_event(
     assert _status(client, samples.event("customer.subscription.updated", subscription, created=T + 4)) == "stale"
     assert _subscription(engine, subscription["id"]) is None
     assert _status(client, samples.event("customer.subscription.updated", subscription, created=T + 6)) == "processed"
-    audit = "SELECT count(*) FROM stripe_billing_audit WHERE object = 'subscription' AND stripe_id = :id"
+    audit = "SELECT count(*) FROM stripe_customers_audit WHERE object = 'subscription' AND stripe_id = :id"
     assert count(engine, audit, id=subscription["id"]) == 3  # insert, delete, insert
 
 
@@ -174,7 +174,10 @@ def test_past_ten_entitlements_the_rest_is_read_from_stripe(
     assert _entitlements(engine, "cus_Ent3") == keys[:10]
     with engine.connect() as connection:
         complete, sync = connection.execute(
-            text("SELECT complete, sync FROM stripe_entitlement_sets WHERE stripe_customer_id = 'cus_Ent3'")
+            text(
+                "SELECT complete, entitlements_metadata -> 'sync' FROM stripe_entitlement_sets "
+                "WHERE stripe_customer_id = 'cus_Ent3'"
+            )
         ).one()
     assert complete is False and "no API key" in sync["note"]
 
@@ -206,7 +209,10 @@ def test_more_than_a_page_of_entitlements_and_a_failure_reading_the_rest(
     assert _entitlements(engine, "cus_Ent4") == [f"f{n:03}" for n in range(10)]
     with engine.connect() as connection:
         complete, sync = connection.execute(
-            text("SELECT complete, sync FROM stripe_entitlement_sets WHERE stripe_customer_id = 'cus_Ent4'")
+            text(
+                "SELECT complete, entitlements_metadata -> 'sync' FROM stripe_entitlement_sets "
+                "WHERE stripe_customer_id = 'cus_Ent4'"
+            )
         ).one()
     assert complete is False and "could not be read" in sync["note"]
 

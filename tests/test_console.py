@@ -247,7 +247,7 @@ def test_resync_applies_stripes_state_with_verify_fixs_refusals(
     row = customer_row(engine, customer["id"])
     if outcome.startswith("not"):
         assert row is not None and row["customer_name"] == customer["name"]
-        assert count(engine, "SELECT count(*) FROM stripe_customer_tombstones") == 0
+        assert count(engine, "SELECT count(*) FROM stripe_object_tombstones WHERE object = 'customer'") == 0
     elif in_stripe == "renamed":
         assert row is not None and row["customer_name"] == "Renamed in Stripe"
         audit = text("SELECT changed_by FROM stripe_customers_audit WHERE operation = 'UPDATE'")

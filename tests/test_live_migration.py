@@ -14,15 +14,15 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from tests.server import gunicorn, post_event
-from tests.support import SECRET, cli
-from webhook import migrations, samples
+from tests.support import PREVIOUS_SHAPES, SECRET, cli
+from webhook import database, migrations, samples
 
 
 def _migrate(database_url: str) -> subprocess.CompletedProcess[str]:
     return cli("db", "migrate", DATABASE_URL=database_url, STRIPE_WEBHOOK_SECRET=SECRET)
 
 
-TABLES = "stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_customer_tombstones"
+TABLES = "stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_object_tombstones"
 
 
 def test_a_migrate_that_changes_nothing_takes_no_strong_lock(database_url: str, engine: Engine) -> None:
@@ -60,7 +60,10 @@ def schema_restored(engine: Engine) -> Iterator[None]:
 
 
 def _undo_some_of_the_schema(engine: Engine) -> None:
-    """What a release that adds an index, a policy and row level security has to do."""
+    """What a release that adds an index, a policy and row level security has to do, and one that
+    moves the previous release's shapes into one (tests/support.py, PREVIOUS_SHAPES)."""
+    with engine.begin() as connection:
+        database.run_sql(connection, PREVIOUS_SHAPES)
     with engine.begin() as connection:
         connection.execute(text("DROP INDEX stripe_customers_email_lower_idx"))
         connection.execute(text('DROP POLICY "Users can view own customer data" ON stripe_customers'))
@@ -120,6 +123,9 @@ def test_migrations_beside_live_traffic_fail_no_delivery(database_url: str, engi
         assert connection.execute(
             text("SELECT indisvalid FROM pg_index WHERE indexrelid = 'stripe_customers_email_lower_idx'::regclass")
         ).scalar_one()
+        moved = "SELECT count(*) FROM stripe_object_tombstones WHERE stripe_id = 'cus_GoneBefore'"
+        assert connection.execute(text(moved)).scalar_one() == 1
+        assert connection.execute(text("SELECT to_regclass('stripe_billing_audit')")).scalar_one() is None
 
 
 def test_an_index_build_interrupted_earlier_is_built_again(database_url: str, engine: Engine) -> None:

@@ -324,10 +324,11 @@ def test_a_tombstone_never_moves_back_in_time(client: Any, engine: Engine) -> No
     keeps older events out by: a customer's tombstone and a payment method's alike."""
 
     def tombstones() -> tuple[int, int]:
+        found = "SELECT event_created FROM stripe_object_tombstones WHERE (object = 'customer') = :customer"
         with engine.connect() as connection:
             return (
-                connection.execute(text("SELECT event_created FROM stripe_customer_tombstones")).scalar_one(),
-                connection.execute(text("SELECT event_created FROM stripe_object_tombstones")).scalar_one(),
+                connection.execute(text(found), {"customer": True}).scalar_one(),
+                connection.execute(text(found), {"customer": False}).scalar_one(),
             )
 
     def status(event: dict[str, Any]) -> str:

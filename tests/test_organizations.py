@@ -67,7 +67,7 @@ def tier_audit(engine: Engine, organization: str) -> list[tuple[Any, ...]]:
             for row in connection.execute(
                 text(
                     "SELECT old_row ->> 'subscription_tier', new_row ->> 'subscription_tier', event_id "
-                    "FROM stripe_billing_audit WHERE object = 'organization' AND stripe_id = :id ORDER BY id"
+                    "FROM stripe_customers_audit WHERE object = 'organization' AND stripe_id = :id ORDER BY id"
                 ),
                 {"id": organization},
             )

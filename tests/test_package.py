@@ -91,7 +91,7 @@ def test_db_migrate_from_another_folder(installed: Path, tmp_path: Path, databas
     assert migrated.returncode == 0, migrated.stderr
     assert migrated.stdout.startswith(
         "applied supabase_shim.sql, shape.sql, schema.sql, functions.sql, billing.sql, organizations.sql, "
-        "console.sql, queue.sql, access.sql"
+        "one_shape.sql, console.sql, queue.sql, access.sql"
     )
 
 

@@ -20,7 +20,6 @@ TABLES = (
     "stripe_customers",
     "stripe_webhook_events",
     "stripe_customers_audit",
-    "stripe_customer_tombstones",
     "stripe_customer_claims",
     "stripe_organization_claims",
     "stripe_sync_cursors",
@@ -31,7 +30,6 @@ TABLES = (
     "stripe_entitlements",
     "stripe_entitlement_sets",
     "stripe_object_tombstones",
-    "stripe_billing_audit",
     "stripe_thin_waiting",
     "stripe_api_budget",
 )
@@ -102,7 +100,7 @@ def test_a_user_can_change_nothing(engine: Engine, two_customers: tuple[str, str
             "DELETE FROM stripe_customers",
             *(f"TRUNCATE {table} CASCADE" for table in TABLES),
             "DELETE FROM stripe_webhook_events",
-            "DELETE FROM stripe_customer_tombstones",
+            "DELETE FROM stripe_object_tombstones",
         ):
             assert _refused(connection, statement), statement
         assert _refused(connection, "SELECT stripe_apply_event('{\"id\": \"evt_x\"}'::jsonb, NULL, 'webhook')")
@@ -154,7 +152,9 @@ def test_service_role_deletes_on_a_connection_that_cached_the_deletion_trigger(e
             connection.execute(text("INSERT INTO stripe_customers (stripe_customer_id) VALUES ('cus_Loose')"))
         with acting_as(one_connection, "service_role") as connection:
             assert connection.execute(text("DELETE FROM stripe_customers")).rowcount == 1
-            tombstone = text("SELECT count(*) FROM stripe_customer_tombstones WHERE stripe_customer_id = 'cus_Loose'")
+            tombstone = text(
+                "SELECT count(*) FROM stripe_object_tombstones WHERE object = 'customer' AND stripe_id = 'cus_Loose'"
+            )
             assert connection.execute(tombstone).scalar_one() == 1
     finally:
         one_connection.dispose()
@@ -221,7 +221,7 @@ def test_the_catalog_shows_rls_everywhere_fixed_search_paths_and_no_api_role_pri
     assert found["without_rls"] == []
     assert found["definer_without_search_path"] == []
     assert sorted(found["tables"]) == sorted(TABLES)  # every table is in the list the tests above try
-    assert found["sequences"] == [2]  # the two audits' identities
+    assert found["sequences"] == [1]  # the one audit's identity
     assert found["default_grants"][0] > 0  # Supabase grants new objects to the API roles ...
     assert found["granted"] == GRANTED  # ... and migrate takes back all but the contract's
 

@@ -381,3 +381,52 @@ def test_every_index_is_built_beside_traffic() -> None:
                 assert "CONCURRENTLY IF NOT EXISTS" in statement, (path.name, step.title, statement)
                 assert code.count(";") == 1, (path.name, step.title)  # alone in its step
     assert built >= 8
+
+
+def test_the_previous_releases_shapes_move_into_one_keeping_every_row(scratch_url: str) -> None:
+    """Tombstones, audit rows and sync stamps kept apart by the release before move into the one
+    tombstone table, the one audit and <object>_metadata.sync; the old shapes go, the move itself
+    is audited as no change, and the moved stamps and tombstones still order events."""
+    from tests.support import PREVIOUS_SHAPES
+
+    scratch = database.make_engine(scratch_url, pool_size=1)
+    migrations.migrate(scratch, shim=False)
+    with scratch.connect() as connection:
+        database.run_sql(connection, PREVIOUS_SHAPES)
+    audited = count(scratch, "SELECT coalesce(max(id), 0) FROM stripe_customers_audit")  # the rows made above
+    migrated = _migrate_cli(scratch_url)
+    assert migrated.returncode == 0, migrated.stderr
+    with scratch.connect() as connection:
+        tombstones = connection.execute(text("SELECT object, stripe_id, event_created FROM stripe_object_tombstones"))
+        assert tombstones.all() == [("customer", "cus_GoneBefore", 1700000100)]
+        audit = connection.execute(
+            text(
+                "SELECT object, stripe_id, stripe_customer_id, event_id FROM stripe_customers_audit "
+                "WHERE id > :audited ORDER BY id"
+            ),
+            {"audited": audited},
+        )
+        assert audit.all() == [
+            ("subscription", "sub_Before", "cus_Before", "evt_sub"),
+            ("payment_method", "pm_Before", "cus_Before", "evt_pm"),
+        ]
+        stamps = connection.execute(
+            text(
+                "SELECT payment_method_metadata #>> '{sync,event_created}' FROM stripe_payment_methods UNION ALL "
+                "SELECT entitlements_metadata #>> '{sync,event_created}' FROM stripe_entitlement_sets"
+            )
+        )
+        assert stamps.scalars().all() == ["1700000200", "1700000300"]
+        left = connection.execute(
+            text(
+                "SELECT to_regclass('stripe_customer_tombstones'), to_regclass('stripe_billing_audit'), "
+                "(SELECT count(*) FROM pg_attribute WHERE attname = 'sync' AND NOT attisdropped AND attrelid IN "
+                "('stripe_payment_methods'::regclass, 'stripe_entitlement_sets'::regclass))"
+            )
+        )
+        assert left.one() == (None, None, 0)
+    older = samples.event("customer.created", samples.customer("cus_GoneBefore"), created=1700000050)
+    method = {**samples.payment_method("cus_Before"), "id": "pm_Before"}
+    updated = samples.event("payment_method.updated", method, created=1700000150)
+    assert [_apply(scratch, event) for event in (older, updated)] == [Applied(Status.STALE)] * 2
+    scratch.dispose()

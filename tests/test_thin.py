@@ -240,7 +240,7 @@ def test_a_404_is_not_a_deletion(keyed: FlaskClient, settled: Any, fake: FakeStr
         assert "404" in reason and "cannot see" in reason
     assert customer_row(engine, customer["id"])["customer_name"] == "Paying"  # type: ignore[index]
     assert count(engine, "SELECT count(*) FROM stripe_subscriptions WHERE status = 'active'") == 1
-    assert count(engine, "SELECT count(*) FROM stripe_customer_tombstones") == 0
+    assert count(engine, "SELECT count(*) FROM stripe_object_tombstones WHERE object = 'customer'") == 0
 
 
 def test_notifications_waiting_together_are_served_by_one_read(

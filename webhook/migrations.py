@@ -29,12 +29,13 @@ SCHEMA = DB_DIR / "schema.sql"
 FUNCTIONS = DB_DIR / "functions.sql"
 BILLING = DB_DIR / "billing.sql"
 ORGANIZATIONS = DB_DIR / "organizations.sql"
+ONE_SHAPE = DB_DIR / "one_shape.sql"
 CONSOLE = DB_DIR / "console.sql"
 QUEUE = DB_DIR / "queue.sql"
 ACCESS = DB_DIR / "access.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
 # What `db migrate` applies, in this order (the shim first, with --shim).
-APPLIED = (SHAPE, SCHEMA, FUNCTIONS, BILLING, ORGANIZATIONS, CONSOLE, QUEUE, ACCESS)
+APPLIED = (SHAPE, SCHEMA, FUNCTIONS, BILLING, ORGANIZATIONS, ONE_SHAPE, CONSOLE, QUEUE, ACCESS)
 
 
 PG_DUMP_SECONDS = 120

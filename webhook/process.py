@@ -17,7 +17,7 @@ from webhook import batch, budget, database, metrics, objects, refetch, store, t
 from webhook.config import Refetch, Settings
 from webhook.logs import log
 from webhook.objects import HANDLERS, Change
-from webhook.results import Applied, EventFailed, SettledBy, Source, Status
+from webhook.results import Applied, EventFailed, Source
 from webhook.signature import Event
 
 
@@ -118,16 +118,14 @@ def process_event(
         # be read in time, the event's own state goes through the ordering rules instead.
         fresh = refetch.state_now(settings, budget.shared(engine, settings.stripe_api_rate), change)
         change, source = (change, source) if fresh is None else (fresh, Source.API)
-    result = _apply(engine, event, change, source, actor)
-    if result.status is Status.TIE:
-        # Neither the type nor previous_attributes could order two same-second events: ask Stripe.
-        assert change is not None  # only a change can tie
-        shared = budget.shared(engine, settings.stripe_api_rate)
-        fresh = refetch.state_now(settings, shared, change) if settings.refetch is not Refetch.NEVER else None
-        if fresh is not None:
-            result = replace(_apply(engine, event, fresh, Source.API, actor), settled_by=SettledBy.STRIPE)
-        else:
-            result = _apply(engine, event, replace(change, tie="unsettled"), source, actor)
+    shared = budget.shared(engine, settings.stripe_api_rate)
+
+    def apply(state: Change | None, source: Source) -> Applied:
+        return _apply(engine, event, state, source, actor)
+
+    # Only a change can tie; a delivery with none is only logged.
+    result = apply(change, source) if change is None else refetch.settled(apply, change, source, settings, shared)
+    assert isinstance(result, Applied)  # _apply raises for an event's own error
     outcome = Outcome(result.status)
     if result.settled_by is not None:
         metrics.TIES.labels(settled_by=result.settled_by.value).inc()

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import stripe
 
 from webhook import objects, stripe_api
 from webhook.budget import Budget
-from webhook.config import Settings
+from webhook.config import Refetch, Settings
 from webhook.logs import log
 from webhook.objects import BadObjectId, Change
+from webhook.results import Applied, EventFailed, SettledBy, Source, Status
 
 # Whole budget for one read: a 429 or a 5xx is tried again after a short pause within it.
 TIMEOUT_SECONDS = 2.0
@@ -53,3 +56,26 @@ def state_now(settings: Settings, budget: Budget, change: Change) -> Change | No
             log(logging.WARNING, "stripe read refused", stripe_id=change.id, error=type(error).__name__)
             return None
     return None
+
+
+Applying = Callable[[Change, Source], Applied | EventFailed]
+
+
+def settled(
+    apply: Applying, change: Change, source: Source, settings: Settings, budget: Budget
+) -> Applied | EventFailed:
+    """A change applied under the tie rule, its four steps in order, for two changes of one object
+    in the same second (Stripe's `created` has one-second resolution):
+      1. the event types order them (a .created comes first, a .deleted last), else
+      2. an update's previous_attributes against the other event's payload: both decided in SQL
+         (stripe_tie_order) when the change is applied, which answers `tie` when neither does;
+      3. Stripe's state now, read and applied instead (not with STRIPE_REFETCH=never), else
+      4. the change delivered last, applied with a note saying the tie was not settled."""
+    result = apply(change, source)
+    if not isinstance(result, Applied) or result.status is not Status.TIE:
+        return result
+    fresh = state_now(settings, budget, change) if settings.refetch is not Refetch.NEVER else None
+    if fresh is not None:
+        again = apply(fresh, Source.API)
+        return replace(again, settled_by=SettledBy.STRIPE) if isinstance(again, Applied) else again
+    return apply(replace(change, tie="unsettled"), source)

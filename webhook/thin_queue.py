@@ -23,7 +23,7 @@ import random
 import socket
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import psycopg2
 from sqlalchemy import Engine
@@ -31,10 +31,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from webhook import budget, database, metrics, refetch, thin
 from webhook.budget import PAUSE_SECONDS, Budget
-from webhook.config import Refetch, Settings
+from webhook.config import Settings
 from webhook.logs import log
 from webhook.objects import Change
-from webhook.results import Applied, EventFailed, SettledBy, Status, from_row
+from webhook.results import Applied, EventFailed, Source, from_row
 from webhook.signature import Event, parse_event
 
 LEASE_SECONDS = 15  # a read takes thin.READ_TIMEOUT_SECONDS at most, its token a little more
@@ -210,16 +210,12 @@ class Reader:
         self._settle(claim, carrier, change)
 
     def _settle(self, claim: Claim, carrier: Event, change: Change) -> None:
-        outcome = self._apply(claim, carrier, change)
-        if isinstance(outcome, Applied) and outcome.status is Status.TIE:
-            # A snapshot event of the same second as Stripe's clock: read once more, as rule 3 does.
-            read_again = self.settings.refetch is not Refetch.NEVER
-            fresh = refetch.state_now(self.settings, self.budget, change) if read_again else None
-            fresh = replace(change, tie="unsettled") if fresh is None else fresh
-            outcome = self._apply(claim, carrier, fresh)
-            if isinstance(outcome, Applied):
-                settled = SettledBy.UNSETTLED if fresh.tie == "unsettled" else SettledBy.STRIPE
-                metrics.TIES.labels(settled_by=settled.value).inc()
+        # A snapshot event of the same second as Stripe's clock ties as any two events do.
+        outcome = refetch.settled(
+            lambda state, _: self._apply(claim, carrier, state), change, Source.THIN, self.settings, self.budget
+        )
+        if isinstance(outcome, Applied) and outcome.settled_by is not None:
+            metrics.TIES.labels(settled_by=outcome.settled_by.value).inc()
         if isinstance(outcome, EventFailed):
             self._fail(claim, outcome.describe())
             return

@@ -9,6 +9,8 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from webhook import objects_store
+
 TIMELINE_LIMIT = 200
 
 
@@ -43,12 +45,13 @@ def users_by_email(engine: Engine, email: str) -> list[dict[str, Any]]:
 
 
 def user(engine: Engine, user_id: str) -> dict[str, Any] | None:
-    return _one(engine, "SELECT id, email FROM auth.users WHERE id = :id", id=user_id)
+    with engine.connect() as connection:
+        return objects_store.user(connection, user_id)
 
 
 def customer_of_user(engine: Engine, user_id: str) -> str | None:
-    found = _one(engine, "SELECT stripe_customer_id FROM stripe_customers WHERE user_id = :id", id=user_id)
-    return None if found is None else str(found["stripe_customer_id"])
+    with engine.connect() as connection:
+        return objects_store.customer_of_user(connection, user_id)
 
 
 def claims_of_user(engine: Engine, user_id: str) -> list[str]:
@@ -102,7 +105,8 @@ def customer(engine: Engine, customer_id: str) -> dict[str, Any] | None:
 def tombstone(engine: Engine, customer_id: str) -> dict[str, Any] | None:
     return _one(
         engine,
-        "SELECT event_id, event_created, deleted_at FROM stripe_customer_tombstones WHERE stripe_customer_id = :id",
+        "SELECT event_id, event_created, deleted_at FROM stripe_object_tombstones "
+        "WHERE object = 'customer' AND stripe_id = :id",
         id=customer_id,
     )
 
@@ -111,9 +115,11 @@ EVENTS_OF = (
     "SELECT id, type, created, status, attempts, last_error, livemode, received_at FROM stripe_webhook_events "
     "WHERE stripe_customer_id = :id ORDER BY created DESC LIMIT :limit"
 )
+# Every object's changes are in the one audit, under the customer they belong to.
 AUDIT_OF = (
-    "SELECT operation, old_row, new_row, event_id, changed_by, changed_at FROM stripe_customers_audit "
-    "WHERE stripe_customer_id = :id ORDER BY changed_at DESC LIMIT :limit"
+    "SELECT object, coalesce(stripe_id, stripe_customer_id) AS stripe_id, operation, old_row, new_row, event_id, "
+    "changed_by, changed_at FROM stripe_customers_audit WHERE stripe_customer_id = :id "
+    "ORDER BY changed_at DESC LIMIT :limit"
 )
 
 
@@ -143,7 +149,10 @@ def entitlements_of(engine: Engine, customer_id: str) -> tuple[list[str], dict[s
         id=customer_id,
     )
     found = _one(
-        engine, "SELECT complete, sync FROM stripe_entitlement_sets WHERE stripe_customer_id = :id", id=customer_id
+        engine,
+        "SELECT complete, entitlements_metadata -> 'sync' AS sync FROM stripe_entitlement_sets "
+        "WHERE stripe_customer_id = :id",
+        id=customer_id,
     )
     return [str(row["lookup_key"]) for row in keys], found
 
@@ -155,16 +164,6 @@ def payment_methods_of(engine: Engine, customer_id: str) -> list[dict[str, Any]]
         "WHERE stripe_customer_id = :id ORDER BY stripe_payment_method_id LIMIT 50",
         id=customer_id,
     )
-
-
-BILLING_AUDIT_OF = (
-    "SELECT object, stripe_id, operation, old_row, new_row, event_id, changed_by, changed_at FROM stripe_billing_audit "
-    "WHERE stripe_customer_id = :id ORDER BY changed_at DESC LIMIT :limit"
-)
-
-
-def billing_audit_of(engine: Engine, customer_id: str) -> list[dict[str, Any]]:
-    return _all(engine, BILLING_AUDIT_OF, id=customer_id, limit=TIMELINE_LIMIT)
 
 
 def failed_events(engine: Engine) -> list[dict[str, Any]]:

@@ -165,11 +165,7 @@ def billing_changes_of(old: dict[str, Any] | None, new: dict[str, Any] | None) -
     return found
 
 
-def timeline(
-    events: list[dict[str, Any]],
-    audit: list[dict[str, Any]],
-    billing_audit: list[dict[str, Any]] = (),  # type: ignore[assignment]
-) -> list[Entry]:
+def timeline(events: list[dict[str, Any]], audit: list[dict[str, Any]]) -> list[Entry]:
     entries = [
         Entry(
             at=event["created"],
@@ -185,37 +181,29 @@ def timeline(
         for event in events
     ]
     for change in audit:
-        operation = {"INSERT": "row created", "UPDATE": "row changed", "DELETE": "row deleted"}[change["operation"]]
         actor = change["changed_by"] or ""
         person = actor.removeprefix("support:") if actor.startswith("support:") else None
         if change["event_id"]:
             by = f"event {change['event_id']}" + (f", replayed by {person}" if person else "")
         else:
             by = f"{person} (support)" if person else actor
+        if change["object"] == CUSTOMER.name:  # the page's own row
+            title = {"INSERT": "row created", "UPDATE": "row changed", "DELETE": "row deleted"}[change["operation"]]
+            alarming, changes = change["operation"] == "DELETE", changes_of(change["old_row"], change["new_row"])
+        else:
+            verb = {"INSERT": "added", "UPDATE": "changed", "DELETE": "removed"}[change["operation"]]
+            title = f"{change['object']} {change['stripe_id']} {verb}"
+            alarming = change["operation"] == "DELETE" and change["object"] == "subscription"
+            changes = billing_changes_of(change["old_row"], change["new_row"])
         entries.append(
             Entry(
                 at=change["changed_at"],
                 what="change",
-                title=operation,
-                alarming=change["operation"] == "DELETE",
+                title=title,
+                alarming=alarming,
                 event_id=change["event_id"],
-                changes=changes_of(change["old_row"], change["new_row"]),
+                changes=changes,
                 by=by,
-            )
-        )
-    for change in billing_audit:
-        what = "entitlement" if change["object"] == "entitlement" else change["object"]
-        verb = {"INSERT": "added", "UPDATE": "changed", "DELETE": "removed"}[change["operation"]]
-        actor = change["changed_by"] or ""
-        entries.append(
-            Entry(
-                at=change["changed_at"],
-                what="change",
-                title=f"{what} {change['stripe_id']} {verb}",
-                alarming=change["operation"] == "DELETE" and what == "subscription",
-                event_id=change["event_id"],
-                changes=billing_changes_of(change["old_row"], change["new_row"]),
-                by=f"event {change['event_id']}" if change["event_id"] else actor.removeprefix("support:"),
             )
         )
     return sorted(entries, key=lambda entry: entry.at, reverse=True)

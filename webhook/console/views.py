@@ -165,9 +165,7 @@ def customer(customer_id: str) -> Page:
         state=state_of(row, linked, tombstone, organization),
         tombstone=tombstone,
         dashboard=dashboard_url(customer_id, livemode),
-        entries=timeline(
-            events, queries.audit_of(_engine(), customer_id), queries.billing_audit_of(_engine(), customer_id)
-        ),
+        entries=timeline(events, queries.audit_of(_engine(), customer_id)),
         can_resync=_settings().stripe_api_key is not None,
         subscriptions=subscriptions,
         entitlements=entitlements,

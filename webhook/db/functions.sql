@@ -22,11 +22,12 @@ END $$;
 SELECT public.stripe_create_trigger('stripe_customers_touch',
   'BEFORE UPDATE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_touch()');
 
--- A trigger, not the consumer, writes the audit so that changes made by hand are caught too.
--- stripe_webhook.event_id is set transaction-locally by stripe_apply_event; stripe_webhook.actor
--- (support:<name>) by the console's actions, so the audit names the person who acted.
--- An update that only moves the row's sync stamp (which event or read it reflects, and when: the
--- thin and snapshot versions of one change, a Stripe read finding the row already right) is no
+-- A trigger, not the consumer, writes the audit so that changes made by hand are caught too; one
+-- trigger function for every declared object's table. TG_ARGV: the object, its id column, its
+-- metadata column. stripe_webhook.event_id is set transaction-locally by stripe_apply_event;
+-- stripe_webhook.actor (support:<name>) by the console's actions, so the audit names the person who
+-- acted. An update that only moves the row's sync stamp (which event or read it reflects, and when:
+-- the thin and snapshot versions of one change, a Stripe read finding the row already right) is no
 -- change to audit.
 CREATE OR REPLACE FUNCTION public.stripe_restamped(p_old jsonb, p_new jsonb, p_metadata text) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
@@ -36,27 +37,85 @@ LANGUAGE sql IMMUTABLE AS $$
       = (p_new #> ARRAY[p_metadata, 'sync']) - '{event_id,event_created,synced_at,source}'::text[]
 $$;
 
-CREATE OR REPLACE FUNCTION public.stripe_customers_audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION public.stripe_audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-  v_row public.stripe_customers := CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
   v_old jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;  -- each row image made once
   v_new jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
+  v_row jsonb := coalesce(v_new, v_old);
 BEGIN
-  -- Most updates change more than the stamp: a cheap look at the columns first.
-  IF TG_OP = 'UPDATE' AND NEW.customer_email IS NOT DISTINCT FROM OLD.customer_email
-     AND NEW.customer_name IS NOT DISTINCT FROM OLD.customer_name
-     AND public.stripe_restamped(v_old, v_new, 'customer_metadata') THEN
+  -- A move of what releases before 2026-12-07 kept elsewhere (db/one_shape.sql) changes nothing.
+  IF (TG_OP = 'UPDATE' AND public.stripe_restamped(v_old, v_new, TG_ARGV[2]))
+     OR current_setting('stripe_webhook.reshaping', true) = 'on' THEN
     RETURN NULL;
   END IF;
   INSERT INTO public.stripe_customers_audit
-    (stripe_customer_id, user_id, operation, old_row, new_row, event_id, changed_by)
-  VALUES (v_row.stripe_customer_id, v_row.user_id, TG_OP, v_old, v_new,
-          nullif(current_setting('stripe_webhook.event_id', true), ''),
+    (object, stripe_id, stripe_customer_id, user_id, operation, old_row, new_row, event_id, changed_by)
+  VALUES (TG_ARGV[0], v_row ->> TG_ARGV[1], v_row ->> 'stripe_customer_id', (v_row ->> 'user_id')::uuid, TG_OP,
+          v_old, v_new, nullif(current_setting('stripe_webhook.event_id', true), ''),
           coalesce(nullif(current_setting('stripe_webhook.actor', true), ''), current_user));
   RETURN NULL;
 END $$;
-SELECT public.stripe_create_trigger('stripe_customers_audit',
-  'AFTER INSERT OR UPDATE OR DELETE ON public.stripe_customers FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_audit_row()');
+
+-- The one writer of tombstones: an object's row is gone as of this event time, or stays gone as of
+-- a newer one. SECURITY DEFINER: whoever deletes by hand (service_role from the dashboard) may not
+-- write the tombstones; the API roles may not call it (db/access.sql).
+CREATE OR REPLACE FUNCTION public.stripe_bury(p_object text, p_id text, p_event_id text, p_event_created bigint)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = '' AS $$
+  INSERT INTO public.stripe_object_tombstones AS t (object, stripe_id, event_id, event_created)
+  VALUES (p_object, p_id, p_event_id, p_event_created)
+  ON CONFLICT (object, stripe_id) DO UPDATE SET event_id = EXCLUDED.event_id,
+    event_created = EXCLUDED.event_created, deleted_at = now() WHERE t.event_created <= EXCLUDED.event_created
+$$;
+
+-- A deletion applied by the consumer (an event, a read of Stripe) buries the object with the
+-- deletion's own time, also when it has no row here (a deletion delivered before its creation),
+-- and tells the trigger below that this row is seen to.
+CREATE OR REPLACE FUNCTION public.stripe_deleting(p_object text, p_id text, p_event_id text, p_event_created bigint)
+RETURNS void LANGUAGE sql AS $$
+  SELECT public.stripe_bury(p_object, p_id, p_event_id, p_event_created);
+  SELECT set_config('stripe_webhook.buried', p_object || '/' || p_id, true);
+$$;
+
+-- However else a row leaves its table (verify's deletion of a row Stripe never had, the auth.users
+-- cascade, a DELETE by hand): buried as of the newest event time it reflected. TG_ARGV as for the audit.
+CREATE OR REPLACE FUNCTION public.stripe_tombstone() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  v_row jsonb := to_jsonb(OLD);
+  v_sync jsonb := v_row #> ARRAY[TG_ARGV[2], 'sync'];
+BEGIN
+  IF current_setting('stripe_webhook.buried', true) IS DISTINCT FROM TG_ARGV[0] || '/' || (v_row ->> TG_ARGV[1]) THEN
+    PERFORM public.stripe_bury(TG_ARGV[0], v_row ->> TG_ARGV[1], v_sync ->> 'event_id',
+                               coalesce((v_sync ->> 'event_created')::bigint, 0));
+  END IF;
+  RETURN NULL;
+END $$;
+
+-- An object's table gets its audit and its tombstones by these two triggers (and updated_at by
+-- stripe_customers_touch where it has one).
+CREATE OR REPLACE FUNCTION public.stripe_object_triggers(p_table text, p_object text, p_id text, p_metadata text)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  v_args text := format('(%L, %L, %L)', p_object, p_id, p_metadata);
+BEGIN
+  PERFORM public.stripe_create_trigger(p_table || '_audited', format('AFTER INSERT OR UPDATE OR DELETE ON public.%I '
+    'FOR EACH ROW EXECUTE FUNCTION public.stripe_audit_row%s', p_table, v_args));
+  PERFORM public.stripe_create_trigger(p_table || '_buried', format('AFTER DELETE ON public.%I '
+    'FOR EACH ROW EXECUTE FUNCTION public.stripe_tombstone%s', p_table, v_args));
+END $$;
+
+-- Triggers of releases before 2026-12-07 (an audit and tombstones of their own per table), dropped
+-- once the ones above are in place, in the same transaction: never a moment with two or none.
+CREATE OR REPLACE FUNCTION public.stripe_drop_trigger(p_table text, p_name text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = p_name AND tgrelid = to_regclass('public.' || p_table)) THEN
+    EXECUTE format('DROP TRIGGER %I ON public.%I', p_name, p_table);
+  END IF;
+END $$;
+
+SELECT public.stripe_object_triggers('stripe_customers', 'customer', 'stripe_customer_id', 'customer_metadata');
+SELECT public.stripe_drop_trigger('stripe_customers', 'stripe_customers_audit');
+DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
 
 -- A link's tables: its holders' (auth.users, public.organizations: NULL when the app has none)
 -- and the claims on them. The column is the link's name and _id in both stripe_customers and the claims.
@@ -113,17 +172,11 @@ BEGIN
   RETURN v_heir;
 END $$;
 
--- However a row leaves (customer.deleted, verify --fix, the auth.users cascade, by hand): remember
--- the newest event time it reflected, and hand its user on.
+-- However a row leaves (customer.deleted, verify --fix, the auth.users cascade, by hand): its claims
+-- go, and its user is handed on (its tombstone is stripe_tombstone's).
 CREATE OR REPLACE FUNCTION public.stripe_customers_gone() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = '' AS $$
 BEGIN
-  INSERT INTO public.stripe_customer_tombstones AS t (stripe_customer_id, event_id, event_created)
-  VALUES (OLD.stripe_customer_id, OLD.customer_metadata #>> '{sync,event_id}',
-          coalesce((OLD.customer_metadata #>> '{sync,event_created}')::bigint, 0))
-  ON CONFLICT (stripe_customer_id) DO UPDATE SET event_id = EXCLUDED.event_id,
-    event_created = EXCLUDED.event_created, deleted_at = now()
-    WHERE t.event_created < EXCLUDED.event_created;
   DELETE FROM public.stripe_customer_claims WHERE stripe_customer_id = OLD.stripe_customer_id;
   DELETE FROM public.stripe_organization_claims WHERE stripe_customer_id = OLD.stripe_customer_id;
   PERFORM public.stripe_hand_on('user', OLD.user_id,
@@ -308,6 +361,57 @@ BEGIN
   END IF;
 END $$;
 
+-- The sync stamp every object's row carries in <object>_metadata.sync: where its state came from
+-- and which event (or read of Stripe, by its clock) it reflects. VOLATILE, as its body is
+-- (clock_timestamp): a SQL function declared less volatile than its body is not inlined, and is
+-- then parsed and planned again on every call.
+CREATE OR REPLACE FUNCTION public.stripe_sync_stamp(p_source text, p_event_id text, p_as_of bigint, p_note text)
+RETURNS jsonb LANGUAGE sql VOLATILE AS $$
+  SELECT jsonb_build_object('status', 'synced', 'source', p_source, 'event_id', p_event_id, 'event_created', p_as_of,
+    'synced_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+    || CASE WHEN coalesce(p_note, '') = '' THEN '{}' ELSE jsonb_build_object('note', p_note) END
+$$;
+
+-- An object's row's sync stamp, NULL when it has no row: the one place that knows each declared
+-- object's table (a line per object; static SQL, so each plan is kept).
+CREATE OR REPLACE FUNCTION public.stripe_stamp(p_object text, p_id text) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN CASE p_object
+    WHEN 'customer' THEN
+      (SELECT customer_metadata -> 'sync' FROM public.stripe_customers WHERE stripe_customer_id = p_id)
+    WHEN 'subscription' THEN
+      (SELECT subscription_metadata -> 'sync' FROM public.stripe_subscriptions WHERE stripe_subscription_id = p_id)
+    WHEN 'entitlements' THEN
+      (SELECT entitlements_metadata -> 'sync' FROM public.stripe_entitlement_sets WHERE stripe_customer_id = p_id)
+    WHEN 'payment_method' THEN
+      (SELECT payment_method_metadata -> 'sync' FROM public.stripe_payment_methods WHERE stripe_payment_method_id = p_id)
+  END;
+END $$;
+
+-- The opening every object's apply function starts with: the object's lock (transaction-scoped, so
+-- safe behind a transaction-mode pooler: deliveries of one object to several workers queue here),
+-- the state's time (the event's created, or the clock of a read of Stripe, p_change.as_of), the
+-- event it stamps, and stripe_order against the row's stamp and the object's tombstone. A change
+-- that only links (a checkout) carries no state: it is ordered against the tombstone alone, so it
+-- never goes stale and never brings a deleted object back.
+CREATE OR REPLACE FUNCTION public.stripe_open(
+  p_object text, p_id text, p_change jsonb, p_event_id text, p_event_created bigint, p_event jsonb,
+  OUT verdict text, OUT tie text, OUT tie_note text, OUT as_of bigint, OUT event_id text
+) LANGUAGE plpgsql AS $$
+DECLARE
+  v_gone bigint;
+  v_order record;
+BEGIN
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_' || p_object || ':' || p_id, 0));
+  as_of := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
+  event_id := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
+  SELECT t.event_created INTO v_gone FROM public.stripe_object_tombstones t WHERE t.object = p_object AND t.stripe_id = p_id;
+  v_order := public.stripe_order(CASE WHEN p_change ->> 'action' IS DISTINCT FROM 'link' THEN public.stripe_stamp(p_object, p_id) END,
+                                 v_gone, as_of, event_id, p_event, p_change ->> 'tie' = 'unsettled');
+  verdict := v_order.verdict; tie := v_order.tie; tie_note := v_order.tie_note;
+END $$;
+
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);  -- before it took p_event
 -- A customer may bill a user (user_id), an organization (organization_id), or both: each link is
 -- taken only when its holder exists and no other customer holds it, never stolen; a refused one
@@ -327,35 +431,22 @@ DECLARE
   v_org_named uuid := p_change ->> 'organization_id';
   v_org uuid := v_org_named;
   v_org_note text := p_change ->> 'organization_note';
-  v_as_of bigint := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
+  v_open record := public.stripe_open('customer', v_cus, p_change, p_event_id, p_event_created, p_event);
+  v_as_of bigint := v_open.as_of;
+  v_event_id text := v_open.event_id;
+  v_tie_note text := v_open.tie_note;
   v_row public.stripe_customers;
-  v_event_id text := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
-  v_gone bigint;
-  v_order record;
-  v_tie_note text;
   v_sync jsonb;
 BEGIN
-  status := 'processed';
-  PERFORM pg_advisory_xact_lock(hashtextextended('stripe_customer:' || v_cus, 0));
-  SELECT event_created INTO v_gone FROM public.stripe_customer_tombstones WHERE stripe_customer_id = v_cus;
-  SELECT * INTO v_row FROM public.stripe_customers WHERE stripe_customer_id = v_cus;
-  -- A checkout carries no customer state: it neither goes stale nor stamps the row, but does not
-  -- bring a deleted customer back either.
-  v_order := public.stripe_order(CASE WHEN v_action <> 'link' THEN v_row.customer_metadata -> 'sync' END, v_gone,
-                                 v_as_of, v_event_id, p_event, p_change ->> 'tie' = 'unsettled');
-  tie := v_order.tie;  -- how a same-second pair was ordered, also when this event came out older
-  IF v_order.verdict <> 'apply' THEN
-    status := v_order.verdict; RETURN;
-  END IF;
-  v_tie_note := v_order.tie_note;
+  -- tie: how a same-second pair was ordered, also when this event came out older
+  status := coalesce(nullif(v_open.verdict, 'apply'), 'processed'); tie := v_open.tie;
+  IF v_open.verdict <> 'apply' THEN RETURN; END IF;
   IF v_action = 'delete' THEN
-    DELETE FROM public.stripe_customers WHERE id = v_row.id;  -- stripe_customers_gone hands the user on
-    INSERT INTO public.stripe_customer_tombstones AS t (stripe_customer_id, event_id, event_created)
-    VALUES (v_cus, v_event_id, v_as_of)
-    ON CONFLICT (stripe_customer_id) DO UPDATE SET event_id = EXCLUDED.event_id,
-      event_created = EXCLUDED.event_created, deleted_at = now() WHERE t.event_created <= EXCLUDED.event_created;
+    PERFORM public.stripe_deleting('customer', v_cus, v_event_id, v_as_of);
+    DELETE FROM public.stripe_customers WHERE stripe_customer_id = v_cus;  -- stripe_customers_gone hands the user on
     RETURN;
   END IF;
+  SELECT * INTO v_row FROM public.stripe_customers WHERE stripe_customer_id = v_cus;
   -- The user lock keeps two customers from claiming one user at once.
   IF v_user IS NOT NULL THEN
     PERFORM pg_advisory_xact_lock(hashtextextended('stripe_user:' || v_user, 0));
@@ -411,9 +502,8 @@ BEGIN
   INSERT INTO public.stripe_customers AS c
     (stripe_customer_id, user_id, organization_id, customer_email, customer_name, default_payment_method, customer_metadata)
   VALUES (v_cus, v_user, v_org, p_change ->> 'email', p_change ->> 'name', p_change ->> 'default_payment_method',
-    jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'), 'sync', jsonb_build_object(
-      'source', p_source, 'event_id', v_event_id, 'event_created', v_as_of,
-      'synced_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+    jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'), 'sync',
+      public.stripe_sync_stamp(p_source, v_event_id, v_as_of, NULL)
       || public.stripe_link_state(v_user, v_named, v_org, v_org_named, v_org_note, v_note)))
   ON CONFLICT (stripe_customer_id) DO UPDATE SET user_id = EXCLUDED.user_id, organization_id = EXCLUDED.organization_id,
     customer_email = EXCLUDED.customer_email, customer_name = EXCLUDED.customer_name,

@@ -137,7 +137,7 @@ BEGIN
   v_tier := coalesce(v_tier, nullif(current_setting('stripe_webhook.free_tier', true), ''), 'free');
   IF v_tier IS DISTINCT FROM v_old THEN
     UPDATE public.organizations o SET subscription_tier = v_tier WHERE o.id = p_org;
-    INSERT INTO public.stripe_billing_audit
+    INSERT INTO public.stripe_customers_audit
       (object, stripe_id, stripe_customer_id, operation, old_row, new_row, event_id, changed_by)
     VALUES ('organization', p_org::text, v_customer, 'UPDATE', jsonb_build_object('subscription_tier', v_old),
             jsonb_build_object('subscription_tier', v_tier), nullif(current_setting('stripe_webhook.event_id', true), ''),

@@ -110,27 +110,32 @@ WHERE e.id = filed.id;
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_webhook_events_customer_idx
   ON public.stripe_webhook_events (stripe_customer_id, created);
 
--- step: stripe_customer_tombstones
+-- step: stripe_object_tombstones
 
--- What remains of a customer whose row left the table, by any way (customer.deleted, verify --fix,
--- the auth.users cascade, a DELETE by hand): the newest event time it reflected. Stripe delivers out
--- of order, so an older event arriving later must not bring the row back. Kept apart from the event
--- log so that pruning the log cannot forget a deletion.
+-- What remains of a declared object's row that left its table, by any way (a deletion event,
+-- verify --fix, the auth.users cascade, a DELETE by hand): the newest event time it reflected.
+-- Stripe delivers out of order, so an older event arriving later must not bring the row back. One
+-- table for every object, written by one function (stripe_bury in db/functions.sql); kept apart
+-- from the event log so that pruning the log cannot forget a deletion.
 DO $$
 BEGIN
-  IF to_regclass('public.stripe_customer_tombstones') IS NULL THEN
-    CREATE TABLE public.stripe_customer_tombstones (
-      stripe_customer_id text PRIMARY KEY,
+  IF to_regclass('public.stripe_object_tombstones') IS NULL THEN
+    CREATE TABLE public.stripe_object_tombstones (
+      object text NOT NULL,           -- the declared object: customer | subscription | payment_method | …
+      stripe_id text NOT NULL,
       event_id text,                  -- the deletion event, or the last event the row reflected
       event_created bigint NOT NULL,  -- unix seconds; events not newer than this are stale
-      deleted_at timestamptz NOT NULL DEFAULT now()
+      deleted_at timestamptz NOT NULL DEFAULT now(),
+      PRIMARY KEY (object, stripe_id)
     );
-    -- Deletions logged before this table existed.
-    INSERT INTO public.stripe_customer_tombstones (stripe_customer_id, event_id, event_created)
-    SELECT DISTINCT ON (payload #>> '{data,object,id}') payload #>> '{data,object,id}', id,
-           extract(epoch FROM created)::bigint
-    FROM public.stripe_webhook_events WHERE type = 'customer.deleted' AND status = 'processed'
-    ORDER BY payload #>> '{data,object,id}', created DESC;
+    -- Customers deleted before any tombstone table existed (releases before them kept the log only).
+    IF to_regclass('public.stripe_customer_tombstones') IS NULL THEN
+      INSERT INTO public.stripe_object_tombstones (object, stripe_id, event_id, event_created)
+      SELECT DISTINCT ON (payload #>> '{data,object,id}') 'customer', payload #>> '{data,object,id}', id,
+             extract(epoch FROM created)::bigint
+      FROM public.stripe_webhook_events WHERE type = 'customer.deleted' AND status = 'processed'
+      ORDER BY payload #>> '{data,object,id}', created DESC;
+    END IF;
   END IF;
 END $$;
 
@@ -139,18 +144,38 @@ DROP INDEX IF EXISTS public.stripe_webhook_events_deleted_idx;
 
 -- step: stripe_customers_audit
 
--- One row per change to stripe_customers, by whoever made it.
+-- The one audit: a row per change to any declared object's table (and to an organization's tier),
+-- by whoever made it, written by triggers so that changes made by hand are caught too. Named for
+-- the customers it began with; `object` and `stripe_id` say which row of which table.
 CREATE TABLE IF NOT EXISTS public.stripe_customers_audit (
   id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  stripe_customer_id text NOT NULL,
+  stripe_customer_id text,            -- the customer the changed row belongs to
   user_id uuid,
   operation text NOT NULL CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE')),
   old_row jsonb,
   new_row jsonb,
   event_id text,                      -- the Stripe event being applied, when the consumer made the change
   changed_by text NOT NULL DEFAULT current_user,
-  changed_at timestamptz NOT NULL DEFAULT now()
+  changed_at timestamptz NOT NULL DEFAULT now(),
+  object text NOT NULL DEFAULT 'customer',
+  stripe_id text                      -- the changed row's own id (NULL in rows from before 2026-12-07: the customer's)
 );
+
+-- step: the audit of every object (releases before 2026-12-07 audited customers alone here)
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_customers_audit'::regclass
+                 AND attname = 'object' AND NOT attisdropped) THEN
+    -- A constant default: catalog only, no rewrite.
+    ALTER TABLE public.stripe_customers_audit ADD COLUMN object text NOT NULL DEFAULT 'customer',
+      ADD COLUMN stripe_id text;
+  END IF;
+  -- An organization's tier changes with no billing customer at times (its customer deleted).
+  IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_customers_audit'::regclass
+             AND attname = 'stripe_customer_id' AND attnotnull) THEN
+    ALTER TABLE public.stripe_customers_audit ALTER COLUMN stripe_customer_id DROP NOT NULL;
+  END IF;
+END $$;
 
 -- step: the audit of one customer
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_customers_audit_customer_idx
