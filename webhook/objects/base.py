@@ -102,6 +102,7 @@ class StripeObject:
     plural: str  # as commands count them: "customers", "entitlement sets"
     id: re.Pattern[str]
     table: str
+    column: str  # the table's column holding the Stripe id
     events: Mapping[str, Handler]  # snapshot event type -> its change (None: nothing to apply)
     thin: tuple[str, ...]  # thin types it reads for: exact, or a prefix ending in '.'
     # One object as Stripe has it now, as its change stamped with Stripe's clock (a deleted or

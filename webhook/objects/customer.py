@@ -137,6 +137,7 @@ CUSTOMER = StripeObject(
     plural="customers",
     id=CUSTOMER_ID,
     table="stripe_customers",
+    column="stripe_customer_id",
     events={
         "customer.created": state,
         "customer.updated": state,

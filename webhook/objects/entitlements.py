@@ -99,6 +99,7 @@ ENTITLEMENTS = StripeObject(
     plural="entitlement sets",
     id=CUSTOMER_ID,
     table="stripe_entitlement_sets",
+    column="stripe_customer_id",
     events={"entitlements.active_entitlement_summary.updated": summary},
     thin=("v1.entitlements.active_entitlement_summary.",),
     read=read,

@@ -86,6 +86,7 @@ PAYMENT_METHOD = StripeObject(
     plural="payment methods",
     id=ID,
     table="stripe_payment_methods",
+    column="stripe_payment_method_id",
     events={
         "payment_method.attached": _changed,
         "payment_method.updated": _changed,

@@ -101,6 +101,7 @@ SUBSCRIPTION = StripeObject(
     plural="subscriptions",
     id=re.compile(r"sub_[a-zA-Z0-9]+"),
     table="stripe_subscriptions",
+    column="stripe_subscription_id",
     events=dict.fromkeys(
         (
             "customer.subscription.created",
