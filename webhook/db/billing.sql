@@ -110,49 +110,43 @@ SELECT public.stripe_drop_trigger('stripe_entitlement_sets', 'stripe_entitlement
 DROP FUNCTION IF EXISTS public.stripe_billing_gone();
 DROP FUNCTION IF EXISTS public.stripe_object_order(text, text, jsonb, jsonb, text, bigint, jsonb);
 
--- Applies one subscription state (p_change: id, customer, status, items, the period, cancellation
--- and trial times as unix seconds, metadata; as_of and tie as for customers). Same outcome as
--- stripe_apply_customer: processed | stale | tie, with how a tie was settled.
+-- Each declared object's write, called by stripe_apply_object once its opening (stripe_open: the
+-- lock, the stamp, the tombstone, the ordering rules) let the change through: p_event_id and
+-- p_as_of are what the row's sync stamp records, p_tie_note why a tie was not settled. Each
+-- returns a note for the event's log row, or NULL.
+
+-- A subscription's state (p_change: id, customer, status, items, the period, cancellation and
+-- trial times as unix seconds, metadata, created). Stripe keeps canceled ones: never deleted here.
 CREATE OR REPLACE FUNCTION public.stripe_apply_subscription(
-  p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
-  OUT status text, OUT note text, OUT tie text
-) LANGUAGE plpgsql AS $$
-DECLARE
-  v_id text := p_change ->> 'id';
-  v_open record := public.stripe_open('subscription', v_id, p_change, p_event_id, p_event_created, p_event);
-BEGIN
-  status := coalesce(nullif(v_open.verdict, 'apply'), 'processed'); tie := v_open.tie;
-  IF v_open.verdict <> 'apply' THEN RETURN; END IF;
+  p_change jsonb, p_source text, p_event_id text, p_as_of bigint, p_tie_note text DEFAULT NULL, OUT note text
+) LANGUAGE sql AS $$
   INSERT INTO public.stripe_subscriptions AS s (stripe_subscription_id, stripe_customer_id, status, items,
     current_period_end, cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_end, subscription_metadata,
     started_at)
-  VALUES (v_id, p_change ->> 'customer', p_change ->> 'status', coalesce(p_change -> 'items', '[]'),
+  VALUES (p_change ->> 'id', p_change ->> 'customer', p_change ->> 'status', coalesce(p_change -> 'items', '[]'),
     to_timestamp((p_change ->> 'current_period_end')::bigint), coalesce((p_change ->> 'cancel_at_period_end')::boolean, false),
     to_timestamp((p_change ->> 'cancel_at')::bigint), to_timestamp((p_change ->> 'canceled_at')::bigint),
     to_timestamp((p_change ->> 'ended_at')::bigint), to_timestamp((p_change ->> 'trial_end')::bigint),
     jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'),
-                       'sync', public.stripe_sync_stamp(p_source, v_open.event_id, v_open.as_of, v_open.tie_note)),
+                       'sync', public.stripe_sync_stamp(p_source, p_event_id, p_as_of, p_tie_note)),
     to_timestamp((p_change ->> 'created')::bigint))
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET stripe_customer_id = EXCLUDED.stripe_customer_id,
     started_at = coalesce(EXCLUDED.started_at, s.started_at),
     status = EXCLUDED.status, items = EXCLUDED.items, current_period_end = EXCLUDED.current_period_end,
     cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at,
     canceled_at = EXCLUDED.canceled_at, ended_at = EXCLUDED.ended_at, trial_end = EXCLUDED.trial_end,
-    subscription_metadata = EXCLUDED.subscription_metadata;
-END $$;
+    subscription_metadata = EXCLUDED.subscription_metadata
+  RETURNING NULL::text
+$$;
 
--- Applies a customer's active entitlements (p_change: id = the customer, entitlements = [{id,
--- lookup_key, feature}], complete): the set replaces the one before it; features gone from it go.
+-- A customer's active entitlements (p_change: id = the customer, entitlements = [{id, lookup_key,
+-- feature}], complete, note): the set replaces the one before it; features gone from it go.
 CREATE OR REPLACE FUNCTION public.stripe_apply_entitlements(
-  p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
-  OUT status text, OUT note text, OUT tie text
+  p_change jsonb, p_source text, p_event_id text, p_as_of bigint, p_tie_note text DEFAULT NULL, OUT note text
 ) LANGUAGE plpgsql AS $$
 DECLARE
   v_cus text := p_change ->> 'id';
-  v_open record := public.stripe_open('entitlements', v_cus, p_change, p_event_id, p_event_created, p_event);
 BEGIN
-  status := coalesce(nullif(v_open.verdict, 'apply'), 'processed'); tie := v_open.tie;
-  IF v_open.verdict <> 'apply' THEN RETURN; END IF;
   DELETE FROM public.stripe_entitlements e WHERE e.stripe_customer_id = v_cus AND e.lookup_key NOT IN (
     SELECT x ->> 'lookup_key' FROM jsonb_array_elements(coalesce(p_change -> 'entitlements', '[]')) AS x);
   INSERT INTO public.stripe_entitlements AS e (stripe_customer_id, lookup_key, feature, stripe_entitlement_id)
@@ -164,60 +158,67 @@ BEGIN
     WHERE (e.feature, e.stripe_entitlement_id) IS DISTINCT FROM (EXCLUDED.feature, EXCLUDED.stripe_entitlement_id);
   INSERT INTO public.stripe_entitlement_sets AS s (stripe_customer_id, complete, entitlements_metadata)
   VALUES (v_cus, coalesce((p_change ->> 'complete')::boolean, true), jsonb_build_object('sync',
-    public.stripe_sync_stamp(p_source, v_open.event_id, v_open.as_of, concat_ws('; ', v_open.tie_note, p_change ->> 'note'))))
+    public.stripe_sync_stamp(p_source, p_event_id, p_as_of, concat_ws('; ', p_tie_note, p_change ->> 'note'))))
   ON CONFLICT (stripe_customer_id) DO UPDATE SET complete = EXCLUDED.complete,
     entitlements_metadata = EXCLUDED.entitlements_metadata, updated_at = now();
 END $$;
 
--- Applies one payment method's state (p_change: id, customer, type, brand, last4, exp_month,
--- exp_year; action delete when it was detached: the row goes, and its tombstone keeps older
--- events out).
+-- A payment method's state (p_change: id, customer, type, brand, last4, exp_month, exp_year;
+-- action delete when it was detached: the row goes, and its tombstone keeps older events out).
 CREATE OR REPLACE FUNCTION public.stripe_apply_payment_method(
-  p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
-  OUT status text, OUT note text, OUT tie text
+  p_change jsonb, p_source text, p_event_id text, p_as_of bigint, p_tie_note text DEFAULT NULL, OUT note text
 ) LANGUAGE plpgsql AS $$
-DECLARE
-  v_id text := p_change ->> 'id';
-  v_open record := public.stripe_open('payment_method', v_id, p_change, p_event_id, p_event_created, p_event);
 BEGIN
-  status := coalesce(nullif(v_open.verdict, 'apply'), 'processed'); tie := v_open.tie;
-  IF v_open.verdict <> 'apply' THEN RETURN; END IF;
   IF p_change ->> 'action' = 'delete' THEN
-    PERFORM public.stripe_deleting('payment_method', v_id, v_open.event_id, v_open.as_of);
-    DELETE FROM public.stripe_payment_methods WHERE stripe_payment_method_id = v_id;
+    DELETE FROM public.stripe_payment_methods WHERE stripe_payment_method_id = p_change ->> 'id';
     RETURN;
   END IF;
   INSERT INTO public.stripe_payment_methods AS m (stripe_payment_method_id, stripe_customer_id, type, brand, last4,
     exp_month, exp_year, payment_method_metadata)
-  VALUES (v_id, p_change ->> 'customer', p_change ->> 'type', p_change ->> 'brand', p_change ->> 'last4',
+  VALUES (p_change ->> 'id', p_change ->> 'customer', p_change ->> 'type', p_change ->> 'brand', p_change ->> 'last4',
     (p_change ->> 'exp_month')::int, (p_change ->> 'exp_year')::int,
-    jsonb_build_object('sync', public.stripe_sync_stamp(p_source, v_open.event_id, v_open.as_of, v_open.tie_note)))
+    jsonb_build_object('sync', public.stripe_sync_stamp(p_source, p_event_id, p_as_of, p_tie_note)))
   ON CONFLICT (stripe_payment_method_id) DO UPDATE SET stripe_customer_id = EXCLUDED.stripe_customer_id,
     type = EXCLUDED.type, brand = EXCLUDED.brand, last4 = EXCLUDED.last4, exp_month = EXCLUDED.exp_month,
     exp_year = EXCLUDED.exp_year, payment_method_metadata = EXCLUDED.payment_method_metadata, updated_at = now();
 END $$;
 
--- Each Stripe object is one apply function with the same outcome; the change says which. Events
--- (stripe_apply_event) and states read from the Stripe API (backfill, verify --fix, re-sync) both
--- come through here.
+-- One change of any declared object, through the one opening: events (stripe_apply_event) and
+-- states read from the Stripe API (backfill, verify --fix, re-sync) both come through here.
+-- status: processed | stale | tie (nothing written: the caller asks Stripe, or calls again with
+-- tie = 'unsettled'); note: for the event's log row; tie: how a same-second pair was ordered.
 CREATE OR REPLACE FUNCTION public.stripe_apply_object(
   p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
   OUT status text, OUT note text, OUT tie text
 ) LANGUAGE plpgsql AS $$
 DECLARE
-  v_applied record;
+  -- A release before 2026-12-07 named no object for customers, and may still be delivering while
+  -- this one is deployed.
+  v_object text := coalesce(p_change ->> 'object', 'customer');
+  v_open record := public.stripe_open(v_object, p_change ->> 'id', p_change, p_event_id, p_event_created, p_event);
 BEGIN
-  -- A line per declared object (webhook/objects/); a release before 2026-12-07 named no object
-  -- for customers, and may still be delivering while this one is deployed.
-  CASE coalesce(p_change ->> 'object', 'customer')
+  status := coalesce(nullif(v_open.verdict, 'apply'), 'processed');
+  tie := v_open.tie;  -- also when this change came out older
+  IF v_open.verdict <> 'apply' THEN RETURN; END IF;
+  IF p_change ->> 'action' = 'delete' THEN
+    PERFORM public.stripe_deleting(v_object, p_change ->> 'id', v_open.event_id, v_open.as_of);
+  END IF;
+  -- A line per declared object (webhook/objects/); any other fails its event alone (case_not_found).
+  CASE v_object
     WHEN 'customer' THEN
-      v_applied := public.stripe_apply_customer(p_change, p_source, p_event_id, p_event_created, p_event);
+      note := public.stripe_apply_customer(p_change, p_source, v_open.event_id, v_open.as_of, v_open.tie_note);
     WHEN 'subscription' THEN
-      v_applied := public.stripe_apply_subscription(p_change, p_source, p_event_id, p_event_created, p_event);
+      note := public.stripe_apply_subscription(p_change, p_source, v_open.event_id, v_open.as_of, v_open.tie_note);
     WHEN 'entitlements' THEN
-      v_applied := public.stripe_apply_entitlements(p_change, p_source, p_event_id, p_event_created, p_event);
+      note := public.stripe_apply_entitlements(p_change, p_source, v_open.event_id, v_open.as_of, v_open.tie_note);
     WHEN 'payment_method' THEN
-      v_applied := public.stripe_apply_payment_method(p_change, p_source, p_event_id, p_event_created, p_event);
-  END CASE;  -- any other: case_not_found, the event fails alone
-  status := v_applied.status; note := v_applied.note; tie := v_applied.tie;
+      note := public.stripe_apply_payment_method(p_change, p_source, v_open.event_id, v_open.as_of, v_open.tie_note);
+  END CASE;
 END $$;
+
+-- step: the apply functions of releases before 2026-12-07 (each with an opening of its own), once
+-- stripe_apply_object above no longer calls them
+DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, jsonb);

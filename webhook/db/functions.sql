@@ -413,14 +413,16 @@ BEGIN
 END $$;
 
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);  -- before it took p_event
+-- Writes one customer change (p_change: action upsert|delete|link, id, email, name,
+-- default_payment_method, metadata, user_id, note, organization_id, organization_note) once
+-- stripe_apply_object's opening let it through; returns why a checkout could not link, if so.
 -- A customer may bill a user (user_id), an organization (organization_id), or both: each link is
 -- taken only when its holder exists and no other customer holds it, never stolen; a refused one
 -- leaves the customer 'unlinked' with a note, and a claim that stripe_hand_on honours when the
 -- holder's customer goes. Organizations are off (nothing named is looked at) when the app has no
 -- public.organizations.
 CREATE OR REPLACE FUNCTION public.stripe_apply_customer(
-  p_change jsonb, p_source text, p_event_id text, p_event_created bigint, p_event jsonb DEFAULT NULL,
-  OUT status text, OUT note text, OUT tie text
+  p_change jsonb, p_source text, p_event_id text, p_as_of bigint, p_tie_note text DEFAULT NULL, OUT note text
 ) LANGUAGE plpgsql AS $$
 DECLARE
   v_cus text := p_change ->> 'id';
@@ -431,18 +433,11 @@ DECLARE
   v_org_named uuid := p_change ->> 'organization_id';
   v_org uuid := v_org_named;
   v_org_note text := p_change ->> 'organization_note';
-  v_open record := public.stripe_open('customer', v_cus, p_change, p_event_id, p_event_created, p_event);
-  v_as_of bigint := v_open.as_of;
-  v_event_id text := v_open.event_id;
-  v_tie_note text := v_open.tie_note;
+  v_as_of bigint := p_as_of;
   v_row public.stripe_customers;
   v_sync jsonb;
 BEGIN
-  -- tie: how a same-second pair was ordered, also when this event came out older
-  status := coalesce(nullif(v_open.verdict, 'apply'), 'processed'); tie := v_open.tie;
-  IF v_open.verdict <> 'apply' THEN RETURN; END IF;
   IF v_action = 'delete' THEN
-    PERFORM public.stripe_deleting('customer', v_cus, v_event_id, v_as_of);
     DELETE FROM public.stripe_customers WHERE stripe_customer_id = v_cus;  -- stripe_customers_gone hands the user on
     RETURN;
   END IF;
@@ -498,12 +493,12 @@ BEGIN
   END IF;
   v_user := coalesce(v_user, v_row.user_id);
   v_org := coalesce(v_org, v_row.organization_id);
-  v_note := nullif(concat_ws('; ', v_tie_note, coalesce(note, v_note), CASE WHEN note IS NULL THEN v_org_note END), '');
+  v_note := nullif(concat_ws('; ', p_tie_note, coalesce(note, v_note), CASE WHEN note IS NULL THEN v_org_note END), '');
   INSERT INTO public.stripe_customers AS c
     (stripe_customer_id, user_id, organization_id, customer_email, customer_name, default_payment_method, customer_metadata)
   VALUES (v_cus, v_user, v_org, p_change ->> 'email', p_change ->> 'name', p_change ->> 'default_payment_method',
     jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'), 'sync',
-      public.stripe_sync_stamp(p_source, v_event_id, v_as_of, NULL)
+      public.stripe_sync_stamp(p_source, p_event_id, v_as_of, NULL)
       || public.stripe_link_state(v_user, v_named, v_org, v_org_named, v_org_note, v_note)))
   ON CONFLICT (stripe_customer_id) DO UPDATE SET user_id = EXCLUDED.user_id, organization_id = EXCLUDED.organization_id,
     customer_email = EXCLUDED.customer_email, customer_name = EXCLUDED.customer_name,

@@ -38,27 +38,22 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION public.stripe_reshape_stamps(p_limit int) RETURNS SETOF text LANGUAGE plpgsql AS $$
+DECLARE
+  v_shape record;
 BEGIN
   PERFORM set_config('stripe_webhook.reshaping', 'on', true);  -- the audit sees no change in a move
-  IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_entitlement_sets'::regclass
-             AND attname = 'sync' AND NOT attisdropped) THEN
+  FOR v_shape IN SELECT * FROM (VALUES
+      ('stripe_entitlement_sets', 'stripe_customer_id', 'entitlements_metadata'),
+      ('stripe_payment_methods', 'stripe_payment_method_id', 'payment_method_metadata')) AS shapes (tab, id, metadata)
+    WHERE EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = ('public.' || tab)::regclass
+                  AND attname = 'sync' AND NOT attisdropped) LOOP
     -- A row the new release stamped already keeps its stamp; the old column is emptied either way.
-    RETURN QUERY EXECUTE $sql$
-      UPDATE public.stripe_entitlement_sets s SET entitlements_metadata = CASE WHEN s.entitlements_metadata ? 'sync'
-        THEN s.entitlements_metadata ELSE s.entitlements_metadata || jsonb_build_object('sync', s.sync) END, sync = '{}'
-      WHERE s.stripe_customer_id IN (SELECT stripe_customer_id FROM public.stripe_entitlement_sets
-                                     WHERE sync <> '{}' LIMIT $1 FOR UPDATE SKIP LOCKED)
-      RETURNING s.stripe_customer_id$sql$ USING p_limit;
-  END IF;
-  IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.stripe_payment_methods'::regclass
-             AND attname = 'sync' AND NOT attisdropped) THEN
-    RETURN QUERY EXECUTE $sql$
-      UPDATE public.stripe_payment_methods m SET payment_method_metadata = CASE WHEN m.payment_method_metadata ? 'sync'
-        THEN m.payment_method_metadata ELSE m.payment_method_metadata || jsonb_build_object('sync', m.sync) END, sync = '{}'
-      WHERE m.stripe_payment_method_id IN (SELECT stripe_payment_method_id FROM public.stripe_payment_methods
-                                           WHERE sync <> '{}' LIMIT $1 FOR UPDATE SKIP LOCKED)
-      RETURNING m.stripe_payment_method_id$sql$ USING p_limit;
-  END IF;
+    RETURN QUERY EXECUTE format($sql$
+      UPDATE public.%1$I t SET %3$I = CASE WHEN t.%3$I ? 'sync' THEN t.%3$I
+                                            ELSE t.%3$I || jsonb_build_object('sync', t.sync) END, sync = '{}'
+      WHERE t.%2$I IN (SELECT %2$I FROM public.%1$I WHERE sync <> '{}' LIMIT $1 FOR UPDATE SKIP LOCKED)
+      RETURNING t.%2$I$sql$, v_shape.tab, v_shape.id, v_shape.metadata) USING p_limit;
+  END LOOP;
 END $$;
 
 -- step (repeat): the billing audit joins the one audit

@@ -12,6 +12,7 @@ DROP FUNCTION IF EXISTS public.stripe_apply_batch(text[], text[], text[], text[]
 DROP FUNCTION IF EXISTS public.stripe_apply_caught(text, text, text, text, boolean);
 DROP FUNCTION IF EXISTS public.stripe_apply_event(jsonb, jsonb, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);
 DROP FUNCTION IF EXISTS public.stripe_order(jsonb, bigint, bigint, text, jsonb, boolean);
 DROP FUNCTION IF EXISTS public.stripe_tie_order(jsonb, text);
@@ -28,8 +29,11 @@ DROP FUNCTION IF EXISTS public.stripe_stamp(text, text);
 DROP FUNCTION IF EXISTS public.stripe_reshape_audit(integer);
 DROP FUNCTION IF EXISTS public.stripe_reshape_stamps(integer);
 DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_sync_stamp(text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_organization_tier(uuid);
 -- Dropping the tables drops their triggers, indexes, policies and the link to public.organizations

@@ -137,36 +137,3 @@ class StripeObject:
     def dashboard_url(self, stripe_id: str, customer: str, livemode: bool) -> str:
         path = self.dashboard.format(id=stripe_id, customer=customer)
         return f"https://dashboard.stripe.com/{'' if livemode else 'test/'}{path}"
-
-
-def customer_id(value: Any) -> str:
-    """A cus_… id from a bare id, or the object when the field was expanded."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    if not isinstance(value, str) or CUSTOMER_ID.fullmatch(value) is None:
-        raise BadCustomerId("the event names no cus_… customer id")
-    return value
-
-
-def object_id(value: Any, pattern: re.Pattern[str], what: str) -> str:
-    if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        raise BadObjectId(f"the event names no {what} id")
-    return value
-
-
-def optional_id(value: Any) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("id")
-    return value if isinstance(value, str) and value else None
-
-
-def text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def unix_time(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}

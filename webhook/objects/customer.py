@@ -9,17 +9,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from webhook.config import Keys
-from webhook.objects.base import (
-    CUSTOMER_ID,
-    Change,
-    Reader,
-    StripeObject,
-    customer_id,
-    listed,
-    mapping,
-    optional_id,
-    text,
-)
+from webhook.objects import fields
+from webhook.objects.base import CUSTOMER_ID, Change, Reader, StripeObject, listed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,17 +60,19 @@ def _uuid(candidate: Any, source: str) -> tuple[str | None, str | None]:
 
 def state(customer: dict[str, Any], keys: Keys) -> CustomerChange:
     """A full Stripe customer object as the upsert it implies (events, reads, backfill, verify)."""
-    metadata = mapping(customer.get("metadata"))
+    metadata = fields.mapping(customer.get("metadata"))
     organization_id, organization_note = organization_link(metadata, keys.organization_id)
     user_id, note = user_link(metadata.get(keys.user_id), f"metadata.{keys.user_id}")
     if organization_id and not metadata.get(keys.user_id):
         note = None  # it bills an organization: naming no user is no fault
     return CustomerChange(
         action="upsert",
-        id=customer_id(customer.get("id")),
-        email=text(customer.get("email")),
-        name=text(customer.get("name")),
-        default_payment_method=optional_id(mapping(customer.get("invoice_settings")).get("default_payment_method")),
+        id=fields.customer_id(customer.get("id")),
+        email=fields.text(customer.get("email")),
+        name=fields.text(customer.get("name")),
+        default_payment_method=fields.optional_id(
+            fields.mapping(customer.get("invoice_settings")).get("default_payment_method")
+        ),
         metadata=metadata,
         user_id=user_id,
         note=note,
@@ -93,25 +86,25 @@ def gone(stripe_id: str) -> CustomerChange:
 
 
 def _deleted(customer: dict[str, Any], keys: Keys) -> CustomerChange:
-    return gone(customer_id(customer.get("id")))
+    return gone(fields.customer_id(customer.get("id")))
 
 
 def _checkout(session: dict[str, Any], keys: Keys) -> CustomerChange | None:
     """A completed checkout links its customer to the user (client_reference_id) and the
     organization (metadata) it names. Sessions in payment mode may have no customer, and one
     started with neither has nobody to link: nothing to apply."""
-    metadata = mapping(session.get("metadata"))
+    metadata = fields.mapping(session.get("metadata"))
     organization_id, organization_note = organization_link(metadata, keys.organization_id)
     named_user = bool(session.get("client_reference_id"))
-    if optional_id(session.get("customer")) is None or not (named_user or organization_id or organization_note):
+    if fields.optional_id(session.get("customer")) is None or not (named_user or organization_id or organization_note):
         return None
-    details = mapping(session.get("customer_details"))
+    details = fields.mapping(session.get("customer_details"))
     user_id, note = user_link(session.get("client_reference_id"), "client_reference_id") if named_user else (None, None)
     return CustomerChange(
         action="link",
-        id=customer_id(session.get("customer")),
-        email=text(details.get("email")),
-        name=text(details.get("name")),
+        id=fields.customer_id(session.get("customer")),
+        email=fields.text(details.get("email")),
+        name=fields.text(details.get("name")),
         metadata={},
         user_id=user_id,
         note=note,

@@ -9,17 +9,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from webhook.config import Keys
-from webhook.objects.base import (
-    CUSTOMER_ID,
-    Change,
-    Reader,
-    StripeObject,
-    customer_id,
-    listed,
-    mapping,
-    optional_id,
-    text,
-)
+from webhook.objects import fields
+from webhook.objects.base import CUSTOMER_ID, Change, Reader, StripeObject, listed
 
 LIST = "/v1/entitlements/active_entitlements"
 
@@ -44,9 +35,9 @@ class EntitlementsChange(Change):
 
 def _entitlement(active: dict[str, Any]) -> dict[str, Any]:
     return {
-        "id": optional_id(active.get("id")),
-        "lookup_key": text(active.get("lookup_key")),
-        "feature": optional_id(active.get("feature")),
+        "id": fields.optional_id(active.get("id")),
+        "lookup_key": fields.text(active.get("lookup_key")),
+        "feature": fields.optional_id(active.get("feature")),
     }
 
 
@@ -61,10 +52,10 @@ def whole(customer: str, active: list[dict[str, Any]], as_of: int | None = None)
 
 
 def summary(event_object: dict[str, Any], keys: Keys) -> EntitlementsChange:
-    listed_here = mapping(event_object.get("entitlements"))
+    listed_here = fields.mapping(event_object.get("entitlements"))
     active = [item for item in listed_here.get("data") or [] if isinstance(item, dict)]
     return EntitlementsChange(
-        id=customer_id(event_object.get("customer")),
+        id=fields.customer_id(event_object.get("customer")),
         entitlements=_keyed(active),
         whole=listed_here.get("has_more") is not True,
     )
@@ -90,8 +81,8 @@ def list_of(reader: Reader, customer: str, keys: Keys) -> Iterator[EntitlementsC
 def _customer_of_event(reader: Reader, event_id: str) -> str:
     """A thin summary names no object: the event itself (GET /v2/core/events/{id}) names the customer."""
     full, _ = reader(f"/v2/core/events/{event_id}", {})
-    data, related = mapping(full.get("data")), mapping(full.get("related_object"))
-    return customer_id(data.get("customer") or related.get("id"))
+    data, related = fields.mapping(full.get("data")), fields.mapping(full.get("related_object"))
+    return fields.customer_id(data.get("customer") or related.get("id"))
 
 
 ENTITLEMENTS = StripeObject(

@@ -9,17 +9,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from webhook.config import Keys
-from webhook.objects.base import (
-    Change,
-    Reader,
-    StripeObject,
-    customer_id,
-    listed,
-    mapping,
-    object_id,
-    text,
-    unix_time,
-)
+from webhook.objects import fields
+from webhook.objects.base import Change, Reader, StripeObject, listed
 
 ID = re.compile(r"(pm|card|src|ba)_[a-zA-Z0-9]+")
 
@@ -45,15 +36,15 @@ class PaymentMethodChange(Change):
 
 
 def state(method: dict[str, Any], customer: Any = None) -> PaymentMethodChange:
-    card = mapping(method.get("card"))
+    card = fields.mapping(method.get("card"))
     return PaymentMethodChange(
-        id=object_id(method.get("id"), ID, "pm_… payment method"),
-        customer_id=customer_id(customer if customer is not None else method.get("customer")),
-        type=text(method.get("type")) or "unknown",
-        brand=text(card.get("brand")),
-        last4=text(card.get("last4")),
-        exp_month=unix_time(card.get("exp_month")),
-        exp_year=unix_time(card.get("exp_year")),
+        id=fields.object_id(method.get("id"), ID, "pm_… payment method"),
+        customer_id=fields.customer_id(customer if customer is not None else method.get("customer")),
+        type=fields.text(method.get("type")) or "unknown",
+        brand=fields.text(card.get("brand")),
+        last4=fields.text(card.get("last4")),
+        exp_month=fields.integer(card.get("exp_month")),
+        exp_year=fields.integer(card.get("exp_year")),
     )
 
 
@@ -67,7 +58,7 @@ def _changed(method: dict[str, Any], keys: Keys) -> PaymentMethodChange:
 
 def _detached(method: dict[str, Any], keys: Keys) -> PaymentMethodChange:
     # Detached, the object no longer names its customer; the row is found by its own id.
-    return gone(object_id(method.get("id"), ID, "pm_… payment method"))
+    return gone(fields.object_id(method.get("id"), ID, "pm_… payment method"))
 
 
 def read(reader: Reader, stripe_id: str, keys: Keys) -> PaymentMethodChange:

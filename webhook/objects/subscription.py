@@ -9,19 +9,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from webhook.config import Keys
-from webhook.objects.base import (
-    BadObjectId,
-    Change,
-    Reader,
-    StripeObject,
-    customer_id,
-    listed,
-    mapping,
-    object_id,
-    optional_id,
-    text,
-    unix_time,
-)
+from webhook.objects import fields
+from webhook.objects.base import BadObjectId, Change, Reader, StripeObject, listed
 
 STATUSES = {
     "incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused",
@@ -49,13 +38,15 @@ class SubscriptionChange(Change):
 
 
 def _item(item: dict[str, Any], tier_key: str) -> dict[str, Any]:
-    price = mapping(item.get("price")) or mapping(item.get("plan"))
+    price = fields.mapping(item.get("price")) or fields.mapping(item.get("plan"))
     return {
-        "price": optional_id(price.get("id")),
-        "product": optional_id(price.get("product")),
-        "lookup_key": text(price.get("lookup_key")),
-        "quantity": unix_time(item.get("quantity")),
-        "tier": text(mapping(price.get("metadata")).get(tier_key)),  # the lookup key is the tier's fallback, in SQL
+        "price": fields.optional_id(price.get("id")),
+        "product": fields.optional_id(price.get("product")),
+        "lookup_key": fields.text(price.get("lookup_key")),
+        "quantity": fields.integer(item.get("quantity")),
+        "tier": fields.text(
+            fields.mapping(price.get("metadata")).get(tier_key)
+        ),  # the lookup key is the tier's fallback, in SQL
     }
 
 
@@ -66,21 +57,22 @@ def state(subscription: dict[str, Any], keys: Keys) -> SubscriptionChange:
     status = subscription.get("status")
     if status not in STATUSES:
         raise BadObjectId("the subscription has no known status")
-    items = [item for item in mapping(subscription.get("items")).get("data") or [] if isinstance(item, dict)]
-    item_ends = [end for end in (unix_time(item.get("current_period_end")) for item in items) if end is not None]
+    items = [item for item in fields.mapping(subscription.get("items")).get("data") or [] if isinstance(item, dict)]
+    item_ends = [end for end in (fields.integer(item.get("current_period_end")) for item in items) if end is not None]
     return SubscriptionChange(
-        id=object_id(subscription.get("id"), SUBSCRIPTION.id, "sub_… subscription"),
-        customer_id=customer_id(subscription.get("customer")),
+        id=fields.object_id(subscription.get("id"), SUBSCRIPTION.id, "sub_… subscription"),
+        customer_id=fields.customer_id(subscription.get("customer")),
         status=str(status),
         items=[_item(item, keys.tier) for item in items],
-        current_period_end=unix_time(subscription.get("current_period_end")) or (max(item_ends) if item_ends else None),
+        current_period_end=fields.integer(subscription.get("current_period_end"))
+        or (max(item_ends) if item_ends else None),
         cancel_at_period_end=subscription.get("cancel_at_period_end") is True,
-        cancel_at=unix_time(subscription.get("cancel_at")),
-        canceled_at=unix_time(subscription.get("canceled_at")),
-        ended_at=unix_time(subscription.get("ended_at")),
-        trial_end=unix_time(subscription.get("trial_end")),
-        metadata=mapping(subscription.get("metadata")),
-        created=unix_time(subscription.get("created")) or unix_time(subscription.get("start_date")),
+        cancel_at=fields.integer(subscription.get("cancel_at")),
+        canceled_at=fields.integer(subscription.get("canceled_at")),
+        ended_at=fields.integer(subscription.get("ended_at")),
+        trial_end=fields.integer(subscription.get("trial_end")),
+        metadata=fields.mapping(subscription.get("metadata")),
+        created=fields.integer(subscription.get("created")) or fields.integer(subscription.get("start_date")),
     )
 
 
