@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("revision", help="the git revision to compare the working tree with")
     parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--events", type=int, default=20000, help="without wrk: events per round")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--postgres-bin", type=Path, help="run a scratch cluster of these server binaries")

@@ -372,45 +372,42 @@ RETURNS jsonb LANGUAGE sql VOLATILE AS $$
     || CASE WHEN coalesce(p_note, '') = '' THEN '{}' ELSE jsonb_build_object('note', p_note) END
 $$;
 
--- An object's row's sync stamp, NULL when it has no row: the one place that knows each declared
--- object's table (a line per object; static SQL, so each plan is kept).
-CREATE OR REPLACE FUNCTION public.stripe_stamp(p_object text, p_id text) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-  RETURN CASE p_object
-    WHEN 'customer' THEN
-      (SELECT customer_metadata -> 'sync' FROM public.stripe_customers WHERE stripe_customer_id = p_id)
-    WHEN 'subscription' THEN
-      (SELECT subscription_metadata -> 'sync' FROM public.stripe_subscriptions WHERE stripe_subscription_id = p_id)
-    WHEN 'entitlements' THEN
-      (SELECT entitlements_metadata -> 'sync' FROM public.stripe_entitlement_sets WHERE stripe_customer_id = p_id)
-    WHEN 'payment_method' THEN
-      (SELECT payment_method_metadata -> 'sync' FROM public.stripe_payment_methods WHERE stripe_payment_method_id = p_id)
-  END;
-END $$;
-
--- The opening every object's apply function starts with: the object's lock (transaction-scoped, so
--- safe behind a transaction-mode pooler: deliveries of one object to several workers queue here),
--- the state's time (the event's created, or the clock of a read of Stripe, p_change.as_of), the
--- event it stamps, and stripe_order against the row's stamp and the object's tombstone. A change
--- that only links (a checkout) carries no state: it is ordered against the tombstone alone, so it
--- never goes stale and never brings a deleted object back.
+-- The opening every change of a declared object goes through (stripe_apply_object): the object's
+-- lock (transaction-scoped, so safe behind a transaction-mode pooler: deliveries of one object to
+-- several workers queue here), the state's time (the event's created, or the clock of a read of
+-- Stripe, p_change.as_of), the event it stamps, and stripe_order against the row's sync stamp and
+-- the object's tombstone. A change that only links (a checkout) carries no state: it is ordered
+-- against the tombstone alone, so it never goes stale and never brings a deleted object back.
 CREATE OR REPLACE FUNCTION public.stripe_open(
   p_object text, p_id text, p_change jsonb, p_event_id text, p_event_created bigint, p_event jsonb,
   OUT verdict text, OUT tie text, OUT tie_note text, OUT as_of bigint, OUT event_id text
 ) LANGUAGE plpgsql AS $$
 DECLARE
   v_gone bigint;
+  v_sync jsonb;
   v_order record;
 BEGIN
   PERFORM pg_advisory_xact_lock(hashtextextended('stripe_' || p_object || ':' || p_id, 0));
   as_of := coalesce((p_change ->> 'as_of')::bigint, p_event_created);
   event_id := CASE WHEN p_change ->> 'as_of' IS NULL THEN p_event_id END;
   SELECT t.event_created INTO v_gone FROM public.stripe_object_tombstones t WHERE t.object = p_object AND t.stripe_id = p_id;
-  v_order := public.stripe_order(CASE WHEN p_change ->> 'action' IS DISTINCT FROM 'link' THEN public.stripe_stamp(p_object, p_id) END,
-                                 v_gone, as_of, event_id, p_event, p_change ->> 'tie' = 'unsettled');
+  -- The row's stamp: the one place that knows each declared object's table, a line per object
+  -- (static SQL, so each plan is kept). A change that only links carries no state: no stamp.
+  IF p_change ->> 'action' = 'link' THEN NULL;
+  ELSIF p_object = 'customer' THEN
+    SELECT customer_metadata -> 'sync' INTO v_sync FROM public.stripe_customers WHERE stripe_customer_id = p_id;
+  ELSIF p_object = 'subscription' THEN
+    SELECT subscription_metadata -> 'sync' INTO v_sync FROM public.stripe_subscriptions WHERE stripe_subscription_id = p_id;
+  ELSIF p_object = 'entitlements' THEN
+    SELECT entitlements_metadata -> 'sync' INTO v_sync FROM public.stripe_entitlement_sets WHERE stripe_customer_id = p_id;
+  ELSIF p_object = 'payment_method' THEN
+    SELECT payment_method_metadata -> 'sync' INTO v_sync FROM public.stripe_payment_methods
+    WHERE stripe_payment_method_id = p_id;
+  END IF;
+  v_order := public.stripe_order(v_sync, v_gone, as_of, event_id, p_event, p_change ->> 'tie' = 'unsettled');
   verdict := v_order.verdict; tie := v_order.tie; tie_note := v_order.tie_note;
 END $$;
+DROP FUNCTION IF EXISTS public.stripe_stamp(text, text);
 
 DROP FUNCTION IF EXISTS public.stripe_apply_customer(jsonb, text, text, bigint);  -- before it took p_event
 -- Writes one customer change (p_change: action upsert|delete|link, id, email, name,

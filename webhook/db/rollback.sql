@@ -25,7 +25,6 @@ DROP FUNCTION IF EXISTS public.stripe_has_access(text, uuid);
 DROP FUNCTION IF EXISTS public.stripe_apply_object(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_object_order(text, text, jsonb, jsonb, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_open(text, text, jsonb, text, bigint, jsonb);
-DROP FUNCTION IF EXISTS public.stripe_stamp(text, text);
 DROP FUNCTION IF EXISTS public.stripe_reshape_audit(integer);
 DROP FUNCTION IF EXISTS public.stripe_reshape_stamps(integer);
 DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigint, jsonb);
