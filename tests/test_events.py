@@ -1,4 +1,4 @@
-"""Event semantics (README): what each event does to stripe_customers, told as deliveries to the real app."""
+"""Event semantics (docs/reference.md): what each event does to stripe_customers, told as deliveries to the real app."""
 
 from __future__ import annotations
 

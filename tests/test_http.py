@@ -1,4 +1,5 @@
-"""Every answer of POST /webhooks/stripe (README), from the real Flask app, with real signatures on a real Postgres."""
+"""Every answer of POST /webhooks/stripe (docs/reference.md), from the real Flask app, with real
+signatures on a real Postgres."""
 
 from __future__ import annotations
 

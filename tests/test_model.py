@@ -125,7 +125,7 @@ def _billing_history(rng: random.Random, history: History, start: int) -> None:
     t = start + 1
     history.events.append(samples.event("customer.subscription.created", subscription, created=t))
     # Distinct statuses: a status that comes back within one second (A, B, A) after an update
-    # without previous_attributes is beyond what the rules can tell (README, "Ties").
+    # without previous_attributes is beyond what the rules can tell (docs/reference.md, "Event semantics").
     for status in rng.sample(["active", "past_due", "unpaid", "paused"], rng.randint(1, 3)):
         t += 0 if rng.random() < 0.3 else rng.randint(1, 3)
         previous = None if rng.random() < 0.4 else {"status": subscription["status"]}

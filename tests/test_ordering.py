@@ -1,4 +1,4 @@
-"""The ordering rules (README, "Event semantics"), in one place: an older event is stale; a deletion
+"""The ordering rules (docs/reference.md, "Event semantics"), in one place: an older event is stale; a deletion
 keeps older events out (its tombstone never moves back); shuffled and duplicated deliveries end in
 the newest state; and ties, two events of one customer in one second, settled by the ladder in both
 delivery orders and duplicated, through a real gunicorn with two workers, the fake Stripe over HTTP

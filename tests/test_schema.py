@@ -1,10 +1,12 @@
-"""The tables (README): the migration is idempotent and reversible, and the tables are as promised."""
+"""The tables (docs/reference.md): the migration is idempotent and reversible, and the tables are as promised."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -429,4 +431,115 @@ def test_the_previous_releases_shapes_move_into_one_keeping_every_row(scratch_ur
     method = {**samples.payment_method("cus_Before"), "id": "pm_Before"}
     updated = samples.event("payment_method.updated", method, created=1700000150)
     assert [_apply(scratch, event) for event in (older, updated)] == [Applied(Status.STALE)] * 2
+    scratch.dispose()
+
+
+PREVIOUS_RELEASE = "a25fded"  # the last commit before the one shape (db/one_shape.sql)
+
+
+def _through_sql(engine: Engine, *events: dict[str, Any]) -> list[str]:
+    """Events applied by the database's own stripe_apply_batch: the previous release's, or this one's."""
+    from webhook.objects import HANDLERS
+
+    changes = [HANDLERS[event["type"]](event["data"]["object"], Keys()) for event in events]
+    with engine.begin() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT status FROM public.stripe_apply_batch(CAST(:events AS text[]), CAST(:changes AS text[]), "
+                "CAST(:sources AS text[]), NULL)"
+            ),
+            {
+                "events": [json.dumps(event) for event in events],
+                "changes": [None if change is None else json.dumps(change.as_json()) for change in changes],
+                "sources": ["webhook"] * len(events),
+            },
+        )
+        return [str(status) for status in rows.scalars()]
+
+
+def test_from_the_previous_release_and_back_keeping_every_row(scratch_url: str, tmp_path: Path) -> None:
+    """The previous release's database moves into the one shape under `db migrate`, and
+    `db rollback --to-previous-release` puts it back so that the previous release's own migrate
+    and SQL run again: tombstones, audit rows and stamps survive both ways."""
+    from bench.ab import worktree
+
+    known = subprocess.run(["git", "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"], capture_output=True)
+    if known.returncode != 0:
+        pytest.skip(f"this checkout has no history back to {PREVIOUS_RELEASE}")
+    scratch = database.make_engine(scratch_url, pool_size=1)
+    customer = samples.customer()
+    method = samples.payment_method(customer["id"])
+    subscription = samples.subscription(customer["id"], status="active")
+    with worktree(PREVIOUS_RELEASE) as tree:
+        env = {"PYTHONPATH": str(tree), "DATABASE_URL": scratch_url, "STRIPE_WEBHOOK_SECRET": SECRET}
+
+        def previous_migrate() -> None:
+            done = subprocess.run(
+                [sys.executable, "-m", "webhook", "db", "migrate"],
+                env={**os.environ, **env},
+                cwd=tree,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+
+        previous_migrate()
+        assert (
+            _through_sql(
+                scratch,
+                samples.event("customer.created", customer, created=1_700_000_000),
+                samples.event("customer.deleted", customer, created=1_700_000_010),
+                samples.event("customer.subscription.created", subscription, created=1_700_000_020),
+                samples.event("payment_method.attached", method, created=1_700_000_030),
+            )
+            == ["processed"] * 4
+        )
+
+        migrations.migrate(scratch, shim=False)
+        with scratch.connect() as connection:
+            assert (
+                connection.execute(
+                    text("SELECT event_created FROM stripe_object_tombstones WHERE stripe_id = :id"),
+                    {"id": customer["id"]},
+                ).scalar_one()
+                == 1_700_000_010
+            )
+            assert (
+                connection.execute(
+                    text(
+                        "SELECT count(*) FROM stripe_customers_audit WHERE object = 'subscription' AND stripe_id = :id"
+                    ),
+                    {"id": subscription["id"]},
+                ).scalar_one()
+                == 1
+            )
+        older = [
+            samples.event("customer.updated", customer, created=1_700_000_005),
+            samples.event("payment_method.updated", method, created=1_700_000_025),
+        ]
+        assert _through_sql(scratch, *older) == ["stale", "stale"]
+
+        back = cli("db", "rollback", "--to-previous-release", DATABASE_URL=scratch_url, STRIPE_WEBHOOK_SECRET=SECRET)
+        assert back.returncode == 0, back.stderr
+        previous_migrate()
+        again = [{**event, "id": event["id"] + "x"} for event in older]  # new ids: not duplicates
+        newer = samples.event(
+            "payment_method.updated", {**method, "card": {**method["card"], "last4": "0005"}}, created=1_700_000_040
+        )
+        assert _through_sql(scratch, *again, newer) == ["stale", "stale", "processed"]
+        with scratch.connect() as connection:
+            assert (
+                connection.execute(
+                    text("SELECT count(*) FROM stripe_billing_audit WHERE stripe_id = :id"), {"id": subscription["id"]}
+                ).scalar_one()
+                == 1
+            )
+            assert (
+                connection.execute(
+                    text("SELECT sync ->> 'event_created' FROM stripe_payment_methods WHERE stripe_customer_id = :id"),
+                    {"id": customer["id"]},
+                ).scalar_one()
+                == "1700000040"
+            )
     scratch.dispose()

@@ -29,7 +29,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 def answer_delivery(
     body: bytes, signature: str | None, engine: Engine, settings: Settings
 ) -> tuple[int, dict[str, Any]]:
-    """Every webhook delivery's answer (README, "Answers"), whichever way it came in."""
+    """Every webhook delivery's answer (docs/reference.md, "Answers"), whichever way it came in."""
     started = time.perf_counter()
     try:
         # Verify the exact bytes Stripe signed, before anything trusts them.
@@ -52,8 +52,8 @@ def answer_delivery(
 def webhook_fast_lane(flask_app: WSGIApp, engine: Engine, settings: Settings) -> WSGIApp:
     """POSTs to the webhook with a Content-Length within the limit, answered as plain WSGI.
 
-    Flask's request and app contexts, routing and Response were ~30% of a worker's CPU per event
-    under load (py-spy; README, Performance). Anything else (other methods and paths, chunked or
+    Flask's request and app contexts, routing and Response cost more of a worker's CPU per event
+    than the rest of the delivery (py-spy; docs/performance.md). Anything else (other methods and paths, chunked or
     oversized bodies) goes to the Flask app, which also answers these deliveries the same way.
     """
 

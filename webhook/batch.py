@@ -5,9 +5,9 @@ that queued meanwhile, as one statement and one commit (stripe_apply_batch: a su
 event, so one event's error fails that event alone). The others wait for that statement, and the
 first of those that queued after it sends the next. Each thread gets its own event's outcome, after
 the commit that holds it. Idle, a delivery goes alone and at once; under load, a round trip, a
-commit and a backend's wake-up are shared by a few events: those were a third of Postgres' CPU per
-event (docs/performance.md). One statement at a time per process, on purpose: with two or
-more in flight, the batches shrink and both Postgres and the workers spent more CPU per event.
+commit and a backend's wake-up are shared by a few events, the largest part of Postgres' CPU per
+event after the writes themselves (docs/performance.md). One statement at a time per process, on
+purpose: with two or more in flight, the batches shrink and both sides spend more CPU per event.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # whole request, so stalled clients cannot hold the threads (webhook/worker.py).
 worker_class = "webhook.worker.BufferedThreadWorker"
 # 8: the deliveries a worker holds at once share one statement (webhook/batch.py), and with 8 the
-# statements carry more of them: against 4, +18% events/s and -11%/-14% CPU per event in the
-# workers/Postgres (2 workers, 16 connections; README, Performance). 12 and 16 did no better.
+# statements carry more of them than with 4, for less CPU an event on both sides; 12 and 16 did no
+# better (docs/performance.md).
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # gunicorn's control socket (~/.gunicorn/gunicorn.ctl, one path for every instance) is unused
 # here, and two consumers on one machine would fight over it.
@@ -34,5 +34,5 @@ def child_exit(server: object, worker: object) -> None:
 
 def post_worker_init(worker: object) -> None:
     # What the worker loaded (Flask, SQLAlchemy, stripe, the app) lives as long as it does: frozen,
-    # the collector stops re-scanning it on every full collection (~10% of worker CPU under load).
+    # the collector stops re-scanning it on every full collection, which it otherwise does under load.
     gc.freeze()

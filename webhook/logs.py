@@ -53,7 +53,7 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def log(level: int, message: str, **fields: Any) -> None:
-    # Logger.log would look up the caller's file and line by walking the stack (a quarter of a log
-    # line's cost, and the format never shows them): the record is made and handed over directly.
+    # Logger.log would look up the caller's file and line by walking the stack (a costly part of a
+    # log line, and the format never shows them): the record is made and handed over directly.
     if LOGGER.isEnabledFor(level):
         LOGGER.handle(LOGGER.makeRecord(LOGGER.name, level, "", 0, message, (), None, extra={"fields": fields}))

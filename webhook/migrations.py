@@ -34,6 +34,7 @@ CONSOLE = DB_DIR / "console.sql"
 QUEUE = DB_DIR / "queue.sql"
 ACCESS = DB_DIR / "access.sql"
 ROLLBACK = DB_DIR / "rollback.sql"
+ONE_SHAPE_UNDO = DB_DIR / "one_shape_undo.sql"
 # What `db migrate` applies, in this order (the shim first, with --shim).
 APPLIED = (SHAPE, SCHEMA, FUNCTIONS, BILLING, ORGANIZATIONS, ONE_SHAPE, CONSOLE, QUEUE, ACCESS)
 
@@ -167,3 +168,10 @@ def as_one_migration(shim: bool) -> str:
 def rollback(engine: Engine) -> None:
     with engine.connect() as connection:
         run_sql(connection, ROLLBACK.read_text())
+
+
+def to_previous_release(engine: Engine) -> None:
+    """db/one_shape_undo.sql, step by step: the shapes the release before 2026-12-07 reads."""
+    with engine.connect() as connection:
+        for step in steps(ONE_SHAPE_UNDO):
+            _run(connection, step)

@@ -1,4 +1,4 @@
-"""Thin notifications, answered at once and read in the background (README, "Thin events").
+"""Thin notifications, answered at once and read in the background (docs/reference.md, "Thin notifications").
 
 A delivery logs the notification as `received` and adds it to its object's row of
 stripe_thin_waiting, in one statement, and is answered 200 "queued": no Stripe call happens while

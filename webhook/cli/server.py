@@ -45,6 +45,12 @@ def add_commands(commands: Commands) -> None:
     sql.set_defaults(run=cmd_db_sql)
     rollback = db.add_parser("rollback", help="apply db/rollback.sql")
     rollback.add_argument("--yes", action="store_true", help="confirm dropping the tables")
+    rollback.add_argument(
+        "--to-previous-release",
+        action="store_true",
+        help="instead, keep every row and put back the shapes the release before 2026-12-07 reads "
+        "(db/one_shape_undo.sql); then deploy that release",
+    )
     rollback.set_defaults(run=cmd_db_rollback)
 
     send = commands.add_parser("send", help="sign and POST a realistic event (a local `stripe trigger`)")
@@ -113,6 +119,10 @@ def cmd_db_sql(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_db_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    if args.to_previous_release:
+        migrations.to_previous_release(engine_for(settings))
+        print("applied one_shape_undo.sql: deploy the previous release, whose db migrate restores its functions")
+        return EXIT_OK
     if not args.yes:
         raise UsageError("db rollback drops the Stripe tables and their data; pass --yes to confirm")
     migrations.rollback(engine_for(settings))

@@ -260,7 +260,7 @@ BEGIN
 END $$;
 
 -- Stripe's `created` has one-second resolution and Stripe delivers in any order, so two events of
--- one object in one second need another rule (README, "Ties"): the type first, then the
+-- one object in one second need another rule (docs/reference.md, "Event semantics"): the type first, then the
 -- updates' previous_attributes against the other event's payload from the log. Returns
 -- 'newer:<rule>' or 'older:<rule>' for p_event against p_other_id, or NULL when neither decides.
 CREATE OR REPLACE FUNCTION public.stripe_tie_order(p_event jsonb, p_other_id text)
@@ -332,8 +332,7 @@ $$;
 -- the change named: 'unlinked' when it links nothing, or when a link it named could not be taken
 -- (then named_user_id / named_organization_id say which, for the claim); the note says why.
 -- STABLE, as jsonb_build_object is: declared IMMUTABLE it would not be inlined into the caller's
--- statement, and a SQL function that is not is parsed and planned on every call (a quarter more
--- database CPU per customer event under load).
+-- statement, and a SQL function that is not is parsed and planned on every call, on the hot path.
 CREATE OR REPLACE FUNCTION public.stripe_link_state(
   p_user uuid, p_named_user uuid, p_org uuid, p_named_org uuid, p_org_note text, p_note text
 ) RETURNS jsonb LANGUAGE sql STABLE AS $$
@@ -650,7 +649,7 @@ WHERE id IN (
 -- step: lz4 for the large values
 -- Every event writes a ~2-3 KB payload into the log and two row images into the audit, which
 -- Postgres compresses once a row passes ~2 KB: lz4 does it for a fraction of pglz's CPU at about
--- the same size (README, Performance). New values only; a server built without lz4 keeps pglz.
+-- the same size (docs/performance.md). New values only; a server built without lz4 keeps pglz.
 -- Catalog only, but ACCESS EXCLUSIVE for a moment: taken once, when the setting differs.
 DO $$
 DECLARE
