@@ -172,9 +172,16 @@ def connection_lost(engine: Engine, connection: PoolProxiedConnection, error: Ba
     return lost
 
 
+# Two styles of SQL in Python, each with its place. The statements run per delivery or per Stripe
+# read (the event batch in store.py, the thin queue, the read budget) go on the pooled psycopg2
+# connection's own cursor, with psycopg2's %(name)s parameters: under load SQLAlchemy's statement
+# layer (Connection, compiled text(), CursorResult) cost a large share of a worker's CPU per event
+# (py-spy; docs/performance.md), while the pool, its limits and its recovery stay. Everything else
+# (commands, the console, background jobs) uses SQLAlchemy's text() with :name parameters.
 def run_raw(engine: Engine, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """One statement (it bounds itself) on a pooled connection's own cursor: the rows of its last
-    result. A connection the server dropped leaves the pool with every one as old (connection_lost)."""
+    """One hot statement (it bounds itself) on a pooled connection's own cursor: the rows of its
+    last result. A connection the server dropped leaves the pool with every one as old
+    (connection_lost)."""
     connection = engine.raw_connection()
     try:
         cursor = connection.cursor()

@@ -36,11 +36,9 @@ def jsonb_text(document: str) -> str:
 # worker thread (stripe_apply_batch bounds its lock waits itself). Sent with the statement in one
 # simple query, Postgres runs them as one implicit transaction: still one round trip.
 STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = '5s'; "
-# The per-event statements run on the pool's psycopg2 connection itself. Under load, SQLAlchemy's
-# statement layer (Connection, compiled text(), CursorResult) was a large share of a worker's CPU per
-# event (py-spy; docs/performance.md); the pool, its limits and recovery stay. The events go as
-# text and are cast to jsonb inside stripe_apply_batch, one subtransaction each: one that jsonb
-# cannot hold fails alone, not the statement it shares.
+# The per-event statement runs on the pool's psycopg2 connection itself (database.run_raw says
+# why). The events go as text and are cast to jsonb inside stripe_apply_batch, one subtransaction
+# each: one that jsonb cannot hold fails alone, not the statement it shares.
 _APPLY_EVENTS = STATEMENT_TIMEOUT + (
     "SELECT status, settled_by, sqlstate, message "
     "FROM public.stripe_apply_batch(%s::text[], %s::text[], %s::text[], %s::text[])"

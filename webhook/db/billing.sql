@@ -1,8 +1,9 @@
 -- Billing state that access is gated on: subscriptions, each customer's active entitlements and
--- payment methods, kept under the same rules as customers (one ordering function, stripe_order; a
--- transaction-scoped lock per object; tombstones; one audit). The two ways to ask "does this user
--- have access?" (stripe_has_access() and the stripe_user_billing view) are db/access.sql's. Applied by `db migrate` after
--- db/functions.sql; idempotent; undone by db/rollback.sql. Privileges: db/access.sql.
+-- payment methods, each declared in webhook/objects/ and kept under the same rules as customers
+-- (db/functions.sql: the opening stripe_open, the tombstones, the audit); their writes, and the
+-- dispatcher stripe_apply_object every change goes through. The two ways to ask "does this user
+-- have access?" (stripe_has_access() and the stripe_user_billing view) are db/access.sql's.
+-- Applied by `db migrate` after db/functions.sql; idempotent; undone by db/rollback.sql.
 
 -- step: stripe_subscriptions
 -- A customer's subscriptions as Stripe has them (a deleted one stays, canceled, as Stripe keeps it).

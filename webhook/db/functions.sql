@@ -1,5 +1,6 @@
--- The functions and triggers behind db/schema.sql's tables: one call per event, the ordering rules,
--- the audit and the tombstones. Applied right after db/schema.sql by `db migrate`; idempotent;
+-- The functions and triggers behind db/schema.sql's tables: one call per event, the ordering rules
+-- and the opening every object's change goes through (stripe_open), the one audit and the one
+-- tombstone writer, and the customer's write. Applied right after db/schema.sql by `db migrate`; idempotent;
 -- undone by db/rollback.sql.
 
 -- step: functions and triggers
