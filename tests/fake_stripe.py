@@ -46,6 +46,8 @@ class FakeStripe:
         self.entitlements: dict[str, list[dict[str, Any]]] = {}  # customer -> active entitlements
         self.v2_events: dict[str, dict[str, Any]] = {}  # GET /v2/core/events/{id}
         self.payment_methods: dict[str, dict[str, Any]] = {}
+        self.invoices: dict[str, dict[str, Any]] = {}
+        self.invoice_lines: dict[str, list[dict[str, Any]]] = {}  # every line of an invoice, paged
         self.failures: list[Answer] = []  # answered, in order, before anything else ...
         self.fail_from = 0  # ... once this many requests have been answered
         self.requests: list[tuple[str, str]] = []
@@ -120,6 +122,19 @@ class FakeStripe:
         card = re.fullmatch(r"/v1/payment_methods/(\w+)", path)
         if card and card[1] in self.payment_methods:
             return 200, self.payment_methods[card[1]]
+        lines = re.fullmatch(r"/v1/invoices/(\w+)/lines", path)
+        if lines and lines[1] in self.invoices:
+            every = self.invoice_lines.get(lines[1], self.invoices[lines[1]]["lines"]["data"])
+            return 200, self._page(every, params, lines[0])
+        bill = re.fullmatch(r"/v1/invoices/(\w+)", path)
+        if bill and bill[1] in self.invoices:
+            return 200, self.invoices[bill[1]]
+        if bill:
+            return _error(404, "invalid_request_error", f"No such invoice: '{bill[1]}'", "resource_missing")
+        if path == "/v1/invoices" and method == "GET":
+            wanted = {key: params[key] for key in ("customer", "status") if key in params}
+            chosen = [i for i in self.invoices.values() if all(i.get(key) == value for key, value in wanted.items())]
+            return 200, self._page(chosen, params, "/v1/invoices")
         thin = re.fullmatch(r"/v2/core/events/(\w+)", path)
         if thin and thin[1] in self.v2_events:
             return 200, self.v2_events[thin[1]]

@@ -42,11 +42,11 @@ def test_metrics_add_up_across_workers(database_url: str, engine: Engine) -> Non
 
     with gunicorn(database_url, workers=2) as (port, _):
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda _: post_event(port, samples.event_of_type("invoice.paid")), range(40)))
+            list(pool.map(lambda _: post_event(port, samples.event_of_type("charge.succeeded")), range(40)))
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
     line = next(line for line in metrics.splitlines() if line.startswith("stripe_webhook_events_total{"))
-    assert 'outcome="ignored"' in line and 'type="invoice.paid"' in line and float(line.split()[-1]) == 40
+    assert 'outcome="ignored"' in line and 'type="charge.succeeded"' in line and float(line.split()[-1]) == 40
 
 
 def test_answers_carry_the_current_date(database_url: str) -> None:

@@ -55,7 +55,7 @@ def test_second_delivery_of_an_event_is_a_duplicate(client: FlaskClient, engine:
 
 
 def test_unhandled_type_is_logged_as_ignored(client: FlaskClient, engine: Engine) -> None:
-    event = samples.event_of_type("invoice.paid")
+    event = samples.event_of_type("charge.succeeded")
 
     answer = deliver(client, event)
 

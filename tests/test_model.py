@@ -43,6 +43,7 @@ class History:
     entitlements: list[str] | None = None  # the lookup keys of its final entitlement summary
     organization: str | None = None  # the organization it bills
     payment_methods: list[dict[str, Any]] = field(default_factory=list)  # Stripe's final state of each
+    invoices: list[dict[str, Any]] = field(default_factory=list)  # Stripe's final state of each (a draft: deleted)
 
     @property
     def tier(self) -> str:
@@ -94,7 +95,39 @@ def _history(rng: random.Random, engine: Engine, start: int) -> History:
         _billing_history(rng, history, start)
     if not history.deleted and rng.random() < 0.3:
         _payment_method_history(rng, history, start)
+    if not history.deleted and rng.random() < 0.3:
+        _invoice_history(rng, history, start)
     return history
+
+
+def _invoice_history(rng: random.Random, history: History, start: int) -> None:
+    """An invoice's life: a draft, deleted, or finalized (open) and then failing a payment attempt
+    or two, then paid, voided or marked uncollectible; some steps in one second, which the types,
+    previous_attributes or Stripe order."""
+    invoice = samples.invoice(history.customer["id"], status="draft", lines=rng.choice((1, 2)))
+    t = start + rng.randint(0, 3)
+    steps = [("invoice.created", invoice, None)]
+    if rng.random() < 0.15:
+        steps.append(("invoice.deleted", invoice, None))
+        invoice = {"id": invoice["id"], "object": "invoice", "deleted": True}
+    else:
+        invoice = {**invoice, "status": "open"}
+        steps.append(("invoice.finalized", invoice, {"status": "draft"}))
+        for attempt in range(1, rng.randint(1, 3)):
+            previous = {"attempt_count": invoice["attempt_count"]}
+            invoice = {**invoice, "attempt_count": attempt, "next_payment_attempt": t + 86400 * attempt}
+            steps.append(("invoice.payment_failed", invoice, previous))
+        end = rng.choice(("paid", "void", "uncollectible", "open"))
+        if end != "open":
+            previous = {"status": "open"}
+            remaining = 0 if end == "paid" else invoice["amount_remaining"]
+            invoice = {**invoice, "status": end, "amount_remaining": remaining, "next_payment_attempt": None}
+            kind = {"paid": "invoice.paid", "void": "invoice.voided", "uncollectible": "invoice.marked_uncollectible"}
+            steps.append((kind[end], invoice, previous))
+    for kind, state, previous in steps:
+        history.events.append(samples.event(kind, state, created=t, previous_attributes=previous))
+        t += 0 if rng.random() < 0.3 else rng.randint(1, 3)
+    history.invoices.append(invoice)
 
 
 def _payment_method_history(rng: random.Random, history: History, start: int) -> None:
@@ -211,6 +244,8 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
             ]
         for method in history.payment_methods:
             stripe.payment_methods[method["id"]] = method
+        for invoice in history.invoices:
+            stripe.invoices[invoice["id"]] = invoice
         if history.deleted:
             stripe.deleted.add(history.customer["id"])
         else:
@@ -265,6 +300,12 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
         methods = dict(
             connection.execute(text("SELECT stripe_payment_method_id, exp_year FROM stripe_payment_methods")).all()
         )
+        invoices = {
+            row[0]: tuple(row[1:])
+            for row in connection.execute(
+                text("SELECT stripe_invoice_id, status, attempt_count, amount_remaining FROM stripe_invoices")
+            )
+        }
         sets = dict(
             connection.execute(
                 text(
@@ -294,6 +335,14 @@ def _model_run(server: Any, engine: Engine, database_url: str) -> None:
             expected = method["card"]["exp_year"] if method["customer"] else None
             if methods.get(method["id"]) != expected:
                 wrong.append((method["id"], expected, methods.get(method["id"])))
+        for invoice in history.invoices:
+            stated = (
+                None
+                if invoice.get("deleted")
+                else (invoice["status"], invoice["attempt_count"], invoice["amount_remaining"])
+            )
+            if invoices.get(invoice["id"]) != stated:
+                wrong.append((invoice["id"], stated, invoices.get(invoice["id"])))
         if history.user_removed:
             # Every event of it applied before its user went; the cascade took the row, and the
             # copies delivered afterwards are duplicates.

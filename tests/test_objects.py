@@ -38,6 +38,7 @@ SAMPLES: dict[str, Callable[[FakeStripe, str], str]] = {
     "subscription": lambda fake, customer: _kept(fake.subscriptions, samples.subscription(customer, status="active")),
     "entitlements": _entitlements,
     "payment_method": lambda fake, customer: _kept(fake.payment_methods, samples.payment_method(customer)),
+    "invoice": lambda fake, customer: _kept(fake.invoices, samples.invoice(customer, lines=13)),
 }
 
 

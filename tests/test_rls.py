@@ -27,6 +27,7 @@ TABLES = (
     "stripe_support_signins",
     "stripe_subscriptions",
     "stripe_payment_methods",
+    "stripe_invoices",
     "stripe_entitlements",
     "stripe_entitlement_sets",
     "stripe_object_tombstones",

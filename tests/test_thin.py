@@ -131,7 +131,7 @@ def test_a_subscription_read_whose_items_end_apart_takes_the_latest_end(
 def test_pings_and_unhandled_thin_types_are_ignored(keyed: FlaskClient, engine: Engine) -> None:
     for notification in (
         samples.thin_event("v2.core.event_destination.ping", None),
-        samples.thin_event("v1.invoice.paid", "in_123"),
+        samples.thin_event("v1.charge.succeeded", "ch_123"),
     ):
         status, answer = _answer(keyed, notification)
         assert (status, answer.get("status")) == (200, "ignored"), answer

@@ -219,6 +219,72 @@ def event(
     }
 
 
+def invoice(
+    customer_id: str,
+    invoice_id: str | None = None,
+    *,
+    subscription_id: str | None = None,
+    status: str = "open",
+    amount: int = 2000,
+    attempt_count: int = 0,
+    lines: int = 1,
+    page: int = 10,
+    new_shape: bool = True,
+) -> dict[str, Any]:
+    """An invoice as Stripe sends it, of the API shape since 2025-03-31 (new_shape: its
+    subscription under parent, a line's price under pricing) or before; `lines` lines, of which
+    the payload holds the first `page` (has_more beyond)."""
+    now = int(time.time())
+    invoice_id = invoice_id or stripe_id("in")
+    made = []
+    for n in range(lines):
+        price_id = f"price_line{n}"
+        line: dict[str, Any] = {
+            "id": f"il_{invoice_id[3:]}{n}",
+            "object": "line_item",
+            "amount": amount // max(lines, 1),
+            "currency": "usd",
+            "quantity": 1,
+            "period": {"start": now - 30 * 86400, "end": now},
+        }
+        if new_shape:
+            line["pricing"] = {"type": "price_details", "price_details": {"price": price_id, "product": "prod_plan"}}
+        else:
+            line["price"] = {"id": price_id, "object": "price", "product": "prod_plan"}
+        made.append(line)
+    paid = status == "paid"
+    found: dict[str, Any] = {
+        "id": invoice_id,
+        "object": "invoice",
+        "customer": customer_id,
+        "status": status,
+        "amount_due": amount,
+        "amount_paid": amount if paid else 0,
+        "amount_remaining": 0 if paid else amount,
+        "currency": "usd",
+        "attempt_count": attempt_count,
+        "next_payment_attempt": now + 3 * 86400 if status == "open" and attempt_count else None,
+        "due_date": None,
+        "billing_reason": "subscription_cycle" if subscription_id else "manual",
+        "hosted_invoice_url": f"https://invoice.stripe.com/i/acct_test/{invoice_id}",
+        "status_transitions": {"paid_at": now if paid else None, "finalized_at": now - 60},
+        "created": now - 3600,
+        "livemode": False,
+        "metadata": {},
+        "lines": {
+            "object": "list",
+            "data": made[:page],
+            "has_more": lines > page,
+            "url": f"/v1/invoices/{invoice_id}/lines",
+        },
+    }
+    if new_shape:
+        found["parent"] = {"type": "subscription_details", "subscription_details": {"subscription": subscription_id}}
+    else:
+        found["subscription"] = subscription_id
+    return found
+
+
 def thin_event(
     event_type: str, related_id: str | None, *, created: float | None = None, context: str | None = None
 ) -> dict[str, Any]:
@@ -230,7 +296,14 @@ def thin_event(
         kind = "subscription"
     elif event_type.startswith("v1.payment_method."):
         kind = "payment_method"
-    path = {"customer": "customers", "subscription": "subscriptions", "payment_method": "payment_methods"}[kind]
+    elif event_type.startswith("v1.invoice."):
+        kind = "invoice"
+    path = {
+        "customer": "customers",
+        "subscription": "subscriptions",
+        "payment_method": "payment_methods",
+        "invoice": "invoices",
+    }[kind]
     notification: dict[str, Any] = {
         "id": stripe_id("evt_test"),
         "object": "v2.core.event",
@@ -274,5 +347,9 @@ def event_of_type(
         return {**made, "api_version": NEW_PERIOD_API}
     if event_type == "entitlements.active_entitlement_summary.updated":
         return event(event_type, entitlement_summary(customer_id, ["pro"]), created=created)
+    if event_type.startswith("invoice.") and event_type != "invoice.upcoming":
+        status = {"invoice.paid": "paid", "invoice.voided": "void", "invoice.created": "draft"}.get(event_type, "open")
+        failed = 1 if event_type == "invoice.payment_failed" else 0
+        return event(event_type, invoice(customer_id, status=status, attempt_count=failed), created=created)
     noun = event_type.rsplit(".", 1)[0]
     return event(event_type, {"id": stripe_id("obj"), "object": noun, "customer": customer_id}, created=created)

@@ -73,6 +73,43 @@ CREATE TABLE IF NOT EXISTS public.stripe_payment_methods (
   payment_method_metadata jsonb NOT NULL DEFAULT '{}'  -- {"sync": {…}} as for customers
 );
 
+-- step: stripe_invoices
+-- A customer's invoices (CONTRACT's payment standing is computed from them, db/access.sql): amounts
+-- in the currency's minor unit, the payment attempts, and lines (per line: price, product, quantity,
+-- amount, period). failing_since: when a payment attempt was first seen failing (the state's time),
+-- action_required: the last payment event asked the customer to authenticate. A deleted draft
+-- leaves, with a tombstone.
+CREATE TABLE IF NOT EXISTS public.stripe_invoices (
+  stripe_invoice_id text PRIMARY KEY CHECK (stripe_invoice_id ~ '^in_[a-zA-Z0-9]+$'),
+  stripe_customer_id text NOT NULL,
+  stripe_subscription_id text,         -- null for a one-off invoice
+  status text NOT NULL CHECK (status IN ('draft', 'open', 'paid', 'uncollectible', 'void')),
+  amount_due bigint,
+  amount_paid bigint,
+  amount_remaining bigint,
+  currency text,
+  attempt_count integer NOT NULL DEFAULT 0,
+  next_payment_attempt timestamptz,
+  due_date timestamptz,
+  paid_at timestamptz,
+  billing_reason text,
+  hosted_invoice_url text,
+  lines jsonb NOT NULL DEFAULT '[]',
+  lines_complete boolean NOT NULL DEFAULT true,
+  failing_since timestamptz,
+  action_required boolean NOT NULL DEFAULT false,
+  invoice_metadata jsonb NOT NULL DEFAULT '{}',  -- {"stripe": metadata, "sync": {…}} as for customers
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- step: a customer's invoices, for the console and reconciliation
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_invoices_customer_idx ON public.stripe_invoices (stripe_customer_id);
+
+-- step: a customer's open invoices, the only ones payment standing reads
+CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_invoices_open_idx
+  ON public.stripe_invoices (stripe_customer_id) WHERE status = 'open';
+
 -- step: one place for every object's sync stamp, <object>_metadata.sync (releases before 2026-12-07
 -- kept the sets' and the payment methods' in a `sync` column, moved at the end of this file)
 DO $$
@@ -98,6 +135,9 @@ SELECT public.stripe_object_triggers('stripe_subscriptions', 'subscription', 'st
 SELECT public.stripe_object_triggers('stripe_entitlement_sets', 'entitlements', 'stripe_customer_id', 'entitlements_metadata');
 SELECT public.stripe_object_triggers('stripe_payment_methods', 'payment_method', 'stripe_payment_method_id',
   'payment_method_metadata');
+SELECT public.stripe_create_trigger('stripe_invoices_touch',
+  'BEFORE UPDATE ON public.stripe_invoices FOR EACH ROW EXECUTE FUNCTION public.stripe_customers_touch()');
+SELECT public.stripe_object_triggers('stripe_invoices', 'invoice', 'stripe_invoice_id', 'invoice_metadata');
 -- A set's entitlements are part of it: audited one by one (they carry no stamp of their own).
 SELECT public.stripe_create_trigger('stripe_entitlements_audited', 'AFTER INSERT OR UPDATE OR DELETE ON '
   'public.stripe_entitlements FOR EACH ROW EXECUTE FUNCTION public.stripe_audit_row(''entitlement'', ''lookup_key'', '''')');
@@ -184,6 +224,46 @@ BEGIN
     exp_year = EXCLUDED.exp_year, payment_method_metadata = EXCLUDED.payment_method_metadata, updated_at = now();
 END $$;
 
+-- An invoice's state (p_change: id, customer, subscription, status, the amounts, attempt_count, the
+-- times as unix seconds, lines, lines_complete, action_required, metadata, note; action delete for
+-- a deleted draft). failing_since keeps the earliest time an open invoice was seen with a failed
+-- attempt; action_required holds until a payment event settles it or the invoice leaves `open`.
+CREATE OR REPLACE FUNCTION public.stripe_apply_invoice(
+  p_change jsonb, p_source text, p_event_id text, p_as_of bigint, p_tie_note text DEFAULT NULL, OUT note text
+) LANGUAGE plpgsql AS $$
+DECLARE
+  v_open boolean := p_change ->> 'status' = 'open';
+BEGIN
+  IF p_change ->> 'action' = 'delete' THEN
+    DELETE FROM public.stripe_invoices WHERE stripe_invoice_id = p_change ->> 'id';
+    RETURN;
+  END IF;
+  INSERT INTO public.stripe_invoices AS i (stripe_invoice_id, stripe_customer_id, stripe_subscription_id, status,
+    amount_due, amount_paid, amount_remaining, currency, attempt_count, next_payment_attempt, due_date, paid_at,
+    billing_reason, hosted_invoice_url, lines, lines_complete, failing_since, action_required, invoice_metadata)
+  VALUES (p_change ->> 'id', p_change ->> 'customer', p_change ->> 'subscription', p_change ->> 'status',
+    (p_change ->> 'amount_due')::bigint, (p_change ->> 'amount_paid')::bigint, (p_change ->> 'amount_remaining')::bigint,
+    p_change ->> 'currency', coalesce((p_change ->> 'attempt_count')::int, 0),
+    to_timestamp((p_change ->> 'next_payment_attempt')::bigint), to_timestamp((p_change ->> 'due_date')::bigint),
+    to_timestamp((p_change ->> 'paid_at')::bigint), p_change ->> 'billing_reason', p_change ->> 'hosted_invoice_url',
+    coalesce(p_change -> 'lines', '[]'), coalesce((p_change ->> 'lines_complete')::boolean, true),
+    CASE WHEN v_open AND (p_change ->> 'attempt_count')::int >= 1 THEN to_timestamp(p_as_of) END,
+    v_open AND coalesce((p_change ->> 'action_required')::boolean, false),
+    jsonb_build_object('stripe', coalesce(p_change -> 'metadata', '{}'), 'sync',
+      public.stripe_sync_stamp(p_source, p_event_id, p_as_of, concat_ws('; ', p_tie_note, p_change ->> 'note'))))
+  ON CONFLICT (stripe_invoice_id) DO UPDATE SET stripe_customer_id = EXCLUDED.stripe_customer_id,
+    stripe_subscription_id = EXCLUDED.stripe_subscription_id, status = EXCLUDED.status,
+    amount_due = EXCLUDED.amount_due, amount_paid = EXCLUDED.amount_paid, amount_remaining = EXCLUDED.amount_remaining,
+    currency = EXCLUDED.currency, attempt_count = EXCLUDED.attempt_count,
+    next_payment_attempt = EXCLUDED.next_payment_attempt, due_date = EXCLUDED.due_date, paid_at = EXCLUDED.paid_at,
+    billing_reason = EXCLUDED.billing_reason, hosted_invoice_url = EXCLUDED.hosted_invoice_url, lines = EXCLUDED.lines,
+    lines_complete = EXCLUDED.lines_complete,
+    failing_since = CASE WHEN EXCLUDED.failing_since IS NOT NULL
+                         THEN least(i.failing_since, EXCLUDED.failing_since) END,
+    action_required = v_open AND coalesce((p_change ->> 'action_required')::boolean, i.action_required),
+    invoice_metadata = EXCLUDED.invoice_metadata, updated_at = now();
+END $$;
+
 -- One change of any declared object, through the one opening: events (stripe_apply_event) and
 -- states read from the Stripe API (backfill, verify --fix, re-sync) both come through here.
 -- status: processed | stale | tie (nothing written: the caller asks Stripe, or calls again with
@@ -214,6 +294,8 @@ BEGIN
       note := public.stripe_apply_entitlements(p_change, p_source, v_open.event_id, v_open.as_of, v_open.tie_note);
     WHEN 'payment_method' THEN
       note := public.stripe_apply_payment_method(p_change, p_source, v_open.event_id, v_open.as_of, v_open.tie_note);
+    WHEN 'invoice' THEN
+      note := public.stripe_apply_invoice(p_change, p_source, v_open.event_id, v_open.as_of, v_open.tie_note);
   END CASE;
 END $$;
 

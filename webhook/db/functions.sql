@@ -403,6 +403,8 @@ BEGIN
   ELSIF p_object = 'payment_method' THEN
     SELECT payment_method_metadata -> 'sync' INTO v_sync FROM public.stripe_payment_methods
     WHERE stripe_payment_method_id = p_id;
+  ELSIF p_object = 'invoice' THEN
+    SELECT invoice_metadata -> 'sync' INTO v_sync FROM public.stripe_invoices WHERE stripe_invoice_id = p_id;
   END IF;
   v_order := public.stripe_order(v_sync, v_gone, as_of, event_id, p_event, p_change ->> 'tie' = 'unsettled');
   verdict := v_order.verdict; tie := v_order.tie; tie_note := v_order.tie_note;

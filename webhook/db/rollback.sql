@@ -31,6 +31,7 @@ DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigi
 DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, text);
+DROP FUNCTION IF EXISTS public.stripe_apply_invoice(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_sync_stamp(text, text, bigint, text);
@@ -39,6 +40,7 @@ DROP FUNCTION IF EXISTS public.stripe_organization_tier(uuid);
 -- with them (the app's organizations keep the tier last written).
 DROP TABLE IF EXISTS public.stripe_subscriptions;
 DROP TABLE IF EXISTS public.stripe_payment_methods;
+DROP TABLE IF EXISTS public.stripe_invoices;
 DROP TABLE IF EXISTS public.stripe_entitlements;
 DROP TABLE IF EXISTS public.stripe_entitlement_sets;
 DROP TABLE IF EXISTS public.stripe_object_tombstones;

@@ -7,11 +7,12 @@ from __future__ import annotations
 from webhook.objects.base import BadCustomerId, BadObjectId, Change, Handler, Reader, StripeObject
 from webhook.objects.customer import CUSTOMER
 from webhook.objects.entitlements import ENTITLEMENTS
+from webhook.objects.invoice import INVOICE
 from webhook.objects.payment_method import PAYMENT_METHOD
 from webhook.objects.subscription import SUBSCRIPTION
 
 # In dependency order: backfill lists customers first, and the objects of customers after.
-OBJECTS: tuple[StripeObject, ...] = (CUSTOMER, SUBSCRIPTION, ENTITLEMENTS, PAYMENT_METHOD)
+OBJECTS: tuple[StripeObject, ...] = (CUSTOMER, SUBSCRIPTION, ENTITLEMENTS, PAYMENT_METHOD, INVOICE)
 BY_NAME: dict[str, StripeObject] = {declared.name: declared for declared in OBJECTS}
 
 # Every snapshot event type a declared object handles; any other type is logged as ignored.
