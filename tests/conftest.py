@@ -144,7 +144,7 @@ _TRUNCATE = (
     "public.stripe_customers_audit, public.stripe_support_sessions, public.stripe_support_signins, "
     "public.stripe_subscriptions, public.stripe_payment_methods, public.stripe_entitlements, "
     "public.stripe_entitlement_sets, public.stripe_thin_waiting, public.stripe_api_budget, "
-    "public.stripe_object_tombstones, public.stripe_invoices, "
+    "public.stripe_object_tombstones, public.stripe_invoices, public.stripe_settings, "
     "public.organizations, auth.users CASCADE"
 )
 

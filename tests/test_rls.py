@@ -28,6 +28,7 @@ TABLES = (
     "stripe_subscriptions",
     "stripe_payment_methods",
     "stripe_invoices",
+    "stripe_settings",
     "stripe_entitlements",
     "stripe_entitlement_sets",
     "stripe_object_tombstones",

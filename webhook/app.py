@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from webhook import console, metrics, thin_queue
+from webhook import console, metrics, objects_store, thin_queue
 from webhook.config import Settings, load_settings
 from webhook.database import make_engine, schema_ready, side_engine
 from webhook.logs import configure_logging, log
@@ -82,13 +82,15 @@ def _answer(code: int, /, **body: Any) -> tuple[Response, int]:
     return jsonify(body), code
 
 
-def _check_database(engine: Engine) -> None:
+def _check_database(engine: Engine, settings: Settings) -> None:
     """Say at start when the database cannot be reached (the server still starts and answers 503
-    until it can: Stripe retries)."""
+    until it can: Stripe retries); when it can, write the settings SQL reads (STRIPE_PAST_DUE_GRACE)."""
     try:
         with engine.connect() as connection:
             if not schema_ready(connection):
                 log(logging.ERROR, "schema not applied: run `python -m webhook db migrate`")
+            else:
+                objects_store.write_settings(connection, settings.past_due_grace)
     except SQLAlchemyError as error:
         unavailable(engine, error, "connect")
 
@@ -110,7 +112,7 @@ def create_app(
     url = engine.url.render_as_string(hide_password=False)
     side = side_engine(url, settings.free_tier)
     configure_logging()
-    _check_database(engine)
+    _check_database(engine, settings)
     if read_thin and settings.stripe_api_key is not None:
         thin_queue.start(make_engine(url, thin_queue.POOL_SIZE, free_tier=settings.free_tier), settings)
 

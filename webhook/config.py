@@ -62,6 +62,7 @@ class Settings:
     tier_metadata_key: str = "tier"
     org_id_metadata_key: str = "organization_id"
     free_tier: str = "free"  # an organization's subscription_tier without an active or trialing subscription
+    past_due_grace: int | None = None  # seconds a failing payment keeps access; None: as Stripe's entitlements say
 
     @property
     def keys(self) -> Keys:
@@ -97,13 +98,20 @@ def _number(
 
 MAX_DURATION = 100 * 365 * 86400  # beyond it, Postgres' interval arithmetic overflows
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_WORDS = {"second": "s", "minute": "m", "hour": "h", "day": "d", "week": "w"}
+_SPELLED = re.compile(r"(\d+)\s*(second|minute|hour|day|week)s?")
 
 
 def parse_duration(text: str) -> int:
-    """'90s', '30m', '24h', '7d' (or '0') as seconds; ValueError says what is wrong."""
+    """'90s', '30m', '24h', '7d', or spelled out ('7 days', '72 hours', '1 week'), or '0', as
+    seconds; ValueError says what is wrong."""
     text = text.strip()
     if text == "0":
         return 0
+    spelled = _SPELLED.fullmatch(text.lower())
+    if spelled:
+        number, word = int(spelled[1]), _WORDS[spelled[2]]
+        text = f"{number * 7}d" if word == "w" else f"{number}{word}"
     if len(text) < 2 or text[-1] not in _UNITS or not text[:-1].isdigit():
         raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d")
     seconds = int(text[:-1]) * _UNITS[text[-1]]
@@ -183,6 +191,14 @@ def free_tier(env: Mapping[str, str]) -> str:
     return tier
 
 
+def past_due_grace(env: Mapping[str, str]) -> int | None:
+    """STRIPE_PAST_DUE_GRACE: unset, access is what Stripe's entitlements say; set, how long a
+    failing payment keeps it (0: not at all)."""
+    if not env.get("STRIPE_PAST_DUE_GRACE", "").strip():
+        return None
+    return _number(env, "STRIPE_PAST_DUE_GRACE", 0, parse=parse_duration)
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, make_secret: bool = True) -> Settings:
     """The environment as Settings. make_secret=False (`send`): in embedded mode, no secret is
     generated here when none is kept: webhook_secrets is then empty, and the caller looks further."""
@@ -239,4 +255,5 @@ def load_settings(env: Mapping[str, str] | None = None, *, make_secret: bool = T
         tier_metadata_key=env.get("STRIPE_TIER_METADATA_KEY", "").strip() or "tier",
         org_id_metadata_key=env.get("STRIPE_ORG_ID_METADATA_KEY", "").strip() or "organization_id",
         free_tier=free_tier(env),
+        past_due_grace=past_due_grace(env),
     )

@@ -90,3 +90,22 @@ def user(connection: Connection, user_id: str) -> dict[str, Any] | None:
     """The auth.users row (id, email), if there is one."""
     row = connection.execute(text("SELECT id, email FROM auth.users WHERE id = :id"), {"id": user_id}).first()
     return None if row is None else dict(row._mapping)
+
+
+_SETTINGS = text(
+    """
+    WITH wanted (name, value) AS (VALUES ('past_due_grace', CAST(:grace AS text))),
+    cleared AS (DELETE FROM public.stripe_settings s USING wanted w WHERE s.name = w.name AND w.value IS NULL)
+    INSERT INTO public.stripe_settings AS s (name, value)
+    SELECT name, value FROM wanted WHERE value IS NOT NULL
+    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+      WHERE s.value IS DISTINCT FROM EXCLUDED.value
+    """
+)
+
+
+def write_settings(connection: Connection, grace_seconds: int | None) -> None:
+    """The settings SQL reads (db/access.sql's stripe_settings): STRIPE_PAST_DUE_GRACE, or none.
+    One statement, written again at each migrate and each start."""
+    connection.execute(_SETTINGS, {"grace": None if grace_seconds is None else str(grace_seconds)})
+    connection.commit()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import stripe
 
-from webhook import embedded, migrations, samples
+from webhook import embedded, migrations, objects_store, samples
 from webhook.cli.common import EXIT_FAILURES, EXIT_OK, Commands, UsageError, engine_for
 from webhook.config import DATA_DIR, Settings
 from webhook.database import make_engine
@@ -104,11 +104,14 @@ def cmd_db_migrate(settings: Settings, args: argparse.Namespace) -> int:
             print(f"error: {failure}; nothing migrated", file=sys.stderr)
             return EXIT_FAILURES
         print(f"schema backed up to {target}")
+    engine = make_engine(database_url, pool_size=1)
     try:
-        applied = migrations.migrate(make_engine(database_url, pool_size=1), shim=args.shim)
+        applied = migrations.migrate(engine, shim=args.shim)
     except migrations.MigrationFailed as failure:
         print(f"error: {failure}; the steps before it are applied, run db migrate again", file=sys.stderr)
         return EXIT_FAILURES
+    with engine.connect() as connection:
+        objects_store.write_settings(connection, settings.past_due_grace)
     print("applied " + ", ".join(path.name for path in applied))
     return EXIT_OK
 

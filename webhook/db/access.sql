@@ -6,6 +6,39 @@
 -- write nothing and call nothing but stripe_has_access(feature); the service role (BYPASSRLS) and
 -- the consumer's own role do everything.
 
+-- step: stripe_settings
+-- The settings the functions below read (STRIPE_PAST_DUE_GRACE as 'past_due_grace', in seconds),
+-- written by each `db migrate` and each start of the app, an unset variable deleting its row: a
+-- table, not a session variable, which a transaction-mode pooler would lose, and one index lookup
+-- per call, not a SET per statement.
+CREATE TABLE IF NOT EXISTS public.stripe_settings (
+  name text PRIMARY KEY,
+  value text NOT NULL,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- step: payment standing
+-- Whether a customer's access path is cut under a grace (CONTRACT's payment standing): unpaid (a
+-- subscription `unpaid`, or an invoice marked uncollectible whose subscription is neither canceled
+-- nor incomplete_expired), or an open invoice failing to be paid (a failed attempt, or its due
+-- date passed) for longer than the grace. Index lookups by customer; the open invoices through
+-- their partial index. Called by stripe_has_access, which runs as its owner; the API roles may
+-- not call it. stripe_user_billing writes the same rules out (a view's functions are called with
+-- the caller's rights).
+CREATE OR REPLACE FUNCTION public.stripe_access_cut(p_customer text, p_grace interval) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+  SELECT EXISTS (SELECT 1 FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = p_customer
+                 AND s.status = 'unpaid')
+    OR EXISTS (SELECT 1 FROM public.stripe_invoices i JOIN public.stripe_subscriptions s
+                 ON s.stripe_subscription_id = i.stripe_subscription_id
+               WHERE i.stripe_customer_id = p_customer AND i.status = 'uncollectible'
+                 AND s.status NOT IN ('canceled', 'incomplete_expired'))
+    OR EXISTS (SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_customer_id = p_customer AND i.status = 'open'
+                 AND i.amount_remaining > 0
+                 AND least(CASE WHEN i.attempt_count >= 1 THEN i.failing_since END,
+                           CASE WHEN i.due_date < now() THEN i.due_date END) + p_grace < now())
+$$;
+
 -- step: access
 -- Does this user have access to a feature? An active entitlement of their own customer, or of the
 -- customer of an organization they are a member of (public.organization_members, when the app has
@@ -23,19 +56,24 @@ DECLARE
     SELECT EXISTS (
       SELECT 1 FROM public.stripe_customers c
       JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
-      WHERE c.user_id = %1$s AND e.lookup_key = p_feature)$body$;
+      WHERE c.user_id = %1$s AND e.lookup_key = p_feature
+        AND (v_grace IS NULL OR NOT public.stripe_access_cut(c.stripe_customer_id, v_grace)))$body$;
   v_through_members text := $members$
     OR EXISTS (
       SELECT 1 FROM public.organization_members m
       JOIN public.stripe_customers c ON c.organization_id = m.organization_id
       JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
-      WHERE m.user_id = %1$s AND e.lookup_key = p_feature)$members$;
+      WHERE m.user_id = %1$s AND e.lookup_key = p_feature
+        AND (v_grace IS NULL OR NOT public.stripe_access_cut(c.stripe_customer_id, v_grace)))$members$;
   -- The view's part that reads organization_members.
   v_member_of text := $members$
         UNION ALL
         SELECT c.stripe_customer_id, c.organization_id, false FROM public.organization_members m
         JOIN public.stripe_customers c ON c.organization_id = m.organization_id WHERE m.user_id = u.user_id$members$;
-  v_version text := 'stripe_user_billing 5' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
+  v_version text := 'stripe_user_billing 6' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
+  -- STRIPE_PAST_DUE_GRACE, read once per call; unset (no row) cuts nothing.
+  v_grace text := $grace$DECLARE v_grace interval := (SELECT make_interval(secs => s.value::double precision)
+    FROM public.stripe_settings s WHERE s.name = 'past_due_grace'); $grace$;
 BEGIN
   IF NOT v_orgs THEN
     v_through_members := ''; v_member_of := '';
@@ -45,10 +83,10 @@ BEGIN
   -- plpgsql keeps its plans for the session, which a pooled connection keeps.
   EXECUTE format('CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text) RETURNS boolean '
     'LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = %L AS %L', '',
-    format('BEGIN RETURN (' || v_has_access || v_through_members || '); END', 'auth.uid()'));
+    format(v_grace || 'BEGIN RETURN (' || v_has_access || v_through_members || '); END', 'auth.uid()'));
   EXECUTE format('CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text, p_user_id uuid) RETURNS boolean '
     'LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = %L AS %L', '',
-    format('BEGIN RETURN (' || v_has_access || v_through_members || '); END', 'p_user_id'));
+    format(v_grace || 'BEGIN RETURN (' || v_has_access || v_through_members || '); END', 'p_user_id'));
 
   -- stripe_user_billing: one row per user who has a customer or belongs to an organization that
   -- has one: the best subscription among all those customers' (active > trialing > past_due >
@@ -75,7 +113,25 @@ BEGIN
                (SELECT x.i ->> 'lookup_key' FROM jsonb_array_elements(best.items) WITH ORDINALITY AS x (i, n)
                 WHERE x.i ->> 'lookup_key' IS NOT NULL ORDER BY x.n LIMIT 1)) AS tier,
       coalesce((SELECT array_agg(DISTINCT e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
-                WHERE e.stripe_customer_id = ANY (b.customers)), '{}') AS entitlements
+                WHERE e.stripe_customer_id = ANY (b.customers)), '{}') AS entitlements,
+      -- Payment standing over all their customers, the worst first (stripe_access_cut's rules).
+      CASE WHEN EXISTS (SELECT 1 FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = ANY (b.customers)
+                        AND s.status = 'unpaid')
+             OR EXISTS (SELECT 1 FROM public.stripe_invoices i JOIN public.stripe_subscriptions s
+                          ON s.stripe_subscription_id = i.stripe_subscription_id
+                        WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'uncollectible'
+                          AND s.status NOT IN ('canceled', 'incomplete_expired')) THEN 'unpaid'
+           WHEN EXISTS (SELECT 1 FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = ANY (b.customers)
+                        AND s.status = 'past_due') THEN 'past_due'
+           WHEN EXISTS (SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_customer_id = ANY (b.customers)
+                        AND i.status = 'open' AND i.attempt_count >= 1 AND NOT i.action_required) THEN 'failing'
+           WHEN EXISTS (SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_customer_id = ANY (b.customers)
+                        AND i.status = 'open' AND i.action_required) THEN 'action_required'
+           ELSE 'ok' END AS payment_state,
+      overdue.since AS payment_failing_since, coalesce(owed.amount, 0) AS amount_overdue,
+      owed.currency AS overdue_currency, overdue.pay_url,
+      overdue.since + (SELECT make_interval(secs => g.value::double precision) FROM public.stripe_settings g
+                       WHERE g.name = 'past_due_grace') AS grace_ends_at
     FROM (
       SELECT auth.uid() AS user_id WHERE current_user IN ('anon', 'authenticated')
       UNION ALL
@@ -103,6 +159,21 @@ BEGIN
                                     'incomplete_expired'], s.status), s.current_period_end DESC NULLS LAST,
                array_position(b.customers, s.stripe_customer_id)
       LIMIT 1) AS best ON true
+    LEFT JOIN LATERAL (
+      -- Their open invoices that failed a payment attempt or passed their due date: since when
+      -- (the earliest), and where to pay the oldest.
+      SELECT o.since, o.hosted_invoice_url AS pay_url FROM (
+        SELECT least(CASE WHEN i.attempt_count >= 1 THEN i.failing_since END,
+                     CASE WHEN i.due_date < now() THEN i.due_date END) AS since, i.hosted_invoice_url
+        FROM public.stripe_invoices i
+        WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'open' AND i.amount_remaining > 0) AS o
+      WHERE o.since IS NOT NULL ORDER BY o.since LIMIT 1) AS overdue ON true
+    LEFT JOIN LATERAL (
+      -- What they owe on those, in the currency with the largest sum (minor units).
+      SELECT i.currency, sum(i.amount_remaining) AS amount FROM public.stripe_invoices i
+      WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'open' AND i.amount_remaining > 0
+        AND ((i.attempt_count >= 1 AND i.failing_since IS NOT NULL) OR i.due_date < now())
+      GROUP BY i.currency ORDER BY sum(i.amount_remaining) DESC, i.currency LIMIT 1) AS owed ON true
     WHERE b.customers IS NOT NULL
     $view$, v_member_of);
     EXECUTE format('COMMENT ON VIEW public.stripe_user_billing IS %L', v_version);

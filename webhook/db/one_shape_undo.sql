@@ -51,3 +51,6 @@ WHERE payment_method_metadata ? 'sync' AND sync IS DISTINCT FROM payment_method_
 SELECT public.stripe_drop_trigger(tab, tab || suffix)
 FROM unnest(ARRAY['stripe_customers', 'stripe_subscriptions', 'stripe_entitlement_sets', 'stripe_payment_methods',
                   'stripe_entitlements']) AS tab, unnest(ARRAY['_audited', '_buried']) AS suffix;
+
+-- step: the view, which grew columns the previous release's cannot drop: its migrate makes its own
+DROP VIEW IF EXISTS public.stripe_user_billing;

@@ -55,6 +55,8 @@ DROP TABLE IF EXISTS public.stripe_customer_tombstones;
 DROP TABLE IF EXISTS public.stripe_customer_claims;
 DROP TABLE IF EXISTS public.stripe_organization_claims;
 DROP TABLE IF EXISTS public.stripe_sync_cursors;
+DROP TABLE IF EXISTS public.stripe_settings;
+DROP FUNCTION IF EXISTS public.stripe_access_cut(text, interval);
 DROP TABLE IF EXISTS public.stripe_support_sessions;
 DROP TABLE IF EXISTS public.stripe_support_signins;
 DROP FUNCTION IF EXISTS public.stripe_customers_audit_row();
