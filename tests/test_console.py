@@ -410,3 +410,29 @@ def test_thin_notifications_show_on_their_customers_page_waiting_or_failed(datab
     assert re.search(rf"{waiting['id']}.*?badge waiting", page, re.S)
     assert re.search(rf"{failed['id']}.*?badge failed.*?need STRIPE_API_KEY", page, re.S)
     assert "Stripe metadata" not in page  # created with {}: nothing changed from nothing
+
+
+def test_the_pages_list_invoices_and_say_when_access_is_at_risk(database_url: str, engine: Engine) -> None:
+    from datetime import UTC, datetime
+
+    app = create_app(settings_for(database_url, SUPPORT_USERS=USERS, STRIPE_PAST_DUE_GRACE="7 days"), engine)
+    console = app.test_client()
+    user_id = add_user(engine)
+    customer = samples.customer(metadata={"user_id": user_id})
+    assert deliver(console, samples.event("customer.created", customer, created=now() - 100)).status_code == 200
+    failed_at = now() - 2 * 86400
+    invoice = samples.invoice(customer["id"], subscription_id="sub_Risk", attempt_count=3, amount=1999)
+    assert deliver(console, samples.event("invoice.payment_failed", invoice, created=failed_at)).status_code == 200
+    paid = samples.invoice(customer["id"], status="paid", amount=1999)
+    assert deliver(console, samples.event("invoice.paid", paid, created=now() - 50 * 86400)).status_code == 200
+    assert sign_in(console) == 302
+    html = console.get(f"/support/customers/{customer['id']}").get_data(as_text=True)
+    words = re.sub(r"\s+", " ", html.split('id="access"', 1)[1].split("</div>", 1)[0])
+    day = lambda stamp: datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d")  # noqa: E731
+    next_try = day(invoice["next_payment_attempt"])
+    assert f"payment failing since {day(failed_at)} (3 attempts, next {next_try})" in words
+    assert f"access ends {day(failed_at + 7 * 86400)} under a 7-day grace" in words
+    listed = re.sub(r"\s+", " ", html.split('id="invoices"', 1)[1].split("</table>", 1)[0])
+    assert f"<code>{invoice['id']}</code>" in listed and f"<code>{paid['id']}</code>" in listed
+    assert listed.index(invoice["id"]) < listed.index(paid["id"])  # the open one first
+    assert "19.99 USD" in listed and invoice["hosted_invoice_url"] in listed

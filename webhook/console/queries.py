@@ -157,6 +157,17 @@ def entitlements_of(engine: Engine, customer_id: str) -> tuple[list[str], dict[s
     return [str(row["lookup_key"]) for row in keys], found
 
 
+def invoices_of(engine: Engine, customer_id: str) -> list[dict[str, Any]]:
+    """The customer's open invoices, then the most recent others (by its index on the customer)."""
+    return _all(
+        engine,
+        "SELECT stripe_invoice_id, status, amount_due, amount_remaining, currency, attempt_count, "
+        "next_payment_attempt, hosted_invoice_url, failing_since, due_date, action_required FROM stripe_invoices "
+        "WHERE stripe_customer_id = :id ORDER BY status = 'open' DESC, created_at DESC LIMIT 20",
+        id=customer_id,
+    )
+
+
 def payment_methods_of(engine: Engine, customer_id: str) -> list[dict[str, Any]]:
     return _all(
         engine,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from webhook.objects.customer import CUSTOMER
@@ -96,6 +96,37 @@ def access_of(
     if not entitlements:
         return State("No access: no active entitlements", plan, True)
     return State(f"Access to: {', '.join(entitlements)}", plan, False)
+
+
+def with_standing(state: State, invoices: list[dict[str, Any]], grace_seconds: int | None) -> State:
+    """The access state, with what its open invoices say of it in words: a payment failing (since
+    when, how many attempts, the next one) and, under STRIPE_PAST_DUE_GRACE, when access ends or
+    ended; or a payment waiting for the customer's authentication."""
+    open_ones = [invoice for invoice in invoices if invoice["status"] == "open"]
+    failing = sorted(
+        (invoice for invoice in open_ones if invoice["failing_since"] and invoice["attempt_count"]),
+        key=lambda invoice: invoice["failing_since"],
+    )
+    words = []
+    if failing:
+        first = failing[0]
+        next_try = f", next {_day(first['next_payment_attempt'])}" if first["next_payment_attempt"] else ""
+        since, attempts = _day(first["failing_since"]), first["attempt_count"]
+        words.append(f"payment failing since {since} ({attempts} attempts{next_try})")
+        if grace_seconds is not None:
+            ends = first["failing_since"] + timedelta(seconds=grace_seconds)
+            verb = "ended" if ends <= datetime.now(ends.tzinfo) else "ends"
+            words.append(f"access {verb} {_day(ends)} under a {_span(grace_seconds)} grace")
+    if any(invoice["action_required"] for invoice in open_ones):
+        words.append("a payment waits for the customer's authentication")
+    if not words:
+        return state
+    return State(state.headline, "; ".join(filter(None, [state.note, *words])), True)
+
+
+def _span(seconds: int) -> str:
+    days, rest = divmod(seconds, 86400)
+    return f"{days}-day" if not rest else f"{seconds // 3600}-hour" if not seconds % 3600 else f"{seconds}-second"
 
 
 def dashboard_url(customer_id: str, livemode: bool) -> str:

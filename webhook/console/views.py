@@ -16,7 +16,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from webhook import stripe_api
 from webhook.config import Settings
 from webhook.console import auth, queries
-from webhook.console.timeline import State, access_of, dashboard_url, state_of, timeline
+from webhook.console.timeline import State, access_of, dashboard_url, state_of, timeline, with_standing
 from webhook.objects.customer import CUSTOMER
 from webhook.reconcile import FixRefused, resync
 from webhook.replay import replay_stored
@@ -134,13 +134,17 @@ def user(user_id: uuid.UUID) -> Page:
     )
 
 
-def _access(customer_id: str, row: dict[str, Any] | None = None) -> tuple[State, list[dict[str, Any]], list[str]]:
-    """Whether a customer gives access, and if not why; with its subscriptions and entitlements."""
+def _access(
+    customer_id: str, row: dict[str, Any] | None = None
+) -> tuple[State, list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """Whether a customer gives access, and if not why; with its subscriptions, entitlements and invoices."""
     row = row if row is not None else queries.customer(_engine(), customer_id)
     subscriptions = queries.subscriptions_of(_engine(), customer_id)
     entitlements, entitlement_set = queries.entitlements_of(_engine(), customer_id)
-    has_key = _settings().stripe_api_key is not None
-    return access_of(row, subscriptions, entitlements, entitlement_set, has_key), subscriptions, entitlements
+    invoices = queries.invoices_of(_engine(), customer_id)
+    settings = _settings()
+    state = access_of(row, subscriptions, entitlements, entitlement_set, settings.stripe_api_key is not None)
+    return with_standing(state, invoices, settings.past_due_grace), subscriptions, entitlements, invoices
 
 
 @bp.get("/customers/<customer_id>")
@@ -153,7 +157,7 @@ def customer(customer_id: str) -> Page:
     billed = row["organization_id"] if row else None
     organization = queries.organization(_engine(), str(billed)) if billed else None
     tombstone = queries.tombstone(_engine(), customer_id)
-    access, subscriptions, entitlements = _access(customer_id, row)
+    access, subscriptions, entitlements, invoices = _access(customer_id, row)
     livemode = bool(events[0]["livemode"]) if events else "_live_" in (_settings().stripe_api_key or "")
     return render_template(
         "console/customer.html",
@@ -170,6 +174,7 @@ def customer(customer_id: str) -> Page:
         subscriptions=subscriptions,
         entitlements=entitlements,
         payment_methods=queries.payment_methods_of(_engine(), customer_id),
+        invoices=invoices,
         access=access,
     )
 
