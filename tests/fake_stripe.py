@@ -133,7 +133,12 @@ class FakeStripe:
             return _error(404, "invalid_request_error", f"No such invoice: '{bill[1]}'", "resource_missing")
         if path == "/v1/invoices" and method == "GET":
             wanted = {key: params[key] for key in ("customer", "status") if key in params}
-            chosen = [i for i in self.invoices.values() if all(i.get(key) == value for key, value in wanted.items())]
+            since = int(params.get("created[gte]", 0))
+            chosen = [
+                i
+                for i in self.invoices.values()
+                if all(i.get(key) == value for key, value in wanted.items()) and i.get("created", 0) >= since
+            ]
             return 200, self._page(chosen, params, "/v1/invoices")
         thin = re.fullmatch(r"/v2/core/events/(\w+)", path)
         if thin and thin[1] in self.v2_events:

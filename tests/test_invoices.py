@@ -5,6 +5,7 @@ for every object, and what the payment standing is computed from (failing_since,
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -162,3 +163,14 @@ def test_backfill_and_verify_cover_open_invoices(engine: Engine, database_url: s
         assert f"drift invoice {invoice['id']}: changed (status, amount_remaining" in paid.stdout
         assert cli("verify", "--fix", **env).returncode == 0
         assert _invoice(engine, invoice["id"])["status"] == "paid"  # type: ignore[index]
+
+        # Open invoices only, by default; every one since a day with --invoices-since.
+        old = {**samples.invoice(customer["id"], status="paid"), "created": now() - 40 * 86400}
+        older = {**samples.invoice(customer["id"], status="paid"), "created": now() - 400 * 86400}
+        fake.invoices.update({old["id"]: old, older["id"]: older})
+        assert cli("backfill", **env).returncode == 0 and _invoice(engine, old["id"]) is None
+        since = time.strftime("%Y-%m-%d", time.gmtime(now() - 100 * 86400))
+        assert cli("backfill", "--invoices-since", since, **env).returncode == 0
+        assert _invoice(engine, old["id"]) is not None and _invoice(engine, older["id"]) is None
+        refused = cli("backfill", "--invoices-since", "last week", **env)
+        assert refused.returncode == 2 and "is not a day like" in refused.stderr

@@ -55,11 +55,13 @@ def backfill(
     keys: Keys,
     progress: Callable[[int], None] = lambda done: None,
     from_start: bool = False,
+    since: dict[str, int] | None = None,
 ) -> Backfill:
     """Upsert every object Stripe has with sync.source 'backfill'. The state read from the API is
     as of the run's start, so any row an event set after that start is left as it is. When a
     listing fails for good (after the client's retries), what was already read is written and the
-    cursor kept; the error is in the result."""
+    cursor kept; the error is in the result. since: for an object named in it, every one created
+    since that unix time rather than its listing's default (invoices: the open ones)."""
     as_of = int(time.time())
     reader = stripe_api.reader(client)
     run = Backfill()
@@ -70,7 +72,8 @@ def backfill(
             run.resumed_after = after
         outcomes = run.outcomes[declared.name] = Counter()
         try:
-            for batch in _batches(_listing(engine, reader, declared, keys, after)):
+            listing = _listing(engine, reader, declared, keys, after, (since or {}).get(declared.name))
+            for batch in _batches(listing):
                 outcomes.update(
                     objects_store.apply_states(engine, [c.as_json() for c, _ in batch], Source.BACKFILL, as_of)
                 )
@@ -87,11 +90,12 @@ def backfill(
 
 
 def _listing(
-    engine: Engine, reader: Reader, declared: StripeObject, keys: Keys, after: str | None
+    engine: Engine, reader: Reader, declared: StripeObject, keys: Keys, after: str | None, since: int | None
 ) -> Iterator[tuple[Change, str]]:
     """The object's changes, each with where a resumed run starts after it."""
+    extra = {} if since is None else {"since": since}
     if declared.scope == "account":
-        for change in declared.listing(reader, keys, after):
+        for change in declared.listing(reader, keys, after, **extra):
             yield change, change.id
         return
     for customer in objects_store.customers_with_objects(engine):
@@ -99,7 +103,7 @@ def _listing(
             continue
         # A customer's list whole before any of it is written: the cursor then never points past
         # a customer read only in part.
-        for change in list(declared.listing(reader, customer, keys)):
+        for change in list(declared.listing(reader, customer, keys, **extra)):
             yield change, customer
 
 

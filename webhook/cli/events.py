@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 
 import stripe
 from sqlalchemy import Engine
@@ -45,11 +46,17 @@ def add_commands(commands: Commands) -> None:
 
     backfill_parser = commands.add_parser(
         "backfill",
-        help="upsert every Stripe customer, then subscriptions, payment methods and entitlements "
+        help="upsert every Stripe customer, then subscriptions, entitlements, payment methods and open invoices "
         "(never over a newer event; resumes a stopped run)",
     )
     backfill_parser.add_argument(
         "--from-start", action="store_true", help="ignore where a stopped run got to and list every customer again"
+    )
+    backfill_parser.add_argument(
+        "--invoices-since",
+        type=_day,
+        metavar="YYYY-MM-DD",
+        help="every invoice created since that day (UTC), not only the open ones",
     )
     backfill_parser.set_defaults(run=cmd_backfill)
 
@@ -104,11 +111,20 @@ def _budgeted(settings: Settings) -> tuple[Engine, stripe.StripeClient]:
     return engine, stripe_api.make_client(settings, budget.shared(engine, settings.stripe_api_rate))
 
 
+def _day(text: str) -> int:
+    """A YYYY-MM-DD day as the unix time of its start (UTC)."""
+    try:
+        return int(datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-01") from None
+
+
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     engine, client = _budgeted(settings)
     started = time.monotonic()
     with progress_bar("backfill", "customers") as update:
-        run = backfill(engine, client, settings.keys, update, args.from_start)
+        since = {"invoice": args.invoices_since} if args.invoices_since is not None else {}
+        run = backfill(engine, client, settings.keys, update, args.from_start, since)
     print(f"{run.summary()} in {time.monotonic() - started:.1f}s")
     if run.failed is not None:
         where = f"after {run.stopped_after}" if run.stopped_after else "where this one started"

@@ -133,9 +133,10 @@ def read(reader: Reader, stripe_id: str, keys: Keys) -> InvoiceChange:
     return replace(change, as_of=clock)
 
 
-def list_of(reader: Reader, customer: str, keys: Keys) -> Iterator[InvoiceChange]:
-    """The customer's open invoices, each with every line."""
-    for found in listed(reader, "/v1/invoices", {"customer": customer, "status": "open"}):
+def list_of(reader: Reader, customer: str, keys: Keys, since: int | None = None) -> Iterator[InvoiceChange]:
+    """The customer's open invoices, or with `since` every one created since then; each with every line."""
+    query = {"customer": customer, **({"created": {"gte": since}} if since is not None else {"status": "open"})}
+    for found in listed(reader, "/v1/invoices", query):
         change = state(found, keys)
         yield change if change.complete else read(reader, change.id, keys)
 
