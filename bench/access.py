@@ -1,14 +1,16 @@
 """Access at size (figures, not assertions): `python -m bench.access`.
 
 Fills a fresh embedded Postgres (or DATABASE_URL's, which it truncates) by SQL with 1,000,000 users
-and customers, 2,000,000 subscriptions (an active and a canceled one each) and 5,000,000 active
-entitlements (five each), and 100,000 organizations of 10 members each (every user a member of
+and customers, 2,000,000 subscriptions (an active and a canceled one each), 5,000,000 active
+entitlements (five each), 12,000,000 invoices (a year of monthly ones each, 2% open, half of those
+failing for three days), and 100,000 organizations of 10 members each (every user a member of
 one), each billed by one of the customers, whose entitlements add `team_feature`; then times, for
 random users:
 - `stripe_has_access(feature)` as the signed-in user (a transaction as PostgREST opens it): a
   feature of their own customer's, one that only their organization's customer has (the members'
   branch), and one nobody has (both branches, then false); and the user's row of
-  `stripe_user_billing`: the query alone, on one connection;
+  `stripe_user_billing`: the query alone, on one connection; then the same with
+  STRIPE_PAST_DUE_GRACE set (7 days, in stripe_settings);
 - the support console's customer page (the in-process app, signed in);
 and, on a small database beside it, the database CPU of a subscription event against a customer
 event through the consumer's own statement (one event a statement, alternating batches).
@@ -56,7 +58,22 @@ BILLING_FILL = [
         "SELECT 'cus_' || n, true, '{}' FROM generate_series(1, :customers) AS n",
     ),
 ]
-BILLING_TABLES = ("stripe_subscriptions", "stripe_entitlements", "stripe_entitlement_sets")
+BILLING_TABLES = ("stripe_subscriptions", "stripe_entitlements", "stripe_entitlement_sets", "stripe_invoices")
+# A year of monthly invoices per customer, 2% of them open, half of those failing for 3 days.
+INVOICE_FILL = (
+    "invoices",
+    "INSERT INTO stripe_invoices (stripe_invoice_id, stripe_customer_id, stripe_subscription_id, status, amount_due, "
+    "amount_paid, amount_remaining, currency, attempt_count, failing_since, hosted_invoice_url, lines, "
+    "invoice_metadata) SELECT 'in_' || n || 'm' || m, 'cus_' || n, 'sub_' || n || 'a', "
+    "CASE WHEN (n * 12 + m) % 50 = 0 THEN 'open' ELSE 'paid' END, 2900, "
+    "CASE WHEN (n * 12 + m) % 50 = 0 THEN 0 ELSE 2900 END, CASE WHEN (n * 12 + m) % 50 = 0 THEN 2900 ELSE 0 END, "
+    "'usd', CASE WHEN (n * 12 + m) % 100 = 0 THEN 2 ELSE 0 END, "
+    "CASE WHEN (n * 12 + m) % 100 = 0 THEN now() - interval '3 days' END, "
+    "'https://invoice.stripe.com/i/' || n || 'm' || m, "
+    "jsonb_build_array(jsonb_build_object('price', 'price_pro', 'quantity', 1, 'amount', 2900)), '{}' "
+    "FROM generate_series(1, :customers) AS n, generate_series(1, 12) AS m",
+)
+GRACE = "INSERT INTO stripe_settings (name, value) VALUES ('past_due_grace', '604800')"  # 7 days
 # Organization n has members 10(n-1)+1 … 10n and is billed by customer n (who is also user n's).
 ORGANIZATION_FILL = [
     (
@@ -84,12 +101,12 @@ ORGANIZATION_FILL = [
 ]
 
 
-def fill(engine: Engine, customers: int, organizations: int) -> None:
+def fill(engine: Engine, customers: int, organizations: int, invoices: bool = True) -> None:
     with engine.connect() as connection:
         connection.execute(
             text(
                 "TRUNCATE stripe_customers, stripe_webhook_events, stripe_customers_audit, stripe_subscriptions, "
-                "stripe_entitlements, stripe_entitlement_sets, public.organizations, "
+                "stripe_entitlements, stripe_entitlement_sets, stripe_invoices, stripe_settings, public.organizations, "
                 "auth.users CASCADE"
             )
         )
@@ -97,6 +114,7 @@ def fill(engine: Engine, customers: int, organizations: int) -> None:
             connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))  # no audit rows for the fill
         try:
             steps = [step for step in FILL if step[0] in ("users", "customers")] + BILLING_FILL + ORGANIZATION_FILL
+            steps += [INVOICE_FILL] if invoices else []
             for name, sql in steps:
                 started = time.monotonic()
                 connection.execute(text(sql), {"customers": customers, "organizations": organizations})
@@ -111,12 +129,20 @@ def _user(n: int) -> str:
     return str(uuid.UUID(__import__("hashlib").md5(f"u{n}".encode()).hexdigest()))
 
 
-def time_as_user(engine: Engine, sql: str, users: list[int], role: str = "authenticated") -> list[float]:
+def time_as_user(
+    engine: Engine, sql: str, users: list[int], role: str = "authenticated", prepared: bool = False
+) -> list[float]:
     """The statement's round trip in a transaction as PostgREST opens one for each user (as the
-    signed-in user; as service_role, with the user's number for the statement's %s)."""
+    signed-in user; as service_role, with the user's number for the statement's %s). prepared: as
+    PostgREST sends it by default (db-prepared-statements), a statement prepared once on the
+    connection and executed for each user, so that it is planned once, not every time."""
     taken = []
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="READ COMMITTED")
+        if prepared:
+            connection.exec_driver_sql(f"DEALLOCATE ALL; PREPARE timed AS {sql}")  # pooled: one prepared earlier
+            sql = "EXECUTE timed"
+            connection.commit()
         for n in users:
             with connection.begin():
                 claims = json.dumps({"sub": _user(n), "role": "authenticated"})
@@ -172,6 +198,13 @@ def measure(
     through = time_as_user(engine, "SELECT public.stripe_has_access('team_feature')", members)
     nobody = time_as_user(engine, "SELECT public.stripe_has_access('absent')", members)
     billing_row = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users)
+    with engine.begin() as connection:
+        connection.execute(text(GRACE))
+    graced = time_as_user(engine, "SELECT public.stripe_has_access('feature_3')", users)
+    graced_members = time_as_user(engine, "SELECT public.stripe_has_access('team_feature')", members)
+    graced_row = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users)
+    graced_prepared = time_as_user(engine, "SELECT public.stripe_has_access('feature_3')", users, prepared=True)
+    graced_row_prepared = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users, prepared=True)
     service = time_as_user(
         engine, "SELECT public.stripe_has_access('feature_3', md5('u' || %s)::uuid)", users, role="service_role"
     )
@@ -198,6 +231,11 @@ def measure(
             (f"stripe_has_access through the user's organization (true for {granted} of {len(members)})", through),
             ("stripe_has_access of a feature nobody has (both branches)", nobody),
             ("the user's row of stripe_user_billing", billing_row),
+            ("stripe_has_access('feature_3'), STRIPE_PAST_DUE_GRACE set", graced),
+            ("stripe_has_access through the organization, grace set", graced_members),
+            ("the user's row of stripe_user_billing, grace set", graced_row),
+            ("stripe_has_access, grace set, prepared as PostgREST sends it", graced_prepared),
+            ("the user's row of stripe_user_billing, grace set, prepared", graced_row_prepared),
             ("the console's customer page (in-process app, rendered)", pages),
         ],
         costs,
@@ -227,6 +265,7 @@ def main() -> None:
 
     print(
         f"\n{args.customers:,} customers, {2 * args.customers:,} subscriptions, {5 * args.customers:,} entitlements, "
+        f"{12 * args.customers:,} invoices (2% open), "
         f"{args.organizations:,} organizations of 10 members; {args.samples} samples each\n"
     )
     head = " | ".join(f"Postgres {version} median / p99 ms" for version, _, _ in results)

@@ -70,7 +70,7 @@ DECLARE
         UNION ALL
         SELECT c.stripe_customer_id, c.organization_id, false FROM public.organization_members m
         JOIN public.stripe_customers c ON c.organization_id = m.organization_id WHERE m.user_id = u.user_id$members$;
-  v_version text := 'stripe_user_billing 6' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
+  v_version text := 'stripe_user_billing 7' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
   -- STRIPE_PAST_DUE_GRACE, read once per call; unset (no row) cuts nothing.
   v_grace text := $grace$DECLARE v_grace interval := (SELECT make_interval(secs => s.value::double precision)
     FROM public.stripe_settings s WHERE s.name = 'past_due_grace'); $grace$;
@@ -115,23 +115,17 @@ BEGIN
       coalesce((SELECT array_agg(DISTINCT e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
                 WHERE e.stripe_customer_id = ANY (b.customers)), '{}') AS entitlements,
       -- Payment standing over all their customers, the worst first (stripe_access_cut's rules).
-      CASE WHEN EXISTS (SELECT 1 FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = ANY (b.customers)
-                        AND s.status = 'unpaid')
-             OR EXISTS (SELECT 1 FROM public.stripe_invoices i JOIN public.stripe_subscriptions s
-                          ON s.stripe_subscription_id = i.stripe_subscription_id
-                        WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'uncollectible'
-                          AND s.status NOT IN ('canceled', 'incomplete_expired')) THEN 'unpaid'
-           WHEN EXISTS (SELECT 1 FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = ANY (b.customers)
-                        AND s.status = 'past_due') THEN 'past_due'
-           WHEN EXISTS (SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_customer_id = ANY (b.customers)
-                        AND i.status = 'open' AND i.attempt_count >= 1 AND NOT i.action_required) THEN 'failing'
-           WHEN EXISTS (SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_customer_id = ANY (b.customers)
-                        AND i.status = 'open' AND i.action_required) THEN 'action_required'
-           ELSE 'ok' END AS payment_state,
-      overdue.since AS payment_failing_since, coalesce(owed.amount, 0) AS amount_overdue,
-      owed.currency AS overdue_currency, overdue.pay_url,
-      overdue.since + (SELECT make_interval(secs => g.value::double precision) FROM public.stripe_settings g
-                       WHERE g.name = 'past_due_grace') AS grace_ends_at
+      CASE WHEN flags.unpaid OR EXISTS (
+             SELECT 1 FROM public.stripe_invoices i JOIN public.stripe_subscriptions s
+               ON s.stripe_subscription_id = i.stripe_subscription_id
+             WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'uncollectible'
+               AND s.status NOT IN ('canceled', 'incomplete_expired')) THEN 'unpaid'
+           WHEN flags.past_due THEN 'past_due' WHEN open_ones.failing THEN 'failing'
+           WHEN open_ones.action_required THEN 'action_required' ELSE 'ok' END AS payment_state,
+      open_ones.since AS payment_failing_since, coalesce(owed.amount, 0) AS amount_overdue,
+      owed.currency AS overdue_currency, open_ones.pay_url,
+      open_ones.since + (SELECT make_interval(secs => g.value::double precision) FROM public.stripe_settings g
+                         WHERE g.name = 'past_due_grace') AS grace_ends_at
     FROM (
       SELECT auth.uid() AS user_id WHERE current_user IN ('anon', 'authenticated')
       UNION ALL
@@ -160,14 +154,21 @@ BEGIN
                array_position(b.customers, s.stripe_customer_id)
       LIMIT 1) AS best ON true
     LEFT JOIN LATERAL (
-      -- Their open invoices that failed a payment attempt or passed their due date: since when
-      -- (the earliest), and where to pay the oldest.
-      SELECT o.since, o.hosted_invoice_url AS pay_url FROM (
-        SELECT least(CASE WHEN i.attempt_count >= 1 THEN i.failing_since END,
-                     CASE WHEN i.due_date < now() THEN i.due_date END) AS since, i.hosted_invoice_url
-        FROM public.stripe_invoices i
-        WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'open' AND i.amount_remaining > 0) AS o
-      WHERE o.since IS NOT NULL ORDER BY o.since LIMIT 1) AS overdue ON true
+      SELECT bool_or(s.status = 'unpaid') AS unpaid, bool_or(s.status = 'past_due') AS past_due
+      FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = ANY (b.customers)) AS flags ON true
+    LEFT JOIN LATERAL (
+      -- Their open invoices: failing (a failed attempt, unless it waits for authentication), waiting
+      -- for authentication, and of those with something to pay that failed or passed their due
+      -- date, since when (the earliest) and where to pay the oldest.
+      SELECT bool_or(o.attempt_count >= 1 AND NOT o.action_required) AS failing,
+        bool_or(o.action_required) AS action_required, min(o.since) AS since,
+        (array_agg(o.hosted_invoice_url ORDER BY o.since) FILTER (WHERE o.since IS NOT NULL))[1] AS pay_url
+      FROM (
+        SELECT i.attempt_count, i.action_required, i.hosted_invoice_url,
+          CASE WHEN i.amount_remaining > 0 THEN least(CASE WHEN i.attempt_count >= 1 THEN i.failing_since END,
+                                                      CASE WHEN i.due_date < now() THEN i.due_date END) END AS since
+        FROM public.stripe_invoices i WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'open') AS o
+    ) AS open_ones ON true
     LEFT JOIN LATERAL (
       -- What they owe on those, in the currency with the largest sum (minor units).
       SELECT i.currency, sum(i.amount_remaining) AS amount FROM public.stripe_invoices i
