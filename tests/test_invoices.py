@@ -48,6 +48,20 @@ def test_an_invoice_is_kept_from_either_api_shape(client: FlaskClient, engine: E
     assert row["invoice_metadata"]["sync"]["event_created"] == T
 
 
+def test_both_api_versions_mid_upgrade_keep_one_row(client: FlaskClient, engine: Engine) -> None:
+    """Events of one invoice from both sides of the 2025-03-31 upgrade, in either order: each reads
+    its own shape, and the newest wins as for any object."""
+    old = samples.invoice("cus_Inv8", subscription_id="sub_Inv8", new_shape=False)
+    new = samples.invoice("cus_Inv8", old["id"], subscription_id="sub_Inv8", new_shape=True, attempt_count=1)
+    assert _status(client, samples.event("invoice.payment_failed", new, created=T + 10)) == "processed"
+    assert _status(client, samples.event("invoice.finalized", old, created=T)) == "stale"
+    paid = {**old, "status": "paid", "amount_remaining": 0}
+    assert _status(client, samples.event("invoice.paid", paid, created=T + 20)) == "processed"
+    row = _invoice(engine, old["id"])
+    assert row is not None and (row["status"], row["stripe_subscription_id"]) == ("paid", "sub_Inv8")
+    assert [line["price"] for line in row["lines"]] == ["price_line0"]
+
+
 def test_13_lines_are_read_whole_with_a_key(keyed: FlaskClient, fake: FakeStripe, engine: Engine) -> None:
     invoice = samples.invoice("cus_Inv2", lines=13, page=10)  # Stripe's payload: 10 lines, has_more
     fake.invoices[invoice["id"]] = invoice
