@@ -41,7 +41,18 @@ BAD = [
     ("SUPPORT_USERS", "alice:scrypt:1,alice:scrypt:2"),
     ("STRIPE_FREE_TIER", "free'; DROP TABLE x; --"),  # sent with each transaction: words only
     ("STRIPE_FREE_TIER", "100%"),
+    ("STRIPE_PAST_DUE_GRACE", "a week"),
+    ("STRIPE_PAST_DUE_GRACE", "7 fortnights"),
+    ("STRIPE_PAST_DUE_GRACE", "-1d"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("", None), ("7 days", 7 * 86400), ("1 week", 7 * 86400), ("72h", 72 * 3600), ("36 Hours", 36 * 3600), ("0", 0)],
+)
+def test_the_grace_reads_as_postgres_writes_an_interval(value: str, seconds: int | None) -> None:
+    assert load_settings({**BASE, "STRIPE_PAST_DUE_GRACE": value}).past_due_grace == seconds
 
 
 @pytest.mark.parametrize(("variable", "value"), BAD)

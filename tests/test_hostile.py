@@ -64,6 +64,8 @@ _NEEDS = {
     "payment_method.": {"id": "pm", "customer": "cus"},
     "payment_method.detached": {"id": "pm"},  # detached, it names no customer
     "entitlements.active_entitlement_summary.": {"customer": "cus"},
+    "invoice.": {"id": "in", "customer": "cus", "status": "invoice status"},
+    "invoice.deleted": {"id": "in"},  # a deleted draft is found by its own id
     # Links a user or organization it names; these name neither (keys here are too short to be
     # client_reference_id or metadata.organization_id), so whatever its customer: nothing to do.
     "checkout.session.completed": {},
@@ -78,6 +80,8 @@ def _needs(event_type: str) -> dict[str, str] | None:
 def _filled(kind: str, good: bool, anything: Any) -> Any:
     if kind == "status":
         return "active" if good else "frozen"
+    if kind == "invoice status":
+        return "open" if good else "frozen"
     return samples.stripe_id(kind) if good else anything
 
 

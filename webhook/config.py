@@ -103,15 +103,10 @@ _SPELLED = re.compile(r"(\d+)\s*(second|minute|hour|day|week)s?")
 
 
 def parse_duration(text: str) -> int:
-    """'90s', '30m', '24h', '7d', or spelled out ('7 days', '72 hours', '1 week'), or '0', as
-    seconds; ValueError says what is wrong."""
+    """'90s', '30m', '24h', '7d' (or '0') as seconds; ValueError says what is wrong."""
     text = text.strip()
     if text == "0":
         return 0
-    spelled = _SPELLED.fullmatch(text.lower())
-    if spelled:
-        number, word = int(spelled[1]), _WORDS[spelled[2]]
-        text = f"{number * 7}d" if word == "w" else f"{number}{word}"
     if len(text) < 2 or text[-1] not in _UNITS or not text[:-1].isdigit():
         raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d")
     seconds = int(text[:-1]) * _UNITS[text[-1]]
@@ -191,12 +186,22 @@ def free_tier(env: Mapping[str, str]) -> str:
     return tier
 
 
+def parse_interval(text: str) -> int:
+    """A duration as parse_duration reads it, or spelled out as Postgres writes an interval
+    ('7 days', '72 hours', '1 week'), as seconds."""
+    spelled = _SPELLED.fullmatch(text.strip().lower())
+    if spelled is None:
+        return parse_duration(text)
+    number, word = int(spelled[1]), _WORDS[spelled[2]]
+    return parse_duration(f"{number * 7}d" if word == "w" else f"{number}{word}")
+
+
 def past_due_grace(env: Mapping[str, str]) -> int | None:
     """STRIPE_PAST_DUE_GRACE: unset, access is what Stripe's entitlements say; set, how long a
     failing payment keeps it (0: not at all)."""
     if not env.get("STRIPE_PAST_DUE_GRACE", "").strip():
         return None
-    return _number(env, "STRIPE_PAST_DUE_GRACE", 0, parse=parse_duration)
+    return _number(env, "STRIPE_PAST_DUE_GRACE", 0, parse=parse_interval)
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, make_secret: bool = True) -> Settings:

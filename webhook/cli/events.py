@@ -46,8 +46,8 @@ def add_commands(commands: Commands) -> None:
 
     backfill_parser = commands.add_parser(
         "backfill",
-        help="upsert every Stripe customer, then subscriptions, entitlements, payment methods and open invoices "
-        "(never over a newer event; resumes a stopped run)",
+        help="upsert every Stripe customer, then subscriptions, payment methods and entitlements, and open "
+        "invoices (never over a newer event; resumes a stopped run)",
     )
     backfill_parser.add_argument(
         "--from-start", action="store_true", help="ignore where a stopped run got to and list every customer again"
