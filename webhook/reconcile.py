@@ -116,7 +116,7 @@ def _compared(
 
 
 def _differ(declared: StripeObject, here: Mapping[str, Any], change: Change) -> tuple[str, ...]:
-    return tuple(label for label, take in declared.compared.items() if take(change) != here.get(label))
+    return tuple(label for label in declared.compared if change.compared_value(label) != here.get(label))
 
 
 def _vanished(declared: StripeObject, reader: Reader, keys: Keys, stripe_id: str) -> Drift:

@@ -63,6 +63,11 @@ class Change:
         """False when the payload held only part of the object (a first page): the rest is read."""
         return True
 
+    def compared_value(self, label: str) -> Any:
+        """The value reconciliation compares under a label of its object's `compared`: the field
+        of that name, unless the change says otherwise."""
+        return getattr(self, label)
+
     def incomplete(self, why: str) -> Change:
         """The change stored as far as it goes, saying why the rest is missing."""
         raise NotImplementedError(f"{self.object} changes are always complete")
@@ -70,6 +75,28 @@ class Change:
     def as_json(self) -> dict[str, Any]:
         # A shallow copy: asdict() deep-copies the metadata, on every event, for json.dumps to read.
         return {**vars(self), "object": self.object, "customer": self.customer}
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnedChange(Change):
+    """A change of an object that belongs to a customer, named apart from its own id."""
+
+    customer_id: str  # cus_…; "" for one that names none any more (detached, deleted)
+
+    @property
+    def customer(self) -> str:
+        return self.customer_id
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemovableChange(OwnedChange):
+    """An owned object that Stripe can take away (detached, deleted): then its row goes too."""
+
+    action: Literal["upsert", "delete"] = "upsert"
+
+    @property
+    def deletes(self) -> bool:
+        return self.action == "delete"
 
 
 class Reader(Protocol):
@@ -112,9 +139,9 @@ class StripeObject:
     scope: Literal["account", "customer"]
     # Stripe's listing as changes: list_all(reader, keys) for 'account', list_of(reader, customer, keys) for 'customer'.
     listing: Callable[..., Iterator[Change]]
-    # Reconciliation: the fields compared, each a label and how to take it from a change; the local
-    # rows (id, customer, then the labels in order) come from `local_sql`.
-    compared: Mapping[str, Callable[[Any], Any]]
+    # Reconciliation: the fields compared (Change.compared_value), and the rows here with them
+    # under the same labels (id, customer, then the labels) from `local_sql`.
+    compared: tuple[str, ...]
     local_sql: str
     dashboard: str  # path under https://dashboard.stripe.com/[test/], with {id} and {customer}
     # The change of an object Stripe no longer has (None: Stripe keeps them, never deleted here).

@@ -141,7 +141,7 @@ CUSTOMER = StripeObject(
     read=read,
     scope="account",
     listing=list_all,
-    compared={"email": lambda change: change.email, "name": lambda change: change.name},
+    compared=("email", "name"),
     local_sql="SELECT stripe_customer_id AS id, stripe_customer_id AS customer, customer_email AS email, "
     "customer_name AS name FROM public.stripe_customers",
     dashboard="customers/{id}",

@@ -32,6 +32,10 @@ class EntitlementsChange(Change):
     def as_json(self) -> dict[str, Any]:
         return {**super().as_json(), "complete": self.whole}
 
+    def compared_value(self, label: str) -> Any:
+        # The set as reconciliation sees it here: its lookup keys, sorted.
+        return sorted(item["lookup_key"] for item in self.entitlements) if label == "entitlements" else None
+
 
 def _entitlement(active: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -96,7 +100,7 @@ ENTITLEMENTS = StripeObject(
     read=read,
     scope="customer",
     listing=list_of,
-    compared={"entitlements": lambda change: sorted(item["lookup_key"] for item in change.entitlements)},
+    compared=("entitlements",),
     local_sql="SELECT s.stripe_customer_id AS id, s.stripe_customer_id AS customer, coalesce(array_agg(e.lookup_key "
     "ORDER BY e.lookup_key) FILTER (WHERE e.lookup_key IS NOT NULL), '{}') AS entitlements "
     "FROM public.stripe_entitlement_sets s LEFT JOIN public.stripe_entitlements e USING (stripe_customer_id) "

@@ -13,21 +13,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from webhook.config import Keys
 from webhook.objects import fields
-from webhook.objects.base import BadObjectId, Change, Reader, StripeObject, listed
+from webhook.objects.base import BadObjectId, Reader, RemovableChange, StripeObject, listed
 
 ID = re.compile(r"in_[a-zA-Z0-9]+")
 STATUSES = {"draft", "open", "paid", "uncollectible", "void"}
 
 
 @dataclass(frozen=True, kw_only=True)
-class InvoiceChange(Change):
+class InvoiceChange(RemovableChange):
     object = "invoice"
-    customer_id: str  # cus_…; "" for a deleted draft
-    action: Literal["upsert", "delete"] = "upsert"
     subscription: str | None = None
     status: str | None = None
     amount_due: int | None = None
@@ -47,14 +45,6 @@ class InvoiceChange(Change):
     action_required: bool | None = None
     metadata: dict[str, Any] | None = None
     note: str | None = None
-
-    @property
-    def customer(self) -> str:
-        return self.customer_id
-
-    @property
-    def deletes(self) -> bool:
-        return self.action == "delete"
 
     @property
     def complete(self) -> bool:
@@ -171,13 +161,7 @@ INVOICE = StripeObject(
     read=read,
     scope="customer",
     listing=list_of,
-    compared={
-        "status": lambda change: change.status,
-        "amount_remaining": lambda change: change.amount_remaining,
-        "attempt_count": lambda change: change.attempt_count,
-        "next_payment_attempt": lambda change: change.next_payment_attempt,
-        "due_date": lambda change: change.due_date,
-    },
+    compared=("status", "amount_remaining", "attempt_count", "next_payment_attempt", "due_date"),
     local_sql="SELECT stripe_invoice_id AS id, stripe_customer_id AS customer, status, amount_remaining, "
     "attempt_count, extract(epoch FROM next_payment_attempt)::bigint AS next_payment_attempt, "
     "extract(epoch FROM due_date)::bigint AS due_date FROM public.stripe_invoices WHERE status = 'open'",

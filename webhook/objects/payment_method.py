@@ -6,33 +6,27 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from webhook.config import Keys
 from webhook.objects import fields
-from webhook.objects.base import Change, Reader, StripeObject, listed
+from webhook.objects.base import Reader, RemovableChange, StripeObject, listed
 
 ID = re.compile(r"(pm|card|src|ba)_[a-zA-Z0-9]+")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PaymentMethodChange(Change):
+class PaymentMethodChange(RemovableChange):
     object = "payment_method"
-    customer_id: str  # cus_…; "" for a detached one
-    action: Literal["upsert", "delete"] = "upsert"
     type: str | None = None
     brand: str | None = None
     last4: str | None = None
     exp_month: int | None = None
     exp_year: int | None = None
 
-    @property
-    def customer(self) -> str:
-        return self.customer_id
-
-    @property
-    def deletes(self) -> bool:
-        return self.action == "delete"
+    def compared_value(self, label: str) -> Any:
+        # The card's summary, as one value: what a drift line calls "card".
+        return [self.brand, self.last4, self.exp_month, self.exp_year] if label == "card" else None
 
 
 def state(method: dict[str, Any], customer: Any = None) -> PaymentMethodChange:
@@ -88,7 +82,7 @@ PAYMENT_METHOD = StripeObject(
     read=read,
     scope="customer",
     listing=list_of,
-    compared={"card": lambda change: [change.brand, change.last4, change.exp_month, change.exp_year]},
+    compared=("card",),
     local_sql="SELECT stripe_payment_method_id AS id, stripe_customer_id AS customer, "
     "jsonb_build_array(brand, last4, exp_month, exp_year) AS card FROM public.stripe_payment_methods",
     dashboard="customers/{customer}",

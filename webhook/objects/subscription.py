@@ -10,7 +10,7 @@ from typing import Any
 
 from webhook.config import Keys
 from webhook.objects import fields
-from webhook.objects.base import BadObjectId, Change, Reader, StripeObject, listed
+from webhook.objects.base import BadObjectId, OwnedChange, Reader, StripeObject, listed
 
 STATUSES = {
     "incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused",
@@ -18,9 +18,8 @@ STATUSES = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class SubscriptionChange(Change):
+class SubscriptionChange(OwnedChange):
     object = "subscription"
-    customer_id: str  # cus_…
     status: str
     items: list[dict[str, Any]]  # price, product, lookup_key, quantity, tier (the price's tier metadata)
     current_period_end: int | None
@@ -31,10 +30,6 @@ class SubscriptionChange(Change):
     trial_end: int | None
     metadata: dict[str, Any]
     created: int | None = None  # Stripe's created: an organization's tier reads the oldest first
-
-    @property
-    def customer(self) -> str:
-        return self.customer_id
 
 
 def _item(item: dict[str, Any], tier_key: str) -> dict[str, Any]:
@@ -112,11 +107,7 @@ SUBSCRIPTION = StripeObject(
     read=read,
     scope="account",
     listing=list_all,
-    compared={
-        "status": lambda change: change.status,
-        "current_period_end": lambda change: change.current_period_end,
-        "items": lambda change: change.items,
-    },
+    compared=("status", "current_period_end", "items"),
     local_sql="SELECT stripe_subscription_id AS id, stripe_customer_id AS customer, status, "
     "extract(epoch FROM current_period_end)::bigint AS current_period_end, items FROM public.stripe_subscriptions",
     dashboard="subscriptions/{id}",
