@@ -27,7 +27,7 @@ class Refetch(StrEnum):
 
 
 class Keys(NamedTuple):
-    """The metadata keys the handlers read (STRIPE_USER_ID_METADATA_KEY, STRIPE_TIER_METADATA_KEY,
+    """The metadata keys the declared objects read (STRIPE_USER_ID_METADATA_KEY, STRIPE_TIER_METADATA_KEY,
     STRIPE_ORG_ID_METADATA_KEY)."""
 
     user_id: str = "user_id"
