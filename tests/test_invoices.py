@@ -119,9 +119,12 @@ def test_order_failing_since_and_action_required(client: FlaskClient, engine: En
     assert _invoice(engine, invoice["id"])["failing_since"].timestamp() == T + 10  # type: ignore[index]
     assert _status(client, samples.event("invoice.payment_action_required", failed, created=T + 12)) == "processed"
     assert _invoice(engine, invoice["id"])["action_required"] is True  # type: ignore[index]
-    # An older event delivered late is stale; the failure is still dated from the first one seen.
+    # An older event delivered late is stale; the failure is still dated from the first one seen...
     assert _status(client, samples.event("invoice.finalized", invoice, created=T + 5)) == "stale"
     assert _invoice(engine, invoice["id"])["failing_since"].timestamp() == T + 10  # type: ignore[index]
+    # ... unless it is an older failure: then the payment was failing since then.
+    assert _status(client, samples.event("invoice.payment_failed", failed, created=T + 7)) == "stale"
+    assert _invoice(engine, invoice["id"])["failing_since"].timestamp() == T + 7  # type: ignore[index]
     assert _status(client, samples.event("invoice.paid", paid, created=T + 20)) == "processed"
     row = _invoice(engine, invoice["id"])
     assert row is not None and (row["status"], row["amount_remaining"], row["action_required"]) == ("paid", 0, False)

@@ -264,6 +264,15 @@ BEGIN
     invoice_metadata = EXCLUDED.invoice_metadata, updated_at = now();
 END $$;
 
+-- An invoice's failure delivered after a newer event of it is stale, yet says the payment was
+-- already failing then: it moves failing_since earlier (the one thing a stale change still tells).
+CREATE OR REPLACE FUNCTION public.stripe_invoice_failing_earlier(p_change jsonb, p_as_of bigint) RETURNS void
+LANGUAGE sql AS $$
+  UPDATE public.stripe_invoices i SET failing_since = to_timestamp(p_as_of)
+  WHERE i.stripe_invoice_id = p_change ->> 'id' AND i.status = 'open' AND p_change ->> 'status' = 'open'
+    AND (p_change ->> 'attempt_count')::int >= 1 AND i.failing_since > to_timestamp(p_as_of)
+$$;
+
 -- One change of any declared object, through the one opening: events (stripe_apply_event) and
 -- states read from the Stripe API (backfill, verify --fix, re-sync) both come through here.
 -- status: processed | stale | tie (nothing written: the caller asks Stripe, or calls again with
@@ -280,6 +289,9 @@ DECLARE
 BEGIN
   status := coalesce(nullif(v_open.verdict, 'apply'), 'processed');
   tie := v_open.tie;  -- also when this change came out older
+  IF v_open.verdict = 'stale' AND v_object = 'invoice' THEN
+    PERFORM public.stripe_invoice_failing_earlier(p_change, v_open.as_of);
+  END IF;
   IF v_open.verdict <> 'apply' THEN RETURN; END IF;
   IF p_change ->> 'action' = 'delete' THEN
     PERFORM public.stripe_deleting(v_object, p_change ->> 'id', v_open.event_id, v_open.as_of);

@@ -32,6 +32,7 @@ DROP FUNCTION IF EXISTS public.stripe_apply_subscription(jsonb, text, text, bigi
 DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_payment_method(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_apply_invoice(jsonb, text, text, bigint, text);
+DROP FUNCTION IF EXISTS public.stripe_invoice_failing_earlier(jsonb, bigint);
 DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.stripe_apply_entitlements(jsonb, text, text, bigint, text);
 DROP FUNCTION IF EXISTS public.stripe_sync_stamp(text, text, bigint, text);
