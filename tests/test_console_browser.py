@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
@@ -52,7 +53,9 @@ def _after(browser: webdriver.Chrome, act: Callable[[], None]) -> None:
     """Do what loads a new page, and wait until it has (a click returns before the navigation)."""
     old = browser.find_element(By.TAG_NAME, "html")
     act()
-    wait = WebDriverWait(browser, 15)
+    # While the old document is being torn down, chromedriver may answer a look at it with "Node
+    # with given id does not belong to the document" rather than "stale": look again.
+    wait = WebDriverWait(browser, 15, ignored_exceptions=(WebDriverException,))
     wait.until(expected_conditions.staleness_of(old))
     # ... and finished loading: a form found while the new document is still being built may be
     # detached under the next action ("Node with given id does not belong to the document").
