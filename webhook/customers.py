@@ -44,8 +44,8 @@ def ensure_customer(engine: Engine, client: stripe.StripeClient, user_id: str, k
         created = stripe_api.create_customer(client, email=email, metadata=metadata, idempotency_key=key)
         # Stripe replays an idempotent create's first answer for 24 hours, even when that customer
         # has been deleted since: ask for it, and make a new one (a new key) if it is gone.
-        current = stripe_api.retrieve_customer(client, str(created["id"]))
-        if current is not None and not current.get("deleted"):
+        current = customer.CUSTOMER.read_known(stripe_api.reader(client), str(created["id"]), keys)
+        if current is not None and not current.deletes:
             break
         key = f"ensure-customer-{user_id}-after-{created['id']}"
     else:

@@ -124,11 +124,8 @@ def _vanished(declared: StripeObject, reader: Reader, keys: Keys, stripe_id: str
     reported and never deleted."""
     if declared.gone is None:
         return Drift(stripe_id, DriftKind.MISSING, object=declared.name)
-    try:
-        found = declared.read(reader, stripe_id, keys)
-    except stripe.InvalidRequestError as error:
-        if error.http_status != 404:
-            raise
+    found = declared.read_known(reader, stripe_id, keys)
+    if found is None:
         return Drift(stripe_id, DriftKind.MISSING, fix=declared.gone(stripe_id), object=declared.name)
     if found.deletes:
         return Drift(stripe_id, DriftKind.DELETED, fix=found, object=declared.name)
@@ -196,12 +193,7 @@ def resync(
     see at all says the key is another account's, not that it is gone."""
     check_mode(engine, api_key)
     as_of = int(time.time())
-    try:
-        change = declared.read(stripe_api.reader(client), stripe_id, keys)
-    except stripe.InvalidRequestError as error:
-        if error.http_status != 404:
-            raise
-        raise FixRefused(
-            f"Stripe does not know {stripe_id} with this STRIPE_API_KEY (another account or mode?)"
-        ) from error
+    change = declared.read_known(stripe_api.reader(client), stripe_id, keys)
+    if change is None:
+        raise FixRefused(f"Stripe does not know {stripe_id} with this STRIPE_API_KEY (another account or mode?)")
     return objects_store.apply_states(engine, [change.as_json()], Source.API, as_of, actor)[0]

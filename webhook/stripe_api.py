@@ -136,16 +136,6 @@ def list_events(client: stripe.StripeClient, since: int, types: Sequence[str]) -
         yield plain(event)
 
 
-def retrieve_customer(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:
-    """The customer, `{"id", "deleted": true}` for a deleted one, or None when Stripe has none."""
-    try:
-        return plain(client.v1.customers.retrieve(customer_id))
-    except stripe.InvalidRequestError as error:
-        if error.http_status == 404:
-            return None
-        raise
-
-
 def create_customer(
     client: stripe.StripeClient, *, email: str | None, metadata: dict[str, str], idempotency_key: str
 ) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+import stripe
+
 from webhook.config import Keys
 from webhook.signature import RejectedDelivery
 
@@ -157,6 +159,16 @@ class StripeObject:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thin_prefixes", tuple(t for t in self.thin if t.endswith(".")))
+
+    def read_known(self, reader: Reader, stripe_id: str, keys: Keys) -> Change | None:
+        """`read`, or None when Stripe answers 404: it has no such object for this key (a deleted
+        one it still knows is read as its deletion)."""
+        try:
+            return self.read(reader, stripe_id, keys)
+        except stripe.InvalidRequestError as error:
+            if error.http_status != 404:
+                raise
+            return None
 
     def reads_thin(self, event_type: str) -> bool:
         return event_type in self.thin or event_type.startswith(self.thin_prefixes)
