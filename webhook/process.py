@@ -56,7 +56,7 @@ def change_for(event: Event, settings: Settings) -> Change | None:
     return None if handler is None else handler(event.object, settings.keys)
 
 
-def _completed(engine: Engine, change: Change, settings: Settings) -> Change:
+def _completed(change: Change, settings: Settings, shared: budget.Budget) -> Change:
     """A change that says it is not whole (a summary listing only part of a set) is read whole from
     Stripe (with the key) before it is applied; without the key, or when Stripe cannot answer in
     time, it is stored as far as it goes and marked incomplete, with a note saying why."""
@@ -64,7 +64,7 @@ def _completed(engine: Engine, change: Change, settings: Settings) -> Change:
         return change
     if settings.stripe_api_key is None:
         return change.incomplete("no API key to read the rest")
-    whole = refetch.state_now(settings, budget.shared(engine, settings.stripe_api_rate), change)
+    whole = refetch.state_now(settings, shared, change)
     return change.incomplete("Stripe could not be read for the rest") if whole is None else replace(whole, as_of=None)
 
 
@@ -107,21 +107,21 @@ def process_event(
     started = time.perf_counter()
     if event.thin and source is Source.WEBHOOK and thin.wanted(event, settings):
         return _queue(engine, event, settings)
+    shared = budget.shared(engine, settings.stripe_api_rate)  # the deployment's reads of Stripe
     if event.thin:
-        change, source = _thin_change(engine, event, settings), Source.THIN
+        change, source = _thin_change(engine, event, settings, shared), Source.THIN
     else:
         found = change_for(event, settings)
-        change = None if found is None else _completed(engine, found, settings)
+        change = None if found is None else _completed(found, settings, shared)
     always = settings.refetch is Refetch.ALWAYS and not event.thin  # a thin event's change is a fresh read already
     if always and change is not None and objects.of(change).refetch_always and not change.links_only:
         # dj-stripe's and Pay's way: the event only says which object to read. If Stripe cannot
         # be read in time, the event's own state goes through the ordering rules instead.
-        fresh = refetch.state_now(settings, budget.shared(engine, settings.stripe_api_rate), change)
+        fresh = refetch.state_now(settings, shared, change)
         change, source = (change, source) if fresh is None else (fresh, Source.API)
-    shared = budget.shared(engine, settings.stripe_api_rate)
 
-    def apply(state: Change | None, source: Source) -> Applied:
-        return _apply(engine, event, state, source, actor)
+    def apply(state: Change | None, applied_as: Source) -> Applied:
+        return _apply(engine, event, state, applied_as, actor)
 
     # Only a change can tie; a delivery with none is only logged.
     result = apply(change, source) if change is None else refetch.settled(apply, change, source, settings, shared)
@@ -165,12 +165,12 @@ def _queue(engine: Engine, event: Event, settings: Settings) -> Outcome:
     return outcome
 
 
-def _thin_change(engine: Engine, event: Event, settings: Settings) -> Change | None:
+def _thin_change(engine: Engine, event: Event, settings: Settings, shared: budget.Budget) -> Change | None:
     """What Stripe says now of the object a replayed thin event names (webhook/thin.py)."""
     if not thin.wanted(event, settings):
         return None
     try:
-        return thin.read(thin.client_for(settings, budget.shared(engine, settings.stripe_api_rate)), event, settings)
+        return thin.read(thin.client_for(settings, shared), event, settings)
     except (thin.ThinNeedsKey, thin.Refused) as error:
         _record_failure(engine, event, error)
         raise ProcessingFailed(event.id, describe(error)) from error
