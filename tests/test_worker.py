@@ -1,65 +1,127 @@
-"""The buffered worker's reading of one request, without a server: when a request is whole by the
-HTTP parser's own account, and what is answered from the event loop (tests/test_slow_clients.py
-drives the same against gunicorn with raw sockets)."""
+"""The server's HTTP layer (webhook/worker.py, webhook/asgi.py) against gunicorn on loopback with raw
+sockets: smuggling attempts refused from the loop, the limits, a console that cannot hold deliveries,
+and a graceful restart under load (tests/test_slow_clients.py has the stalled and crafted clients)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
 import pytest
+from sqlalchemy import Engine
+from werkzeug.security import generate_password_hash
 
-from webhook.worker import BAD_REQUEST, HEADER_LIMIT, HEADERS_TOO_LARGE, TOO_LARGE, _Reading
+from tests.server import gunicorn, post_event
+from tests.support import count, sign
+from webhook import samples
+from webhook.asgi import CONSOLE_THREADS
 
-LIMIT = 1000
-HEAD = b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n"
-
-
-def _fed(*parts: bytes) -> tuple[_Reading, bytes | None]:
-    reading, error = _Reading(LIMIT), None
-    for part in parts:
-        error = reading.feed(part)
-    return reading, error
+BAD_REQUEST = b'HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 24\r\nConnection: close\r\n\r\n{"error": "bad request"}'  # noqa: E501
 
 
-@pytest.mark.parametrize(
-    "parts",
-    [
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",),
-        (HEAD + b"Content-Length: 5\r\n\r\n", b"hel", b"lo"),
-        (HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",),
-        (HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n",),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /again HTTP/1.1\r\n",),  # a second request half-sent behind
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n",),  # the one behind is gunicorn's to refuse
-    ],
-)
-def test_whole_requests(parts: tuple[bytes, ...]) -> None:
-    reading, error = _fed(*parts)
-    assert error is None and reading.request.complete
+def _exchange(port: int, sent: bytes, seconds: float = 3) -> bytes:
+    """What the server answers `sent` with, up to its close."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=seconds)
+    try:
+        connection.sendall(sent)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+        return answer
+    finally:
+        connection.close()
 
 
-@pytest.mark.parametrize(
-    "parts",
-    [
-        (HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\n[10\r\n\r\n",),  # ends like a last chunk, is not one
-        (HEAD + b"Content-Length: 10\r\n\r\n12345",),
-        (HEAD + b"Content-Le",),
-        (b"",),
-    ],
-)
-def test_requests_still_coming(parts: tuple[bytes, ...]) -> None:
-    reading, error = _fed(*parts)
-    assert error is None and not reading.request.complete
+def _signed(body: str, *headers: str) -> bytes:
+    head = f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nStripe-Signature: {sign(body)}\r\n"
+    return (head + "".join(f"{header}\r\n" for header in headers) + "\r\n" + body).encode()
 
 
-def test_what_is_answered_from_the_loop() -> None:
-    assert _fed(HEAD + b"X-Filler: " + b"a" * HEADER_LIMIT)[1] is HEADERS_TOO_LARGE
-    assert _fed(HEAD + b"Content-Length: 1001\r\n\r\n")[1] is TOO_LARGE  # declared, nothing sent yet
-    assert _fed(HEAD + b"Transfer-Encoding: chunked\r\n\r\n", b"3e9\r\n" + b"a" * 1001)[1] is TOO_LARGE
-    assert _fed(b"GARBAGE\r\n\r\n")[1] is BAD_REQUEST
-    assert _fed(HEAD + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")[1] is BAD_REQUEST
-    assert BAD_REQUEST.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in BAD_REQUEST
+def test_smuggling_and_oversize_are_refused_from_the_loop(database_url: str, engine: Engine) -> None:
+    body = json.dumps(samples.event("customer.created", samples.customer()))
+    n = len(body)
+    with gunicorn(database_url, workers=1, MAX_WEBHOOK_BYTES="8192") as (port, _):
+        for smuggled in (
+            _signed(body, f"Content-Length: {n}", f"Content-Length: {n + 10}"),  # two lengths
+            _signed(body, f"Content-Length: {n}", f"Content-Length: {n}"),  # even when they agree
+            _signed(body, "X-Folded: a", " b", f"Content-Length: {n}"),  # obs-fold
+            _signed(body, f"Content-Length: {n}", "Transfer-Encoding: chunked"),  # CL + TE
+            _signed(body, "Transfer-Encoding: chunked, identity"),  # chunked not last
+        ):
+            assert _exchange(port, smuggled) == BAD_REQUEST, smuggled[:200]
+        # Over the limit: declared, or sent in chunks with nothing declared. Answered before the
+        # rest is read, and what the client still sends does not reset the answer away.
+        declared = _exchange(port, _signed("x" * 20000, "Content-Length: 20000"))
+        chunks = b"".join(b"1000\r\n" + b"x" * 4096 + b"\r\n" for _ in range(64)) + b"0\r\n\r\n"
+        streamed = _exchange(port, _signed("", "Transfer-Encoding: chunked") + chunks)
+        for answer in (declared, streamed):
+            assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(b'{"error": "request entity too large"}')
+        # The same body, framed once: processed.
+        assert _exchange(port, _signed(body, f"Content-Length: {n}", "Connection: close")).startswith(
+            b"HTTP/1.1 200 OK"
+        )
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 1
 
 
-def test_expect_100_continue_is_seen_once_the_headers_are_in() -> None:
-    reading, error = _fed(HEAD + b"Expect: 100-continue\r\nContent-Length: 5\r\n")
-    assert error is None and reading.request.expects_continue and not reading.request.headers_done
-    reading.feed(b"\r\n")
-    assert reading.request.headers_done and not reading.request.complete
+def test_a_stalled_console_holds_no_delivery(database_url: str, engine: Engine) -> None:
+    """Every console thread of both workers held by a sign-in form whose body never comes (three
+    times over): deliveries and the liveness probe are answered at once all the same."""
+    events = [samples.event("customer.created", samples.customer()) for _ in range(16)]
+    stalled_form = b"POST /support/signin HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    with gunicorn(database_url, workers=2, SUPPORT_USERS=f"alice:{generate_password_hash('x' * 16)}") as (port, _):
+        held = []
+        for _ in range(CONSOLE_THREADS * 2 * 3):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+            connection.sendall(stalled_form + b"Content-Length: 100\r\n\r\nuser=")
+            held.append(connection)
+        time.sleep(0.5)
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda event: post_event(port, event, timeout=3)[0], events))
+        took = time.monotonic() - started
+        alive = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for connection in held:
+            connection.close()
+    print(f"\n{len(events)} deliveries beside {len(held)} stalled console requests: {took:.2f} s")
+    assert answers == [200] * len(events)
+    assert alive.startswith(b"HTTP/1.1 200 OK")
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed'") == len(events)
+
+
+@pytest.mark.reliability  # ~20 s of load and two restarts
+def test_a_graceful_restart_turns_no_delivery_away(database_url: str, engine: Engine) -> None:
+    """gunicorn's HUP (a deploy: new workers, the old ones finish what they hold) twice, under steady
+    deliveries from 8 clients: every one answered 200 and stored."""
+    answers: list[int] = []
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def deliver() -> None:
+        while not stop.is_set():
+            event = samples.event("customer.created", samples.customer())
+            sent.append(event["id"])
+            answers.append(post_event(port, event, timeout=30)[0])
+
+    with gunicorn(database_url, workers=2) as (port, master):
+        before = {worker.pid for worker in psutil.Process(master.pid).children()}
+        clients = [threading.Thread(target=deliver) for _ in range(8)]
+        for client in clients:
+            client.start()
+        for _ in range(2):
+            time.sleep(4)
+            os.kill(master.pid, signal.SIGHUP)
+        time.sleep(6)
+        stop.set()
+        for client in clients:
+            client.join()
+        after = {worker.pid for worker in psutil.Process(master.pid).children()}
+    print(f"\n{len(answers)} deliveries across two restarts: {sorted(set(answers))}")
+    assert before.isdisjoint(after) and len(after) == 2  # both workers were replaced
+    assert len(answers) > 200 and set(answers) == {200}
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed'") == len(sent)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable
-from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -23,7 +20,6 @@ from webhook.readiness import Readiness
 from webhook.signature import RejectedDelivery, parse_event, verify_signature
 
 WEBHOOK_PATH = "/webhooks/stripe"
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def answer_delivery(
@@ -49,35 +45,6 @@ def answer_delivery(
         metrics.LATENCY.observe(time.perf_counter() - started)
 
 
-def webhook_fast_lane(flask_app: WSGIApp, engine: Engine, settings: Settings) -> WSGIApp:
-    """POSTs to the webhook with a Content-Length within the limit, answered as plain WSGI.
-
-    Flask's request and app contexts, routing and Response cost more of a worker's CPU per event
-    than the rest of the delivery (py-spy; docs/performance.md). Anything else (other methods and paths, chunked or
-    oversized bodies) goes to the Flask app, which also answers these deliveries the same way.
-    """
-
-    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        length = environ.get("CONTENT_LENGTH") or ""
-        if not (
-            environ["REQUEST_METHOD"] == "POST"
-            and environ.get("PATH_INFO") == WEBHOOK_PATH
-            and length.isdigit()
-            and int(length) <= settings.max_webhook_bytes
-        ):
-            return flask_app(environ, start_response)
-        body = environ["wsgi.input"].read(int(length))
-        status, answer = answer_delivery(body, environ.get("HTTP_STRIPE_SIGNATURE"), engine, settings)
-        payload = json.dumps(answer).encode()
-        start_response(
-            f"{status} {HTTPStatus(status).phrase}",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
-        )
-        return [payload]
-
-    return wsgi
-
-
 def _answer(code: int, /, **body: Any) -> tuple[Response, int]:
     return jsonify(body), code
 
@@ -98,11 +65,12 @@ def _check_database(engine: Engine, settings: Settings) -> None:
 def create_app(
     settings: Settings | None = None, engine: Engine | None = None, *, read_thin: bool | None = None
 ) -> Flask:
-    """The WSGI app. With no arguments (gunicorn's `webhook.app:create_app()`) it reads the
-    environment; in embedded mode it starts (or joins) the embedded Postgres. Deliveries use
-    `engine` (DB_POOL_SIZE connections); the console and /metrics a small pool of their own, and
-    the thin notifications' readers another (webhook/thin_queue.py), started when the app is the
-    server's own (read_thin unset and no settings given) or when read_thin says so."""
+    """The Flask app: every endpoint, for the test client and any WSGI server (the server runs
+    webhook/asgi.py around it). With no arguments it reads the environment; in embedded mode it
+    starts (or joins) the embedded Postgres. Deliveries use `engine` (DB_POOL_SIZE connections);
+    the console and /metrics a small pool of their own, and the thin notifications' readers
+    another (webhook/thin_queue.py), started when the app is the server's own (read_thin unset and
+    no settings given) or when read_thin says so."""
     read_thin = settings is None if read_thin is None else read_thin
     settings = settings or load_settings()
     if engine is None:
@@ -152,5 +120,5 @@ def create_app(
         return _answer(status, error=error.name.lower())
 
     console.install(app, side, settings)
-    app.wsgi_app = webhook_fast_lane(app.wsgi_app, engine, settings)  # type: ignore[method-assign,assignment]
+    app.extensions["webhook"] = (engine, settings)  # for webhook/asgi.py, which serves deliveries itself
     return app

@@ -52,6 +52,7 @@ class Settings:
     port: int
     db_pool_size: int
     data_dir: Path
+    delivery_threads: int = 8  # per server process: deliveries verified and applied at once
     refetch: Refetch = Refetch.NEVER
     heal_interval: int = 600  # seconds
     reconcile_interval: int = 86400  # seconds; 0: never
@@ -250,6 +251,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, make_secret: bool = T
         port=_number(env, "PORT", 8000, minimum=1),
         db_pool_size=_number(env, "DB_POOL_SIZE", 5, minimum=1),
         data_dir=data_dir,
+        # GUNICORN_THREADS: its name when gunicorn's own threads did this.
+        delivery_threads=_number(env, "DELIVERY_THREADS", _number(env, "GUNICORN_THREADS", 8, minimum=1), minimum=1),
         refetch=refetch,
         heal_interval=_number(env, "HEAL_INTERVAL", 600, minimum=1, parse=parse_duration),
         reconcile_interval=_number(env, "RECONCILE_INTERVAL", 86400, parse=parse_duration),

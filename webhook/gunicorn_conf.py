@@ -12,14 +12,10 @@ from prometheus_client import multiprocess  # noqa: E402
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# Threaded workers keep connections alive: Stripe and load balancers reuse them, and a sync
-# worker's Connection: close costs a TCP handshake per event. Buffered: a thread only ever sees a
-# whole request, so stalled clients cannot hold the threads (webhook/worker.py).
-worker_class = "webhook.worker.BufferedThreadWorker"
-# 8: the deliveries a worker holds at once share one statement (webhook/batch.py), and with 8 the
-# statements carry more of them than with 4, for less CPU an event on both sides; 12 and 16 did no
-# better (docs/performance.md).
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+# An event loop reads the requests (uvicorn's, guarded: webhook/worker.py); the app hands whole
+# deliveries to its DELIVERY_THREADS threads (webhook/asgi.py). Connections are kept alive: Stripe
+# and load balancers reuse them.
+worker_class = "webhook.worker.Worker"
 # gunicorn's control socket (~/.gunicorn/gunicorn.ctl, one path for every instance) is unused
 # here, and two consumers on one machine would fight over it.
 control_socket_disable = True

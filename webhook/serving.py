@@ -6,5 +6,5 @@ from __future__ import annotations
 import sys
 
 
-def gunicorn_command(bind: str, *options: str, app: str = "webhook.app:create_app()") -> list[str]:
+def gunicorn_command(bind: str, *options: str, app: str = "webhook.asgi:create_app()") -> list[str]:
     return [sys.executable, "-m", "gunicorn", "-c", "python:webhook.gunicorn_conf", "--bind", bind, *options, app]

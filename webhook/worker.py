@@ -1,30 +1,26 @@
-"""gunicorn's threaded worker, but a connection gets a thread only once its whole request is in
-memory. Stock gthread hands a connection to a thread as soon as a byte arrives; a client that sends
-its headers and never the body (or half the headers) then holds that thread for ever, and a few
-dozen of them stop every delivery. Here the worker's own event loop reads requests without
-blocking, and decides that a request is whole by a real HTTP parser's account (httptools, the
-llhttp binding uvicorn uses), never by byte patterns a client can fake. A connection that has not
-sent a whole request within REQUEST_SECONDS is dropped; one whose headers or body exceed the limits
-is answered (431, 413) from the loop and closed; one the parser refuses gets a 400. The threads
-read nothing from the socket: they parse the request from memory, so no client can hold one.
-Stalled clients cost a socket and a buffer each, up to gunicorn's worker_connections per worker
-(see the README for what to put in front)."""
+"""The gunicorn worker: uvicorn's event loop (uvloop, and httptools, the llhttp binding, as the one
+HTTP parser) serving the ASGI app of webhook/asgi.py, with the guards uvicorn leaves out.
+
+No thread reads a socket: the loop reads every request, and the app gets a delivery's body whole
+before it hands it to a delivery thread, so a client that stalls holds a socket and a buffer, never
+a thread. uvicorn itself gives a connection unlimited time for its headers and body and any size of
+headers; here a connection that has not sent a whole request within REQUEST_SECONDS is dropped
+(from its connect or its previous answer), and one whose headers or body exceed the limits is
+answered (431, 413) at once and closed, as is one the parser refuses (400). Those answers are
+followed by a half-close and a short linger that reads and drops what the client still sends, so
+that closing with unread bytes does not reset the connection before the client has read the answer.
+Stalled clients cost a socket each, up to gunicorn's worker_connections per worker (see the README
+for what to put in front)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import selectors
-import socket
-import time
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-import httptools
-from gunicorn import http, util
-from gunicorn.http.unreader import Unreader
-from gunicorn.workers.gthread import ThreadWorker
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn_worker import UvicornWorker
 
 from webhook import metrics
 from webhook.config import ConfigError, max_webhook_bytes
@@ -33,36 +29,7 @@ from webhook.config import ConfigError, max_webhook_bytes
 # stalled or hostile.
 REQUEST_SECONDS = 10.0
 HEADER_LIMIT = 64 * 1024
-# After an error answer, what the client still sends is read and dropped for this long, so that
-# closing with unread bytes does not reset the connection before the client has read the answer.
 LINGER_SECONDS = 2.0
-
-
-class _Request:
-    """httptools' callbacks for the request being read: how far it has come."""
-
-    def __init__(self) -> None:
-        self.headers_done = False
-        self.complete = False
-        self.content_length = 0
-        self.body = 0
-        self.expects_continue = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"content-length" and value.strip().isdigit():
-            self.content_length = int(value)
-        elif name == b"expect" and value.strip().lower() == b"100-continue":
-            self.expects_continue = True
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body += len(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
 
 
 def _answer(status: int, reason: str, error: str) -> bytes:
@@ -79,180 +46,147 @@ HEADERS_TOO_LARGE = _answer(431, "Request Header Fields Too Large", "request hea
 TOO_LARGE = _answer(413, "Request Entity Too Large", "request entity too large")
 
 
-@dataclass
-class _Reading:
-    """One connection's request as the event loop reads it."""
-
-    body_limit: int
-    deadline: float = field(default_factory=lambda: time.monotonic() + REQUEST_SECONDS)
-    data: bytearray = field(default_factory=bytearray)
-    request: _Request = field(default_factory=_Request)
-    registered: bool = False
-    continued: bool = False
-    parser: Any = None
-
-    def __post_init__(self) -> None:
-        self.parser = httptools.HttpRequestParser(self.request)
-
-    def feed(self, received: bytes) -> bytes | None:
-        """Take received bytes; the error answer to close with, if any (None: fine so far)."""
-        self.data += received
-        try:
-            self.parser.feed_data(received)
-        except httptools.HttpParserUpgrade:
-            pass  # the request itself is whole; gunicorn answers it as a plain HTTP/1.1 request
-        except httptools.HttpParserError:
-            if not self.request.complete:  # an error in a request pipelined behind is gunicorn's to answer
-                return BAD_REQUEST
-        request = self.request
-        if request.complete:
-            return None
-        if not request.headers_done:
-            return HEADERS_TOO_LARGE if len(self.data) > HEADER_LIMIT else None
-        if request.content_length > self.body_limit or request.body > self.body_limit:
-            return TOO_LARGE
-        return None
+def _body_limit() -> int:
+    try:
+        return max_webhook_bytes(os.environ)
+    except ConfigError:
+        return 0  # the app refuses to start with the same message
 
 
-class _FromMemory(Unreader):  # type: ignore[misc]
-    """What the threads parse requests from: the bytes the event loop read, never the socket.
-    Running out means the request is over (the loop saw it whole), not a reason to wait."""
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for each request and limits on its size."""
 
-    def chunk(self, size_hint: int | None = None) -> bytes:
-        return b""
+    body_limit = _body_limit()
 
-
-_http_date = util.http_date
-_date: list[tuple[int, str]] = [(-1, "")]
-
-
-def _http_date_of_this_second(timestamp: float | None = None) -> str:
-    """gunicorn formats every answer's Date header anew through email.utils; the text changes once
-    a second."""
-    if timestamp is not None:
-        return str(_http_date(timestamp))
-    second = int(time.time())
-    if _date[0][0] != second:
-        _date[0] = (second, str(_http_date(second)))
-    return _date[0][1]
-
-
-class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.reading: dict[Any, _Reading] = {}
-        self.lingering: dict[Any, float] = {}  # answered with an error: closed at this time
-        try:
-            self.body_limit = max_webhook_bytes(os.environ)
-        except ConfigError:
-            self.body_limit = 0  # the app refuses to start with the same message
+        self.deadline: asyncio.TimerHandle | None = None
+        self.in_head = True  # between requests, or reading one's headers
+        self.head_bytes = 0  # received while in this request's headers
+        self.body_bytes = 0
+        self.finished_one = False  # a request ended in the bytes being parsed
+        self.receiving = False  # a request has begun and is not whole yet
+        self.stopping = False
+        self.refused = False
 
-    def init_process(self) -> None:
-        # In the worker only, not on import: the patch is process-wide.
-        util.http_date = _http_date_of_this_second
-        super().init_process()
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
 
-    def enqueue_req(self, conn: Any) -> None:
-        if self.cfg.is_ssl:  # TLS is terminated in front of this app; keep gunicorn's own path
-            super().enqueue_req(conn)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(REQUEST_SECONDS, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _too_slow(self) -> None:
+        self.deadline = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            self._arm()  # a whole request is being answered; a pipelined one behind it waits its turn
             return
-        reading = self.reading[conn] = _Reading(self.body_limit)
-        conn.sock.setblocking(False)
-        # Bytes the thread's parser held beyond the last request (a pipelined one) come first;
-        # then usually the whole request is there already (a kept-alive connection just turned
-        # readable): read it now rather than after another turn of the event loop.
-        ahead = conn.parser.unreader.take_buffered() if conn.parser else b""
-        if ahead and self._took(conn, reading, ahead):
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # lingering after an error answer: read and dropped
+        if self.in_head and self.deadline is None:
+            self._arm()  # the first bytes of a kept-alive connection's next request
+        self.finished_one = False
+        super().data_received(data)
+        if self.in_head and not self.refused:
+            # Bytes of a request that ended in this read are not the next one's headers.
+            self.head_bytes = 0 if self.finished_one else self.head_bytes + len(data)
+            if self.head_bytes > HEADER_LIMIT:
+                self._refuse(HEADERS_TOO_LARGE)
+
+    def shutdown(self) -> None:
+        """The worker is stopping (a deploy, a restart): uvicorn closes every connection between
+        answers, a freshly accepted one too, whose request is on its way and would be reset. Here
+        only a kept-alive connection at rest is closed; a request begun or about to come is read,
+        answered and then the connection closed (within REQUEST_SECONDS, as always)."""
+        self.stopping = True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            if cycle is not None and not self.receiving and not self.pipeline:
+                self.transport.close()
             return
-        self._read(conn, conn.sock)
+        cycle.keep_alive = False
 
-    def _read(self, conn: Any, sock: Any) -> None:
-        reading = self.reading[conn]
-        try:
-            received = sock.recv(65536)
-        except BlockingIOError:
-            received = None
-        except OSError:
-            received = b""
-        if received == b"":  # closed, or broken, before a whole request
-            self._drop(conn)
+    def on_message_begin(self) -> None:
+        self.receiving = True
+        super().on_message_begin()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(BAD_REQUEST)
+
+    def on_headers_complete(self) -> None:
+        if self.refused:
             return
-        if received is not None and self._took(conn, reading, received):
+        self.in_head, self.head_bytes, self.body_bytes = False, 0, 0
+        declared = next((value for name, value in self.headers if name == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.body_limit:
+            self._refuse(TOO_LARGE)
             return
-        if not reading.registered:
-            self.poller.register(sock, selectors.EVENT_READ, partial(self._read, conn))
-            reading.registered = True
+        super().on_headers_complete()
+        if self.stopping:
+            self.cycle.keep_alive = False
 
-    def _took(self, conn: Any, reading: _Reading, received: bytes) -> bool:
-        """Feed received bytes; True when the connection has left the reading state."""
-        error = reading.feed(received)
-        if error is not None:
-            if error is TOO_LARGE:
-                metrics.REJECTED.labels(status="413").inc()
-            self._answer_and_close(conn, error)
-            return True
-        request = reading.request
-        if request.complete:
-            self._stop_reading(conn)
-            if conn.parser is None:
-                conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
-                conn.parser.unreader = _FromMemory()
-            conn.parser.unreader.unread(bytes(reading.data))
-            conn.data_ready = True
-            super().enqueue_req(conn)
-            return True
-        if request.headers_done and request.expects_continue and not reading.continued:
-            # The client waits for this before it sends the body; gunicorn sends its own once the
-            # request is parsed, and HTTP clients accept more than one 1xx answer.
-            reading.continued = True
-            try:
-                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-            except OSError:
-                self._drop(conn)
-                return True
-        return False
-
-    def _answer_and_close(self, conn: Any, answer: bytes) -> None:
-        self._stop_reading(conn)
-        try:
-            conn.sock.send(answer)
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.nr_conns -= 1
-            conn.close()
+    def on_body(self, body: bytes) -> None:
+        if self.refused:
             return
-        self.lingering[conn] = time.monotonic() + LINGER_SECONDS
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._discard, conn))
-
-    def _discard(self, conn: Any, sock: Any) -> None:
-        try:
-            more = sock.recv(65536)
-        except BlockingIOError:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.body_limit:
+            self._refuse(TOO_LARGE)
             return
-        except OSError:
-            more = b""
-        if not more:
-            self._close_lingering(conn)
+        super().on_body(body)
 
-    def _close_lingering(self, conn: Any) -> None:
-        del self.lingering[conn]
-        self.poller.unregister(conn.sock)
-        self.nr_conns -= 1
-        conn.close()
+    def on_message_complete(self) -> None:
+        if self.refused:
+            return
+        self._disarm()  # whole: what the app does with it has its own timeouts
+        self.in_head, self.finished_one, self.receiving = True, True, False
+        super().on_message_complete()
 
-    def _stop_reading(self, conn: Any) -> None:
-        if self.reading.pop(conn).registered:
-            self.poller.unregister(conn.sock)
+    def _refuse(self, answer: bytes) -> None:
+        """Answer from the loop, half-close, and drop what still comes for LINGER_SECONDS."""
+        if self.refused:
+            return
+        self.refused = True
+        if answer is TOO_LARGE:
+            metrics.REJECTED.labels(status="413").inc()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app stops waiting for a body that will not come
+            cycle.message_event.set()
+        self._disarm()
+        self.transport.write(answer)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
-    def _drop(self, conn: Any) -> None:
-        self._stop_reading(conn)
-        self.nr_conns -= 1
-        conn.close()
+    def eof_received(self) -> None:
+        if self.refused:
+            self.transport.close()
 
-    def murder_pending(self) -> None:
-        super().murder_pending()
-        now = time.monotonic()
-        for conn in [conn for conn, reading in self.reading.items() if reading.deadline < now]:
-            self._drop(conn)
-        for conn in [conn for conn, deadline in self.lingering.items() if deadline < now]:
-            self._close_lingering(conn)
+
+class Worker(UvicornWorker):  # type: ignore[misc]
+    CONFIG_KWARGS: dict[str, Any] = {
+        "loop": "uvloop",
+        "http": GuardedProtocol,
+        "lifespan": "off",
+        "access_log": False,
+        "server_header": False,
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Stopping, the worker finishes what it holds within gunicorn's graceful_timeout.
+        self.config.timeout_graceful_shutdown = self.cfg.graceful_timeout

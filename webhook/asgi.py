@@ -1,0 +1,103 @@
+"""What the server runs (`webhook.asgi:create_app()`): deliveries straight from the event loop to a
+pool of delivery threads, everything else to the Flask app on a small pool of its own.
+
+A delivery's body is read whole in the loop (the server's protocol gives up on one that stalls,
+webhook/worker.py), then verify, parse and the shared statement run on one of DELIVERY_THREADS
+threads (they block: psycopg2, and Stripe for a tie or a summary). The console, /metrics and the
+health endpoints are the Flask app behind a2wsgi, on CONSOLE_THREADS threads that deliveries never
+wait for, with a database pool of their own (webhook/app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from a2wsgi import WSGIMiddleware
+
+from webhook import app as flask_app
+from webhook import metrics
+from webhook.app import WEBHOOK_PATH, answer_delivery
+from webhook.config import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Pages and scrapes are few and short; four threads answer them without taking a delivery's.
+CONSOLE_THREADS = 4
+_JSON = (b"content-type", b"application/json")
+_ALIVE = json.dumps({"status": "ok"}).encode()
+_TOO_LARGE = json.dumps({"error": "request entity too large"}).encode()
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def _body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body; None if the client went away first. Over the limit: TooLarge (under
+    webhook/worker.py the protocol has answered 413 before the app sees it; other servers may not)."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise TooLarge
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+async def _answer(send: Send, status: int, payload: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON, (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(settings: Settings | None = None, **options: Any) -> ASGIApp:
+    """The ASGI app around webhook.app.create_app (same arguments)."""
+    wsgi = flask_app.create_app(settings, **options)
+    engine, settings = wsgi.extensions["webhook"]
+    console = WSGIMiddleware(wsgi, workers=CONSOLE_THREADS)  # type: ignore[arg-type]
+    deliveries = ThreadPoolExecutor(settings.delivery_threads, thread_name_prefix="delivery")
+    limit = settings.max_webhook_bytes
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/healthz":
+            await _answer(send, 200, _ALIVE)  # from the loop: a busy console does not fail the probe
+            return
+        if scope["type"] != "http" or scope["path"] != WEBHOOK_PATH or scope["method"] != "POST":
+            await console(scope, receive, send)  # type: ignore[arg-type]
+            return
+        try:
+            body = await _body(receive, limit)
+        except TooLarge:
+            metrics.REJECTED.labels(status="413").inc()
+            await _answer(send, 413, _TOO_LARGE)
+            return
+        if body is None:
+            return  # nobody to answer
+        signature = next((value for name, value in scope["headers"] if name == b"stripe-signature"), None)
+        status, answer = await asyncio.get_running_loop().run_in_executor(
+            deliveries,
+            answer_delivery,
+            body,
+            None if signature is None else signature.decode("latin-1"),
+            engine,
+            settings,
+        )
+        await _answer(send, status, json.dumps(answer).encode())
+
+    return asgi
