@@ -205,7 +205,7 @@ def end_to_end(engine: Engine, database_url: str, args: argparse.Namespace) -> l
     rows: list[dict[str, Any]] = []
     for name, app, its_engine in (
         ("baseline: verify only", "bench.baseline:create_asgi()", None),
-        ("consumer", "webhook.app:create_app()", engine),
+        ("consumer", "webhook.asgi:create_app()", engine),
     ):
         port = _free_port()
         server = _serve(app, port, env, args.workers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Executor
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -15,9 +16,9 @@ from webhook import console, metrics, objects_store, thin_queue
 from webhook.config import Settings, load_settings
 from webhook.database import make_engine, schema_ready, side_engine
 from webhook.logs import configure_logging, log
-from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event, unavailable
+from webhook.process import DatabaseUnavailable, ProcessingFailed, process_delivery, process_event, unavailable
 from webhook.readiness import Readiness
-from webhook.signature import RejectedDelivery, parse_event, verify_signature
+from webhook.signature import Event, RejectedDelivery, parse_event, verify_signature
 
 WEBHOOK_PATH = "/webhooks/stripe"
 
@@ -28,21 +29,45 @@ def answer_delivery(
     """Every webhook delivery's answer (docs/reference.md, "Answers"), whichever way it came in."""
     started = time.perf_counter()
     try:
-        # Verify the exact bytes Stripe signed, before anything trusts them.
-        verify_signature(body, signature, settings.webhook_secrets, settings.tolerance)
-        event = parse_event(body)
-        outcome = process_event(engine, event, settings)
-        return 200, {"event_id": event.id, "status": outcome.value}
-    except RejectedDelivery as rejection:
-        metrics.REJECTED.labels(status="400").inc()
-        return 400, {"error": str(rejection)}
-    except DatabaseUnavailable:
-        return 503, {"error": "database unavailable; retry later"}
-    except ProcessingFailed as failure:
-        reason = failure.shown or "processing failed; the event is kept for replay"
-        return 500, {"error": reason, "event_id": failure.event_id}
+        event = _verified(body, signature, settings)
+        return 200, {"event_id": event.id, "status": process_event(engine, event, settings).value}
+    except Exception as error:
+        return _refusal(error)
     finally:
         metrics.LATENCY.observe(time.perf_counter() - started)
+
+
+async def answer_delivery_from_loop(
+    body: bytes, signature: str | None, engine: Engine, settings: Settings, threads: Executor
+) -> tuple[int, dict[str, Any]]:
+    """The same answer, from the server's event loop (process.process_delivery)."""
+    started = time.perf_counter()
+    try:
+        event = _verified(body, signature, settings)
+        return 200, {"event_id": event.id, "status": (await process_delivery(engine, event, settings, threads)).value}
+    except Exception as error:
+        return _refusal(error)
+    finally:
+        metrics.LATENCY.observe(time.perf_counter() - started)
+
+
+def _verified(body: bytes, signature: str | None, settings: Settings) -> Event:
+    # Verify the exact bytes Stripe signed, before anything trusts them.
+    verify_signature(body, signature, settings.webhook_secrets, settings.tolerance)
+    return parse_event(body)
+
+
+def _refusal(error: Exception) -> tuple[int, dict[str, Any]]:
+    """The answer for a delivery that was not handled; an error not listed here is raised again."""
+    if isinstance(error, RejectedDelivery):
+        metrics.REJECTED.labels(status="400").inc()
+        return 400, {"error": str(error)}
+    if isinstance(error, DatabaseUnavailable):
+        return 503, {"error": "database unavailable; retry later"}
+    if isinstance(error, ProcessingFailed):
+        reason = error.shown or "processing failed; the event is kept for replay"
+        return 500, {"error": reason, "event_id": error.event_id}
+    raise error
 
 
 def _answer(code: int, /, **body: Any) -> tuple[Response, int]:

@@ -10,17 +10,17 @@ wait for, with a database pool of their own (webhook/app.py).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from a2wsgi import WSGIMiddleware
+from flask import Flask
 
 from webhook import app as flask_app
 from webhook import metrics
-from webhook.app import WEBHOOK_PATH, answer_delivery
+from webhook.app import WEBHOOK_PATH, answer_delivery_from_loop
 from webhook.config import Settings
 
 Scope = MutableMapping[str, Any]
@@ -68,7 +68,12 @@ async def _answer(send: Send, status: int, payload: bytes) -> None:
 
 def create_app(settings: Settings | None = None, **options: Any) -> ASGIApp:
     """The ASGI app around webhook.app.create_app (same arguments)."""
-    wsgi = flask_app.create_app(settings, **options)
+    return around(flask_app.create_app(settings, **options))
+
+
+def around(wsgi: Flask) -> ASGIApp:
+    """The ASGI app serving what webhook.app.create_app made (the worker also puts it around that
+    app when a command line names the Flask app, as Procfiles before this server did)."""
     engine, settings = wsgi.extensions["webhook"]
     console = WSGIMiddleware(wsgi, workers=CONSOLE_THREADS)  # type: ignore[arg-type]
     deliveries = ThreadPoolExecutor(settings.delivery_threads, thread_name_prefix="delivery")
@@ -90,13 +95,8 @@ def create_app(settings: Settings | None = None, **options: Any) -> ASGIApp:
         if body is None:
             return  # nobody to answer
         signature = next((value for name, value in scope["headers"] if name == b"stripe-signature"), None)
-        status, answer = await asyncio.get_running_loop().run_in_executor(
-            deliveries,
-            answer_delivery,
-            body,
-            None if signature is None else signature.decode("latin-1"),
-            engine,
-            settings,
+        status, answer = await answer_delivery_from_loop(
+            body, None if signature is None else signature.decode("latin-1"), engine, settings, deliveries
         )
         await _answer(send, status, json.dumps(answer).encode())
 

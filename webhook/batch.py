@@ -13,9 +13,13 @@ purpose: with two or more in flight, the batches shrink and both sides spend mor
 from __future__ import annotations
 
 import _thread
+import asyncio
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import psycopg2
 from sqlalchemy import Engine
@@ -175,7 +179,56 @@ class Batches:
         raise AssertionError("unreachable")
 
 
+class LoopBatches:
+    """The same rule for the deliveries an event loop holds (webhook/asgi.py): they queue in the
+    loop, and one statement at a time carries all that queued meanwhile, on a thread of its own.
+    No thread waits per delivery: the loop hands a thread a whole statement and is handed back its
+    outcomes, one wake-up each way per statement rather than per event."""
+
+    def __init__(self, batches: Batches) -> None:
+        self._batches = batches
+        self._queue: list[tuple[_Queued, asyncio.Future[Applied]]] = []
+        self._sending = False
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="statement")
+
+    async def apply(self, event_id: str, event: EventToApply) -> Applied:
+        """As Batches.apply, awaited."""
+        customer = "" if event.change is None else str(event.change["customer"])
+        outcome: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
+        self._queue.append((_Queued(event, (customer, event_id)), outcome))
+        if not self._sending:
+            self._send()
+        return await outcome
+
+    def _send(self) -> None:
+        batch, self._queue = self._queue[:LIMIT], self._queue[LIMIT:]
+        self._sending = True
+        running = asyncio.get_running_loop().run_in_executor(
+            self._thread, self._batches._statement, [queued for queued, _ in batch]
+        )
+        running.add_done_callback(partial(self._sent, batch))
+
+    def _sent(self, batch: list[tuple[_Queued, asyncio.Future[Applied]]], running: asyncio.Future[Any]) -> None:
+        error = running.exception()
+        if isinstance(error, Unreachable):
+            # As for threads: what queued meanwhile would wait for its own connect timeout in turn.
+            batch, self._queue = batch + self._queue, []
+        outcomes = [error] * len(batch) if error is not None else running.result()
+        for (_, waiting), outcome in zip(batch, outcomes, strict=True):
+            if waiting.done():  # its delivery was cancelled (the worker is stopping)
+                continue
+            if isinstance(outcome, Exception):
+                waiting.set_exception(outcome)
+            else:
+                waiting.set_result(outcome)
+        if self._queue:
+            self._send()
+        else:
+            self._sending = False
+
+
 _BATCHES: weakref.WeakKeyDictionary[Engine, Batches] = weakref.WeakKeyDictionary()
+_ON_LOOP: weakref.WeakKeyDictionary[Engine, LoopBatches] = weakref.WeakKeyDictionary()
 _BATCHES_LOCK = threading.Lock()
 
 
@@ -186,3 +239,11 @@ def batches(engine: Engine) -> Batches:
         if found is None:
             found = _BATCHES[engine] = Batches(engine)
         return found
+
+
+def on_loop(engine: Engine) -> LoopBatches:
+    """The engine's batches for the event loop's deliveries (one loop per process)."""
+    found = _ON_LOOP.get(engine)
+    if found is None:
+        found = _ON_LOOP[engine] = LoopBatches(Batches(engine))
+    return found

@@ -3,11 +3,14 @@ so the ordering, duplicate and failure rules cannot drift apart."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from dataclasses import replace
 from enum import StrEnum
-from typing import Any
+from functools import partial
+from typing import Any, NoReturn
 
 import psycopg2
 from sqlalchemy import Engine
@@ -17,7 +20,7 @@ from webhook import batch, budget, database, metrics, objects, refetch, store, t
 from webhook.config import Refetch, Settings
 from webhook.logs import log
 from webhook.objects import HANDLERS, Change
-from webhook.results import Applied, EventFailed, Source
+from webhook.results import Applied, EventFailed, Source, Status
 from webhook.signature import Event
 
 
@@ -125,6 +128,45 @@ def process_event(
 
     # Only a change can tie; a delivery with none is only logged.
     result = apply(change, source) if change is None else refetch.settled(apply, change, source, settings, shared)
+    return _finish(event, change, source, result, started)
+
+
+async def process_delivery(engine: Engine, event: Event, settings: Settings, threads: Executor) -> Outcome:
+    """process_event for a delivery, from the event loop (webhook/asgi.py). The common case, a
+    snapshot event whose change is whole and needs no read of Stripe, goes through the loop's
+    batches (webhook/batch.py) without a thread of its own; whatever may wait on Stripe or on more
+    than one statement (thin notifications, partial changes, STRIPE_REFETCH=always, a tie to settle,
+    an error to record) runs on `threads`, through the same functions as process_event."""
+    loop, started = asyncio.get_running_loop(), time.perf_counter()
+    found = None if event.thin else change_for(event, settings)
+    always = settings.refetch is Refetch.ALWAYS
+    if (
+        event.thin
+        or (found is not None and not found.complete)
+        or (always and found is not None and objects.of(found).refetch_always and not found.links_only)
+    ):
+        return await loop.run_in_executor(threads, process_event, engine, event, settings)
+    to_apply = store.EventToApply(event.payload, None if found is None else found.as_json(), Source.WEBHOOK, None)
+    try:
+        applied = await batch.on_loop(engine).apply(event.id, to_apply)
+    except Exception as error:
+        await loop.run_in_executor(threads, _failed, engine, event, error)
+        raise AssertionError("_failed raises") from error
+    if found is None or applied.status is not Status.TIE:
+        return _finish(event, found, Source.WEBHOOK, applied, started)
+
+    def settle() -> Applied | EventFailed:
+        apply = partial(_apply, engine, event, actor=None)
+        shared = budget.shared(engine, settings.stripe_api_rate)
+        return refetch.after_tie(apply, found, Source.WEBHOOK, settings, shared, applied)
+
+    return _finish(event, found, Source.WEBHOOK, await loop.run_in_executor(threads, settle), started)
+
+
+def _finish(
+    event: Event, change: Change | None, source: Source, result: Applied | EventFailed, started: float
+) -> Outcome:
+    """What an applied event came to: counted, logged, its outcome."""
     assert isinstance(result, Applied)  # _apply raises for an event's own error
     outcome = Outcome(result.status)
     if result.settled_by is not None:
@@ -191,14 +233,20 @@ def _apply(engine: Engine, event: Event, change: Change | None, source: Source, 
     to_apply = store.EventToApply(event.payload, None if change is None else change.as_json(), source, actor)
     try:
         return batch.batches(engine).apply(event.id, to_apply)
-    except batch.Unreachable as unreachable:
-        raise unavailable(engine, unreachable.error, unreachable.kind) from unreachable.error
     except Exception as error:
-        if database.busy(error):
-            # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
-            raise unavailable(engine, error, "busy") from error
-        _record_failure(engine, event, error)
-        raise ProcessingFailed(event.id, describe(error)) from error
+        _failed(engine, event, error)
+
+
+def _failed(engine: Engine, event: Event, error: Exception) -> NoReturn:
+    """The answer an error applying the event asks for: an outage (nothing written, Stripe retries)
+    or the event recorded as failed."""
+    if isinstance(error, batch.Unreachable):
+        raise unavailable(engine, error.error, error.kind) from error.error
+    if database.busy(error):
+        # A held lock or a slow database: nothing was written, and Stripe's retry comes later.
+        raise unavailable(engine, error, "busy") from error
+    _record_failure(engine, event, error)
+    raise ProcessingFailed(event.id, describe(error)) from error
 
 
 def _record_failure(engine: Engine, event: Event, error: Exception) -> None:

@@ -71,7 +71,13 @@ def settled(
          (stripe_tie_order) when the change is applied, which answers `tie` when neither does;
       3. Stripe's state now, read and applied instead (not with STRIPE_REFETCH=never), else
       4. the change delivered last, applied with a note saying the tie was not settled."""
-    result = apply(change, source)
+    return after_tie(apply, change, source, settings, budget, apply(change, source))
+
+
+def after_tie(
+    apply: Applying, change: Change, source: Source, settings: Settings, budget: Budget, result: Applied | EventFailed
+) -> Applied | EventFailed:
+    """The rule's steps 3 and 4, when the change's first application came to a tie."""
     if not isinstance(result, Applied) or result.status is not Status.TIE:
         return result
     fresh = state_now(settings, budget, change) if settings.refetch is not Refetch.NEVER else None

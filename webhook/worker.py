@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any
 
+from flask import Flask
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
@@ -190,3 +191,11 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         # Stopping, the worker finishes what it holds within gunicorn's graceful_timeout.
         self.config.timeout_graceful_shutdown = self.cfg.graceful_timeout
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        loaded: Any = self.wsgi  # type: ignore[has-type]
+        if isinstance(loaded, Flask) and "webhook" in loaded.extensions:
+            from webhook.asgi import around  # the app's modules load in the worker, not the master
+
+            self.wsgi = around(loaded)
