@@ -29,8 +29,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Pages and scrapes are few and short; four threads answer them without taking a delivery's.
-CONSOLE_THREADS = 4
+# Pages and scrapes are few and short, and give up within 3 s on a busy database (the console's own
+# pool); eight at once per process let a burst of them say so together instead of in turns.
+CONSOLE_THREADS = 8
 _JSON = (b"content-type", b"application/json")
 _ALIVE = json.dumps({"status": "ok"}).encode()
 _TOO_LARGE = json.dumps({"error": "request entity too large"}).encode()

@@ -16,6 +16,8 @@ from stripe.v2.core import EventNotification
 # Parses notifications only (no request is made with it): the library wants a client for the
 # context it carries.
 _PARSER = stripe.StripeClient("sk_parse_only")
+# stripe's attributes load lazily through its module __getattr__, an import lookup on every use.
+_verify_header = stripe.WebhookSignature.verify_header
 
 
 class RejectedDelivery(Exception):
@@ -64,7 +66,7 @@ def verify_signature(body: bytes, header: str | None, secrets: Sequence[str], to
     too_old = False
     for secret in secrets:
         try:
-            stripe.WebhookSignature.verify_header(text, header, secret, tolerance)
+            _verify_header(text, header, secret, tolerance)
             return
         except stripe.SignatureVerificationError as error:
             # The library raises this message only after the signature itself matched.

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from flask import Flask
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn_worker import UvicornWorker
 
 from webhook import metrics
@@ -52,6 +52,43 @@ def _body_limit() -> int:
         return max_webhook_bytes(os.environ)
     except ConfigError:
         return 0  # the app refuses to start with the same message
+
+
+class _HeadWithBody:
+    """A request's view of its connection in which the answer's head waits for its body: uvicorn
+    writes them with a send each, and on a busy server the second send costs as much as the rest
+    of an answer's HTTP work. Whatever else is written (a 100 Continue) goes at once."""
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self.transport = transport
+        self.cycle = cycle
+        self.head: bytes | None = None
+        self.answered = cycle.on_response
+        cycle.on_response = self.done
+
+    def write(self, data: bytes) -> None:
+        if self.head is None and self.cycle.response_started:
+            self.head = data  # the first write once the answer has started is its head
+            return
+        if self.head:
+            data, self.head = self.head + data, b""
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        if self.head:
+            self.transport.write(self.head)
+            self.head = b""
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def done(self) -> None:
+        self.flush()
+        self.answered()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -137,6 +174,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._refuse(TOO_LARGE)
             return
         super().on_headers_complete()
+        self.cycle.transport = _HeadWithBody(self.transport, self.cycle)  # type: ignore[assignment]
         if self.stopping:
             self.cycle.keep_alive = False
 
@@ -185,6 +223,7 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         "lifespan": "off",
         "access_log": False,
         "server_header": False,
+        "proxy_headers": False,  # nothing here reads the client's address
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
