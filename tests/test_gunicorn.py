@@ -50,7 +50,7 @@ def test_metrics_add_up_across_workers(database_url: str, engine: Engine) -> Non
 
 
 def test_answers_carry_the_current_date(database_url: str) -> None:
-    # webhook/worker.py formats gunicorn's Date header once a second instead of per answer.
+    # uvicorn formats the Date header once a second instead of per answer.
     import email.utils
     import time
     import urllib.request
@@ -66,7 +66,7 @@ def test_answers_carry_the_current_date(database_url: str) -> None:
 
 
 def test_the_http_answers_through_the_real_server(database_url: str, engine: Engine) -> None:
-    """The contract's answers as gunicorn and the buffered worker send them, not Flask's test client."""
+    """The contract's answers as the server sends them (webhook/asgi.py under gunicorn), not Flask's test client."""
     import http.client
     import json
 
