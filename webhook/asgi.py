@@ -1,11 +1,12 @@
-"""What the server runs (`webhook.asgi:create_app()`): deliveries straight from the event loop to a
-pool of delivery threads, everything else to the Flask app on a small pool of its own.
+"""What the server runs (`webhook.asgi:create_app()`): deliveries answered from the event loop,
+everything else by the Flask app on a small thread pool of its own.
 
 A delivery's body is read whole in the loop (the server's protocol gives up on one that stalls,
-webhook/worker.py), then verify, parse and the shared statement run on one of DELIVERY_THREADS
-threads (they block: psycopg2, and Stripe for a tie or a summary). The console, /metrics and the
-health endpoints are the Flask app behind a2wsgi, on CONSOLE_THREADS threads that deliveries never
-wait for, with a database pool of their own (webhook/app.py).
+webhook/worker.py), verified and parsed there, and applied through process.process_delivery: the
+usual event through the loop's shared statement, whatever may block (Stripe, a failure's record)
+on one of DELIVERY_THREADS threads. The console, /metrics and /readyz are the Flask app behind
+a2wsgi, on CONSOLE_THREADS threads that deliveries never wait for, with a database pool of their
+own (webhook/app.py); /healthz is answered from the loop.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ class LoopBatches:
         running.add_done_callback(partial(self._sent, batch))
 
     def _sent(self, batch: list[tuple[_Queued, asyncio.Future[Applied]]], running: asyncio.Future[Any]) -> None:
-        error = running.exception()
+        error = RuntimeError("the statement was interrupted") if running.cancelled() else running.exception()
         if isinstance(error, Unreachable):
             # As for threads: what queued meanwhile would wait for its own connect timeout in turn.
             batch, self._queue = batch + self._queue, []

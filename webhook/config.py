@@ -52,7 +52,7 @@ class Settings:
     port: int
     db_pool_size: int
     data_dir: Path
-    delivery_threads: int = 8  # per server process: deliveries verified and applied at once
+    delivery_threads: int = 8  # per server process: deliveries that may wait on Stripe or a failure's record
     refetch: Refetch = Refetch.NEVER
     heal_interval: int = 600  # seconds
     reconcile_interval: int = 86400  # seconds; 0: never

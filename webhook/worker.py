@@ -1,9 +1,9 @@
 """The gunicorn worker: uvicorn's event loop (uvloop, and httptools, the llhttp binding, as the one
 HTTP parser) serving the ASGI app of webhook/asgi.py, with the guards uvicorn leaves out.
 
-No thread reads a socket: the loop reads every request, and the app gets a delivery's body whole
-before it hands it to a delivery thread, so a client that stalls holds a socket and a buffer, never
-a thread. uvicorn itself gives a connection unlimited time for its headers and body and any size of
+No thread reads a socket: the loop reads every request, and the app has a delivery's body whole
+before anything that blocks sees it, so a client that stalls holds a socket and a buffer, never a
+thread. uvicorn itself gives a connection unlimited time for its headers and body and any size of
 headers; here a connection that has not sent a whole request within REQUEST_SECONDS is dropped
 (from its connect or its previous answer), and one whose headers or body exceed the limits is
 answered (431, 413) at once and closed, as is one the parser refuses (400). Those answers are
@@ -56,8 +56,8 @@ def _body_limit() -> int:
 
 class _HeadWithBody:
     """A request's view of its connection in which the answer's head waits for its body: uvicorn
-    writes them with a send each, and on a busy server the second send costs as much as the rest
-    of an answer's HTTP work. Whatever else is written (a 100 Continue) goes at once."""
+    writes them with a send each, two system calls and two wake-ups of the reader where one does.
+    Whatever else is written (a 100 Continue) goes at once."""
 
     def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
         self.transport = transport
