@@ -102,6 +102,7 @@ def test_the_http_answers_through_the_real_server(database_url: str, engine: Eng
         assert ask("POST", "/webhooks/stripe", b"x" * 5000, {"Stripe-Signature": sign("x" * 5000)})[0] == 413
         assert ask("GET", "/webhooks/stripe")[0] == 405
         assert ask("GET", "/healthz") == (200, {"status": "ok"})
+        assert ask("POST", "/healthz")[0] == 405  # answered from the loop for GET only, like every route
         assert ask("GET", "/readyz") == (200, {"status": "ready"})
         status, (kind, metrics) = ask("GET", "/metrics")
         assert status == 200 and kind.startswith("text/plain")

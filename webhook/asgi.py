@@ -82,7 +82,7 @@ def around(wsgi: Flask) -> ASGIApp:
     limit = settings.max_webhook_bytes
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/healthz":
+        if scope["type"] == "http" and scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
             await _answer(send, 200, _ALIVE)  # from the loop: a busy console does not fail the probe
             return
         if scope["type"] != "http" or scope["path"] != WEBHOOK_PATH or scope["method"] != "POST":
