@@ -197,12 +197,14 @@ class LoopBatches:
         outcome: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
         self._queue.append((_Queued(event, (customer, event_id)), outcome))
         if not self._sending:
-            self._send()
+            self._sending = True
+            # Sent once the loop has run what is ready now: the deliveries read in the same turn (a
+            # burst, as senders often send in step) share this statement instead of the next one.
+            asyncio.get_running_loop().call_soon(self._send)
         return await outcome
 
     def _send(self) -> None:
         batch, self._queue = self._queue[:LIMIT], self._queue[LIMIT:]
-        self._sending = True
         running = asyncio.get_running_loop().run_in_executor(
             self._thread, self._batches._statement, [queued for queued, _ in batch]
         )
