@@ -116,10 +116,9 @@ def process_event(
     else:
         found = change_for(event, settings)
         change = None if found is None else _completed(found, settings, shared)
-    always = settings.refetch is Refetch.ALWAYS and not event.thin  # a thin event's change is a fresh read already
-    if always and change is not None and objects.of(change).refetch_always and not change.links_only:
-        # dj-stripe's and Pay's way: the event only says which object to read. If Stripe cannot
-        # be read in time, the event's own state goes through the ordering rules instead.
+    # A thin event's change is a fresh read already. If Stripe cannot be read in time, the event's
+    # own state goes through the ordering rules instead.
+    if not event.thin and change is not None and _read_instead(change, settings):
         fresh = refetch.state_now(settings, shared, change)
         change, source = (change, source) if fresh is None else (fresh, Source.API)
 
@@ -139,16 +138,10 @@ async def process_delivery(engine: Engine, event: Event, settings: Settings, thr
     an error to record) runs on `threads`, through the same functions as process_event."""
     loop, started = asyncio.get_running_loop(), time.perf_counter()
     found = None if event.thin else change_for(event, settings)
-    always = settings.refetch is Refetch.ALWAYS
-    if (
-        event.thin
-        or (found is not None and not found.complete)
-        or (always and found is not None and objects.of(found).refetch_always and not found.links_only)
-    ):
+    if event.thin or (found is not None and (not found.complete or _read_instead(found, settings))):
         return await loop.run_in_executor(threads, process_event, engine, event, settings)
-    to_apply = store.EventToApply(event.payload, None if found is None else found.as_json(), Source.WEBHOOK, None)
     try:
-        applied = await batch.on_loop(engine).apply(event.id, to_apply)
+        applied = await batch.on_loop(engine).apply(event.id, _to_apply(event, found, Source.WEBHOOK, None))
     except Exception as error:
         await loop.run_in_executor(threads, _failed, engine, event, error)
         raise AssertionError("_failed raises") from error
@@ -228,11 +221,19 @@ def _connection(engine: Engine) -> Any:
         raise unavailable(engine, connect_error, "connect") from connect_error
 
 
+def _read_instead(change: Change, settings: Settings) -> bool:
+    """STRIPE_REFETCH=always: dj-stripe's and Pay's way, the event only says which object to read."""
+    return settings.refetch is Refetch.ALWAYS and objects.of(change).refetch_always and not change.links_only
+
+
+def _to_apply(event: Event, change: Change | None, source: Source, actor: str | None) -> store.EventToApply:
+    return store.EventToApply(event.payload, None if change is None else change.as_json(), source, actor)
+
+
 def _apply(engine: Engine, event: Event, change: Change | None, source: Source, actor: str | None) -> Applied:
     """The event through its process' batches (webhook/batch.py): its outcome, or the answer its error asks for."""
-    to_apply = store.EventToApply(event.payload, None if change is None else change.as_json(), source, actor)
     try:
-        return batch.batches(engine).apply(event.id, to_apply)
+        return batch.batches(engine).apply(event.id, _to_apply(event, change, source, actor))
     except Exception as error:
         _failed(engine, event, error)
 
