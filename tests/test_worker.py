@@ -1,9 +1,11 @@
 """The server's HTTP layer (webhook/worker.py, webhook/asgi.py) against gunicorn on loopback with raw
 sockets: smuggling attempts refused from the loop, the limits, a console that cannot hold deliveries,
-and a graceful restart under load (tests/test_slow_clients.py has the stalled and crafted clients)."""
+a graceful restart under load (tests/test_slow_clients.py has the stalled and crafted clients), and
+the ASGI app's own limit for servers without these guards."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psutil
 import pytest
@@ -18,9 +21,10 @@ from sqlalchemy import Engine
 from werkzeug.security import generate_password_hash
 
 from tests.server import gunicorn, post_event
-from tests.support import count, sign
+from tests.support import count, settings_for, sign
 from webhook import samples
 from webhook.asgi import CONSOLE_THREADS
+from webhook.asgi import create_app as create_asgi
 
 BAD_REQUEST = b'HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 24\r\nConnection: close\r\n\r\n{"error": "bad request"}'  # noqa: E501
 
@@ -125,3 +129,35 @@ def test_a_graceful_restart_turns_no_delivery_away(database_url: str, engine: En
     assert before.isdisjoint(after) and len(after) == 2  # both workers were replaced
     assert len(answers) > 200 and set(answers) == {200}
     assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed'") == len(sent)
+
+
+def test_the_asgi_app_keeps_the_body_limit_under_any_server(database_url: str, engine: Engine) -> None:
+    """webhook/asgi.py called directly, as a server without this worker's guards would: a body
+    streamed past MAX_WEBHOOK_BYTES is answered 413 and nothing is written, a signed one within it
+    is processed."""
+    app = create_asgi(settings_for(database_url, MAX_WEBHOOK_BYTES="4096"), engine=engine)
+    scope = {"type": "http", "method": "POST", "path": "/webhooks/stripe", "headers": []}
+
+    def answer_to(chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        last = len(chunks) - 1
+        incoming = [{"type": "http.request", "body": chunk, "more_body": n < last} for n, chunk in enumerate(chunks)]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return incoming.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        asyncio.run(app({**scope, "headers": headers}, receive, send))
+        return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
+
+    status, body = answer_to([b"x" * 3000, b"x" * 3000], [(b"stripe-signature", sign("x" * 6000).encode())])
+    assert (status, json.loads(body)) == (413, {"error": "request entity too large"})
+    assert count(engine, "SELECT count(*) FROM stripe_webhook_events") == 0
+
+    event = json.dumps(samples.event("customer.created", samples.customer()))
+    half = len(event) // 2
+    signed = [(b"stripe-signature", sign(event).encode())]
+    status, body = answer_to([event[:half].encode(), event[half:].encode()], signed)
+    assert status == 200 and json.loads(body)["status"] == "processed"
