@@ -77,18 +77,22 @@ def test_each_payment_state(client: FlaskClient, engine: Engine) -> None:
 
 
 def test_an_uncollectible_invoice_is_unpaid_only_beside_a_live_subscription(
-    client: FlaskClient, engine: Engine
+    client: FlaskClient, engine: Engine, database_url: str
 ) -> None:
     user, customer, subscription = _paying(client, engine)
+    create_app(settings_for(database_url, STRIPE_PAST_DUE_GRACE="7 days"), engine)
     one_off = samples.invoice(customer, status="uncollectible")  # no subscription
     _status(client, samples.event("invoice.marked_uncollectible", one_off, created=T - DAY))
     assert _row(engine, user)["payment_state"] == "ok"
+    assert _access(engine, user)
     of_plan = samples.invoice(customer, subscription_id=subscription["id"], status="uncollectible")
     _status(client, samples.event("invoice.marked_uncollectible", of_plan, created=T - DAY))
     assert _row(engine, user)["payment_state"] == "unpaid"
+    assert not _access(engine, user)  # unpaid under a grace: the path grants nothing
     ended = {**subscription, "status": "canceled"}
     _status(client, samples.event("customer.subscription.deleted", ended, created=T))
     assert _row(engine, user)["payment_state"] == "ok"
+    assert _access(engine, user)  # the entitlement summary still names 'pro'
 
 
 def test_what_is_owed_since_when_and_where_to_pay(client: FlaskClient, engine: Engine) -> None:

@@ -19,24 +19,27 @@ CREATE TABLE IF NOT EXISTS public.stripe_settings (
 
 -- step: payment standing
 -- Whether a customer's access path is cut under a grace (CONTRACT's payment standing): unpaid (a
--- subscription `unpaid`, or an invoice marked uncollectible whose subscription is neither canceled
--- nor incomplete_expired), or an open invoice failing to be paid (a failed attempt, or its due
--- date passed) for longer than the grace. Index lookups by customer; the open invoices through
--- their partial index. Called by stripe_has_access, which runs as its owner; the API roles may
--- not call it. stripe_user_billing writes the same rules out (a view's functions are called with
--- the caller's rights).
+-- subscription `unpaid`, or one that is neither canceled nor incomplete_expired with an invoice
+-- marked uncollectible), or an open invoice failing to be paid (a failed attempt, or its due date
+-- passed) for longer than the grace. Index lookups by customer, the invoices through their partial
+-- indexes. plpgsql, not sql: a sql function whose body has subqueries is never inlined, and before
+-- Postgres 18 it is planned again on every call; plpgsql keeps its plan for the session. Called by
+-- stripe_has_access, which runs as its owner; the API roles may not call it. stripe_user_billing
+-- writes the same rules out (a view's functions are called with the caller's rights).
 CREATE OR REPLACE FUNCTION public.stripe_access_cut(p_customer text, p_grace interval) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-  SELECT EXISTS (SELECT 1 FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = p_customer
-                 AND s.status = 'unpaid')
-    OR EXISTS (SELECT 1 FROM public.stripe_invoices i JOIN public.stripe_subscriptions s
-                 ON s.stripe_subscription_id = i.stripe_subscription_id
-               WHERE i.stripe_customer_id = p_customer AND i.status = 'uncollectible'
-                 AND s.status NOT IN ('canceled', 'incomplete_expired'))
-    OR EXISTS (SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_customer_id = p_customer AND i.status = 'open'
-                 AND i.amount_remaining > 0
-                 AND least(CASE WHEN i.attempt_count >= 1 THEN i.failing_since END,
-                           CASE WHEN i.due_date < now() THEN i.due_date END) + p_grace < now())
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN EXISTS (
+      SELECT 1 FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = p_customer
+        AND (s.status = 'unpaid' OR (s.status NOT IN ('canceled', 'incomplete_expired') AND EXISTS (
+          SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_subscription_id = s.stripe_subscription_id
+            AND i.status = 'uncollectible' AND i.stripe_customer_id = p_customer))))
+    OR EXISTS (
+      SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_customer_id = p_customer AND i.status = 'open'
+        AND i.amount_remaining > 0
+        AND least(CASE WHEN i.attempt_count >= 1 THEN i.failing_since END,
+                  CASE WHEN i.due_date < now() THEN i.due_date END) + p_grace < now());
+END
 $$;
 
 -- step: access
@@ -70,7 +73,7 @@ DECLARE
         UNION ALL
         SELECT c.stripe_customer_id, c.organization_id, false FROM public.organization_members m
         JOIN public.stripe_customers c ON c.organization_id = m.organization_id WHERE m.user_id = u.user_id$members$;
-  v_version text := 'stripe_user_billing 7' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
+  v_version text := 'stripe_user_billing 8' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
   -- STRIPE_PAST_DUE_GRACE, read once per call; unset (no row) cuts nothing.
   v_grace text := $grace$DECLARE v_grace interval := (SELECT make_interval(secs => s.value::double precision)
     FROM public.stripe_settings s WHERE s.name = 'past_due_grace'); $grace$;
@@ -92,8 +95,9 @@ BEGIN
   -- has one: the best subscription among all those customers' (active > trialing > past_due >
   -- unpaid > paused > incomplete > canceled > incomplete_expired, else 'none'; then the latest
   -- period end; then their own customer's, then by organization id), its period end, cancellation
-  -- and tier (the first item's tier metadata, else the first item's lookup key: stripe_items_tier's
-  -- rule, written out because the API roles may call no function but stripe_has_access), and the
+  -- and tier (the first item's tier metadata, else the first item's lookup key, skipping items
+  -- that name none: stripe_items_tier's rule, written out because the API roles may call no
+  -- function but stripe_has_access, as one jsonpath, which costs the planner nothing), and the
   -- entitlements of them all. stripe_customer_id: their own
   -- customer, else the best subscription's; organization_id: the best subscription's customer's
   -- organization, else their first. A signed-in user (anon, authenticated) sees only their own row;
@@ -108,22 +112,15 @@ BEGIN
       coalesce(b.organizations[array_position(b.customers, best.stripe_customer_id)],
                (array_remove(b.organizations, NULL))[1]) AS organization_id,
       coalesce(best.status, 'none') AS plan_status, best.current_period_end, best.cancel_at_period_end,
-      coalesce((SELECT x.i ->> 'tier' FROM jsonb_array_elements(best.items) WITH ORDINALITY AS x (i, n)
-                WHERE x.i ->> 'tier' IS NOT NULL ORDER BY x.n LIMIT 1),
-               (SELECT x.i ->> 'lookup_key' FROM jsonb_array_elements(best.items) WITH ORDINALITY AS x (i, n)
-                WHERE x.i ->> 'lookup_key' IS NOT NULL ORDER BY x.n LIMIT 1)) AS tier,
+      coalesce(jsonb_path_query_first(best.items, '$[*].tier ? (@ != null)'),
+               jsonb_path_query_first(best.items, '$[*].lookup_key ? (@ != null)')) #>> '{}' AS tier,
       coalesce((SELECT array_agg(DISTINCT e.lookup_key ORDER BY e.lookup_key) FROM public.stripe_entitlements e
                 WHERE e.stripe_customer_id = ANY (b.customers)), '{}') AS entitlements,
       -- Payment standing over all their customers, the worst first (stripe_access_cut's rules).
-      CASE WHEN flags.unpaid OR EXISTS (
-             SELECT 1 FROM public.stripe_invoices i JOIN public.stripe_subscriptions s
-               ON s.stripe_subscription_id = i.stripe_subscription_id
-             WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'uncollectible'
-               AND s.status NOT IN ('canceled', 'incomplete_expired')) THEN 'unpaid'
-           WHEN flags.past_due THEN 'past_due' WHEN open_ones.failing THEN 'failing'
+      CASE WHEN best.unpaid THEN 'unpaid' WHEN best.past_due THEN 'past_due' WHEN open_ones.failing THEN 'failing'
            WHEN open_ones.action_required THEN 'action_required' ELSE 'ok' END AS payment_state,
-      open_ones.since AS payment_failing_since, coalesce(owed.amount, 0) AS amount_overdue,
-      owed.currency AS overdue_currency, open_ones.pay_url,
+      open_ones.since AS payment_failing_since, coalesce(open_ones.owed, 0) AS amount_overdue,
+      open_ones.currency AS overdue_currency, open_ones.pay_url,
       open_ones.since + (SELECT make_interval(secs => g.value::double precision) FROM public.stripe_settings g
                          WHERE g.name = 'past_due_grace') AS grace_ends_at
     FROM (
@@ -146,7 +143,13 @@ BEGIN
         WHERE c.user_id = u.user_id%s) AS x
     ) AS b
     LEFT JOIN LATERAL (
-      SELECT s.stripe_customer_id, s.status, s.current_period_end, s.cancel_at_period_end, s.items
+      -- The best subscription, and over all of them whether one is unpaid (stripe_access_cut's
+      -- rule) or past_due.
+      SELECT s.stripe_customer_id, s.status, s.current_period_end, s.cancel_at_period_end, s.items,
+        bool_or(s.status = 'unpaid' OR (s.status NOT IN ('canceled', 'incomplete_expired') AND EXISTS (
+          SELECT 1 FROM public.stripe_invoices i WHERE i.stripe_subscription_id = s.stripe_subscription_id
+            AND i.status = 'uncollectible' AND i.stripe_customer_id = s.stripe_customer_id))) OVER () AS unpaid,
+        bool_or(s.status = 'past_due') OVER () AS past_due
       FROM public.stripe_subscriptions s
       WHERE s.stripe_customer_id = ANY (b.customers)
       ORDER BY array_position(ARRAY['active', 'trialing', 'past_due', 'unpaid', 'paused', 'incomplete', 'canceled',
@@ -154,27 +157,24 @@ BEGIN
                array_position(b.customers, s.stripe_customer_id)
       LIMIT 1) AS best ON true
     LEFT JOIN LATERAL (
-      SELECT bool_or(s.status = 'unpaid') AS unpaid, bool_or(s.status = 'past_due') AS past_due
-      FROM public.stripe_subscriptions s WHERE s.stripe_customer_id = ANY (b.customers)) AS flags ON true
-    LEFT JOIN LATERAL (
       -- Their open invoices: failing (a failed attempt, unless it waits for authentication), waiting
-      -- for authentication, and of those with something to pay that failed or passed their due
-      -- date, since when (the earliest) and where to pay the oldest.
+      -- for authentication; of those with something to pay that failed or passed their due date
+      -- (since is not null): since when (the earliest), where to pay the oldest, and what they owe
+      -- in the currency with the largest sum (minor units).
       SELECT bool_or(o.attempt_count >= 1 AND NOT o.action_required) AS failing,
         bool_or(o.action_required) AS action_required, min(o.since) AS since,
-        (array_agg(o.hosted_invoice_url ORDER BY o.since) FILTER (WHERE o.since IS NOT NULL))[1] AS pay_url
+        (array_agg(o.hosted_invoice_url ORDER BY o.since) FILTER (WHERE o.since IS NOT NULL))[1] AS pay_url,
+        max(o.owed) AS owed,
+        (array_agg(o.currency ORDER BY o.owed DESC, o.currency) FILTER (WHERE o.owed IS NOT NULL))[1] AS currency
       FROM (
-        SELECT i.attempt_count, i.action_required, i.hosted_invoice_url,
-          CASE WHEN i.amount_remaining > 0 THEN least(CASE WHEN i.attempt_count >= 1 THEN i.failing_since END,
-                                                      CASE WHEN i.due_date < now() THEN i.due_date END) END AS since
-        FROM public.stripe_invoices i WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'open') AS o
+        SELECT d.*, sum(d.amount_remaining) FILTER (WHERE d.since IS NOT NULL) OVER (PARTITION BY d.currency) AS owed
+        FROM (
+          SELECT i.attempt_count, i.action_required, i.hosted_invoice_url, i.currency, i.amount_remaining,
+            CASE WHEN i.amount_remaining > 0 THEN least(CASE WHEN i.attempt_count >= 1 THEN i.failing_since END,
+                                                        CASE WHEN i.due_date < now() THEN i.due_date END) END AS since
+          FROM public.stripe_invoices i WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'open') AS d
+      ) AS o
     ) AS open_ones ON true
-    LEFT JOIN LATERAL (
-      -- What they owe on those, in the currency with the largest sum (minor units).
-      SELECT i.currency, sum(i.amount_remaining) AS amount FROM public.stripe_invoices i
-      WHERE i.stripe_customer_id = ANY (b.customers) AND i.status = 'open' AND i.amount_remaining > 0
-        AND ((i.attempt_count >= 1 AND i.failing_since IS NOT NULL) OR i.due_date < now())
-      GROUP BY i.currency ORDER BY sum(i.amount_remaining) DESC, i.currency LIMIT 1) AS owed ON true
     WHERE b.customers IS NOT NULL
     $view$, v_member_of);
     EXECUTE format('COMMENT ON VIEW public.stripe_user_billing IS %L', v_version);
