@@ -26,6 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg2.errors
 from sqlalchemy import Engine, text
 
 from bench import cluster
@@ -123,6 +124,7 @@ def fill(engine: Engine, customers: int, organizations: int, invoices: bool = Tr
             for table in ("stripe_customers", *BILLING_TABLES):
                 connection.execute(text(f"ALTER TABLE {table} ENABLE TRIGGER USER"))
         connection.execute(text("VACUUM ANALYZE"))
+        connection.execute(text("CHECKPOINT"))  # the fill's dirty pages written now, not while timing
 
 
 def _user(n: int) -> str:
@@ -152,6 +154,43 @@ def time_as_user(
                 connection.exec_driver_sql(sql % n if "%s" in sql else sql).all()
                 taken.append((time.perf_counter() - started) * 1000)
     return sorted(taken)
+
+
+def plans(engine: Engine, user: int) -> list[str]:
+    """EXPLAIN ANALYZE of the user's row and, where the server has auto_explain (Debian's packages
+    do, the embedded build does not), of the statements stripe_has_access runs inside, each run
+    once before so that the plans shown are the warm ones a pooled connection keeps."""
+    shown = []
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        with raw.cursor() as cursor:  # type: ignore[union-attr]
+            try:
+                cursor.execute("LOAD 'auto_explain'")
+                explained = True
+            except psycopg2.errors.UndefinedFile as refused:  # a build without it: the view's plan alone
+                shown.append(f"(stripe_has_access's inner plans not shown: {str(refused).strip()})")
+                explained = False
+            claims = json.dumps({"sub": _user(user), "role": "authenticated"})
+            for sql in ("SELECT * FROM public.stripe_user_billing", "SELECT public.stripe_has_access('feature_3')"):
+                cursor.execute("BEGIN")  # the engine's connections are in autocommit
+                cursor.execute("SELECT set_config('request.jwt.claims', %s, true)", (claims,))
+                if explained:
+                    cursor.execute(
+                        "SET LOCAL auto_explain.log_min_duration = 0; SET LOCAL auto_explain.log_analyze = on; "
+                        "SET LOCAL auto_explain.log_nested_statements = on; SET LOCAL client_min_messages = log"
+                    )
+                cursor.execute("SET LOCAL ROLE authenticated")
+                cursor.execute(sql)  # warm: the plpgsql plans are kept after this
+                del raw.notices[:]  # type: ignore[union-attr]
+                if sql.startswith("SELECT *"):
+                    cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql)
+                    shown.append(f"{sql}:\n" + "\n".join(row[0] for row in cursor.fetchall()))
+                elif explained:
+                    cursor.execute(sql)
+                    nested = [notice for notice in raw.notices if "Query Text" in notice]  # type: ignore[union-attr]
+                    shown.append(f"{sql}, the statements it runs:\n" + "".join(nested))
+                cursor.execute("ROLLBACK")
+    return shown
 
 
 def event_cost(engine: Engine, batches: int, per_batch: int) -> dict[str, float]:
@@ -185,8 +224,9 @@ def event_cost(engine: Engine, batches: int, per_batch: int) -> dict[str, float]
 
 def measure(
     url: str, engine: Engine, args: argparse.Namespace
-) -> tuple[str, list[tuple[str, list[float]]], dict[str, float]]:
-    """The server's version, each timed query's samples (sorted ms), and the statement's CPU."""
+) -> tuple[str, list[tuple[str, list[float]]], dict[str, float], list[str]]:
+    """The server's version, each timed query's samples (sorted ms), the statement's CPU, and the
+    plans (grace set)."""
     with engine.connect() as connection:
         version = str(connection.execute(text("SHOW server_version")).scalar_one()).split()[0]
     costs = event_cost(engine, batches=6, per_batch=300)
@@ -208,6 +248,7 @@ def measure(
     service = time_as_user(
         engine, "SELECT public.stripe_has_access('feature_3', md5('u' || %s)::uuid)", users, role="service_role"
     )
+    shown = plans(engine, users[0])
     with engine.connect() as connection:  # the timed answers were the members' branch's, not a miss
         granted = connection.execute(
             text(
@@ -239,6 +280,7 @@ def measure(
             ("the console's customer page (in-process app, rendered)", pages),
         ],
         costs,
+        shown,
     )
 
 
@@ -268,14 +310,18 @@ def main() -> None:
         f"{12 * args.customers:,} invoices (2% open), "
         f"{args.organizations:,} organizations of 10 members; {args.samples} samples each\n"
     )
-    head = " | ".join(f"Postgres {version} median / p99 ms" for version, _, _ in results)
+    head = " | ".join(f"Postgres {version} median / p99 ms" for version, _, _, _ in results)
     print(f"| what | {head} |\n|---|{'---|' * len(results)}")
     for row, (what, _) in enumerate(results[0][1]):
-        cells = " | ".join(_cell(timed[row][1]) for _, timed, _ in results)
+        cells = " | ".join(_cell(timed[row][1]) for _, timed, _, _ in results)
         print(f"| {what} | {cells} |")
     print("\nthe consumer's statement, one event a statement, backend CPU per event:")
-    for version, _, costs in results:
+    for version, _, costs, _ in results:
         print(f"  Postgres {version}: " + ", ".join(f"{kind} {cost:.3f} ms" for kind, cost in costs.items()))
+    for version, _, _, shown in results:
+        print(f"\nthe plans on Postgres {version}, grace set, as the signed-in user:")
+        for plan in shown:
+            print(plan)
 
 
 def _cell(taken: list[float]) -> str:

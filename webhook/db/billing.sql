@@ -110,10 +110,12 @@ CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_invoices_customer_idx ON public.s
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_invoices_open_idx
   ON public.stripe_invoices (stripe_customer_id) WHERE status = 'open';
 
--- step: a subscription's uncollectible invoices, which make its customer `unpaid` (payment
--- standing, db/access.sql): without it the rule reads every invoice the customer ever had
+-- step: a customer's uncollectible invoices, by subscription, which make it `unpaid` (payment
+-- standing, db/access.sql): without it the rule reads every invoice the customer ever had. Both
+-- columns, so that whichever way the planner takes the rule (probe per subscription, or hash the
+-- customer's) it is an index range.
 CREATE INDEX CONCURRENTLY IF NOT EXISTS stripe_invoices_uncollectible_idx
-  ON public.stripe_invoices (stripe_subscription_id) WHERE status = 'uncollectible';
+  ON public.stripe_invoices (stripe_customer_id, stripe_subscription_id) WHERE status = 'uncollectible';
 
 -- step: one place for every object's sync stamp, <object>_metadata.sync (releases before 2026-12-07
 -- kept the sets' and the payment methods' in a `sync` column, moved at the end of this file)
