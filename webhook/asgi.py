@@ -28,7 +28,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Pages and scrapes are few and short, and give up within 3 s on a busy database (the console's own
 # pool); eight at once per process let a burst of them say so together instead of in turns.
@@ -68,38 +67,37 @@ async def _answer(send: Send, status: int, payload: bytes) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(settings: Settings | None = None, **options: Any) -> ASGIApp:
+def create_app(settings: Settings | None = None, **options: Any) -> App:
     """The ASGI app around webhook.app.create_app (same arguments)."""
-    return around(flask_app.create_app(settings, **options))
+    return App(flask_app.create_app(settings, **options))
 
 
-def around(wsgi: Flask) -> ASGIApp:
+class App:
     """The ASGI app serving what webhook.app.create_app made (the worker also puts it around that
-    app when a command line names the Flask app, as Procfiles before this server did)."""
-    engine, settings = wsgi.extensions["webhook"]
-    console = WSGIMiddleware(wsgi, workers=CONSOLE_THREADS)  # type: ignore[arg-type]
-    deliveries = ThreadPoolExecutor(settings.delivery_threads, thread_name_prefix="delivery")
-    limit = settings.max_webhook_bytes
+    app when a command line names the Flask app, as Procfiles before this server did). `settings`
+    are the Flask app's, read once: the worker takes its body limit from them."""
 
-    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, wsgi: Flask) -> None:
+        self.engine, self.settings = wsgi.extensions["webhook"]
+        self.console = WSGIMiddleware(wsgi, workers=CONSOLE_THREADS)  # type: ignore[arg-type]
+        self.deliveries = ThreadPoolExecutor(self.settings.delivery_threads, thread_name_prefix="delivery")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
             await _answer(send, 200, _ALIVE)  # from the loop: a busy console does not fail the probe
             return
         if scope["type"] != "http" or scope["path"] != WEBHOOK_PATH or scope["method"] != "POST":
-            await console(scope, receive, send)  # type: ignore[arg-type]
+            await self.console(scope, receive, send)  # type: ignore[arg-type]
             return
         try:
-            body = await _body(receive, limit)
+            body = await _body(receive, self.settings.max_webhook_bytes)
         except TooLarge:
             metrics.REJECTED.labels(status="413").inc()
             await _answer(send, 413, _TOO_LARGE)
             return
         if body is None:
             return  # nobody to answer
-        signature = next((value for name, value in scope["headers"] if name == b"stripe-signature"), None)
-        status, answer = await answer_delivery_from_loop(
-            body, None if signature is None else signature.decode("latin-1"), engine, settings, deliveries
-        )
+        signed = next((value for name, value in scope["headers"] if name == b"stripe-signature"), None)
+        signature = None if signed is None else signed.decode("latin-1")
+        status, answer = await answer_delivery_from_loop(body, signature, self.engine, self.settings, self.deliveries)
         await _answer(send, status, json.dumps(answer).encode())
-
-    return asgi

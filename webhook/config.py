@@ -171,9 +171,12 @@ def embedded_secret(data_dir: Path) -> str:
     return secret
 
 
+DEFAULT_MAX_WEBHOOK_BYTES = 1_048_576
+
+
 def max_webhook_bytes(env: Mapping[str, str]) -> int:
     """MAX_WEBHOOK_BYTES: the app answers 413 above it, and the HTTP worker reads no more."""
-    return _number(env, "MAX_WEBHOOK_BYTES", 1_048_576, minimum=1)
+    return _number(env, "MAX_WEBHOOK_BYTES", DEFAULT_MAX_WEBHOOK_BYTES, minimum=1)
 
 
 # Set for each transaction (database.make_engine), so plain words only: no quote, no percent sign.

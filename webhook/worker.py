@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from typing import Any
 
 from flask import Flask
@@ -24,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn_worker import UvicornWorker
 
 from webhook import metrics
-from webhook.config import ConfigError, max_webhook_bytes
+from webhook.config import DEFAULT_MAX_WEBHOOK_BYTES, Settings
 
 # Stripe sends each event in one go; a client that takes longer than this for one request is
 # stalled or hostile.
@@ -45,13 +44,6 @@ def _answer(status: int, reason: str, error: str) -> bytes:
 BAD_REQUEST = _answer(400, "Bad Request", "bad request")
 HEADERS_TOO_LARGE = _answer(431, "Request Header Fields Too Large", "request header fields too large")
 TOO_LARGE = _answer(413, "Request Entity Too Large", "request entity too large")
-
-
-def _body_limit() -> int:
-    try:
-        return max_webhook_bytes(os.environ)
-    except ConfigError:
-        return 0  # the app refuses to start with the same message
 
 
 class _HeadWithBody:
@@ -94,7 +86,7 @@ class _HeadWithBody:
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline for each request and limits on its size."""
 
-    body_limit = _body_limit()
+    body_limit = DEFAULT_MAX_WEBHOOK_BYTES  # the app's MAX_WEBHOOK_BYTES once loaded (Worker.load_wsgi)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -235,6 +227,9 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         super().load_wsgi()
         loaded: Any = self.wsgi  # type: ignore[has-type]
         if isinstance(loaded, Flask) and "webhook" in loaded.extensions:
-            from webhook.asgi import around  # the app's modules load in the worker, not the master
+            from webhook.asgi import App  # the app's modules load in the worker, not the master
 
-            self.wsgi = around(loaded)
+            self.wsgi = loaded = App(loaded)
+        settings = getattr(loaded, "settings", None)
+        if isinstance(settings, Settings):  # one process, one app: the limit its settings read
+            GuardedProtocol.body_limit = settings.max_webhook_bytes
