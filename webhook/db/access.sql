@@ -55,19 +55,23 @@ $$;
 DO $access$
 DECLARE
   v_orgs boolean := public.stripe_organizations_on();
+  -- Each path is checked against the grace only once it has the feature: OFFSET 0 keeps the cut
+  -- above the join (else Postgres filters every customer it reads by it, feature or not).
   v_has_access text := $body$
     SELECT EXISTS (
-      SELECT 1 FROM public.stripe_customers c
-      JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
-      WHERE c.user_id = %1$s AND e.lookup_key = p_feature
-        AND (v_grace IS NULL OR NOT public.stripe_access_cut(c.stripe_customer_id, v_grace)))$body$;
+      SELECT 1 FROM (
+        SELECT c.stripe_customer_id FROM public.stripe_customers c
+        JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
+        WHERE c.user_id = %1$s AND e.lookup_key = p_feature OFFSET 0) AS path
+      WHERE v_grace IS NULL OR NOT public.stripe_access_cut(path.stripe_customer_id, v_grace))$body$;
   v_through_members text := $members$
     OR EXISTS (
-      SELECT 1 FROM public.organization_members m
-      JOIN public.stripe_customers c ON c.organization_id = m.organization_id
-      JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
-      WHERE m.user_id = %1$s AND e.lookup_key = p_feature
-        AND (v_grace IS NULL OR NOT public.stripe_access_cut(c.stripe_customer_id, v_grace)))$members$;
+      SELECT 1 FROM (
+        SELECT c.stripe_customer_id FROM public.organization_members m
+        JOIN public.stripe_customers c ON c.organization_id = m.organization_id
+        JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
+        WHERE m.user_id = %1$s AND e.lookup_key = p_feature OFFSET 0) AS path
+      WHERE v_grace IS NULL OR NOT public.stripe_access_cut(path.stripe_customer_id, v_grace))$members$;
   -- The view's part that reads organization_members.
   v_member_of text := $members$
         UNION ALL
