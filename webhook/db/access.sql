@@ -101,10 +101,10 @@ BEGIN
   -- period end; then their own customer's, then by organization id), its period end, cancellation
   -- and tier (the first item's tier metadata, else the first item's lookup key, skipping items
   -- that name none: stripe_items_tier's rule, written out because the API roles may call no
-  -- function but stripe_has_access, as one jsonpath, which costs the planner nothing), and the
-  -- entitlements of them all. stripe_customer_id: their own
-  -- customer, else the best subscription's; organization_id: the best subscription's customer's
-  -- organization, else their first. A signed-in user (anon, authenticated) sees only their own row;
+  -- function but stripe_has_access; a jsonpath each, not a subquery the planner must plan), and
+  -- the entitlements of them all. stripe_customer_id: their own customer, else the best
+  -- subscription's; organization_id: the best subscription's customer's organization, else their
+  -- first. A signed-in user (anon, authenticated) sees only their own row;
   -- the service role and the consumer see every row. Two branches of users, each gated by a
   -- condition Postgres checks once: a signed-in user's is one lookup; an OR of both would scan every
   -- user for every user. Kept small for the planner, whose time is most of a signed-in user's
