@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg2
@@ -18,7 +21,7 @@ from sqlalchemy import Engine, text
 from tests.support import customer_row, deliver, event_row, failing_writes
 from webhook import batch, database, samples, store
 from webhook.config import Settings
-from webhook.process import DatabaseUnavailable, ProcessingFailed, process_event
+from webhook.process import DatabaseUnavailable, ProcessingFailed, process_delivery, process_event
 from webhook.results import EventFailed
 from webhook.signature import parse_event
 
@@ -235,19 +238,68 @@ def test_a_held_lock_fails_only_the_events_that_wait_for_it(database_url: str, e
     assert all(customer_row(engine, customer["id"]) is None for customer in locked)
 
 
-@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
-def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Settings) -> None:
-    """A server that accepts connections and never speaks: every delivery queued behind the one
-    connecting gets its 503 with it, not after a connect timeout of its own in turn."""
-    import socket
-    from concurrent.futures import ThreadPoolExecutor
+def test_deliveries_read_in_one_turn_of_the_loop_share_a_statement(engine: Engine, settings: Settings) -> None:
+    """The server's path (process_delivery from the event loop): deliveries that the loop reads
+    in one turn, as a burst from senders in step arrives, go in one statement together."""
+    events = [samples.event("customer.created", samples.customer()) for _ in range(4)]
 
+    async def burst() -> list[str]:
+        threads = ThreadPoolExecutor(2)
+        deliveries = [process_delivery(engine, parse_event(json.dumps(event)), settings, threads) for event in events]
+        return [outcome.value for outcome in await asyncio.gather(*deliveries)]
+
+    assert asyncio.run(burst()) == ["processed"] * 4
+    assert len({_received_at(engine, event["id"]) for event in events}) == 1  # one transaction's now()
+
+
+@contextlib.contextmanager
+def _silent_database() -> Iterator[Engine]:
+    """An engine whose server accepts connections and never speaks."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(64)
     accepted: list[socket.socket] = []
     threading.Thread(target=lambda: accepted.extend(iter(lambda: silent.accept()[0], None)), daemon=True).start()
-    engine = database.make_engine(f"postgresql://u:p@127.0.0.1:{silent.getsockname()[1]}/db", pool_size=5)
+    try:
+        yield database.make_engine(f"postgresql://u:p@127.0.0.1:{silent.getsockname()[1]}/db", pool_size=5)
+    finally:
+        silent.close()
+        for connection in accepted:
+            connection.close()
+
+
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
+def test_a_database_that_never_answers_costs_the_loop_one_connect_timeout(settings: Settings) -> None:
+    """As below, for the deliveries the event loop holds: those queued in the loop behind the
+    statement that is connecting get their 503 with it."""
+
+    async def deliver() -> tuple[type[BaseException] | None, float]:
+        started = time.monotonic()
+        event = parse_event(json.dumps(samples.event("customer.created", samples.customer())))
+        try:
+            await process_delivery(engine, event, settings, threads)
+        except DatabaseUnavailable as error:
+            return type(error), time.monotonic() - started
+        return None, time.monotonic() - started
+
+    async def deliveries() -> list[tuple[type[BaseException] | None, float]]:
+        first = asyncio.ensure_future(deliver())
+        await asyncio.sleep(0.5)  # the others queue behind the first one's connect
+        return await asyncio.gather(first, *(deliver() for _ in range(7)))
+
+    threads = ThreadPoolExecutor(8)
+    with _silent_database() as engine:
+        answers = asyncio.run(deliveries())
+    assert [kind for kind, _ in answers] == [DatabaseUnavailable] * 8
+    assert max(took for _, took in answers) < 8  # one connect timeout (5 s), not two in turn
+
+
+@pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
+def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Settings) -> None:
+    """A server that accepts connections and never speaks: every delivery queued behind the one
+    connecting gets its 503 with it, not after a connect timeout of its own in turn."""
+    stack = contextlib.ExitStack()
+    engine = stack.enter_context(_silent_database())
 
     def deliver(_: int) -> tuple[type[BaseException] | None, float]:
         started = time.monotonic()
@@ -258,15 +310,10 @@ def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Setti
             return type(error), time.monotonic() - started
         return None, time.monotonic() - started
 
-    try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            first = pool.submit(deliver, 0)
-            time.sleep(0.5)  # the others queue behind the first one's connect
-            answers = [first.result(), *pool.map(deliver, range(7))]
-    finally:
-        silent.close()
-        for connection in accepted:
-            connection.close()
+    with stack, ThreadPoolExecutor(max_workers=8) as pool:
+        first = pool.submit(deliver, 0)
+        time.sleep(0.5)  # the others queue behind the first one's connect
+        answers = [first.result(), *pool.map(deliver, range(7))]
     print(f"\n8 deliveries against a silent database: slowest answer {max(took for _, took in answers):.1f} s")
     assert [kind for kind, _ in answers] == [DatabaseUnavailable] * 8
     assert max(took for _, took in answers) < 8  # one connect timeout (5 s), not two or more in turn
