@@ -40,21 +40,31 @@ def _request(event_body: str) -> bytes:
 @pytest.mark.reliability  # slow (a long wait by design): beside the soak, not in the default run
 def test_stalled_clients_cannot_starve_deliveries(database_url: str, engine: Engine) -> None:
     events = [samples.event("customer.created", samples.customer()) for _ in range(40)]
+    answered_first = [json.dumps(samples.event("customer.created", samples.customer())) for _ in range(8)]
     with gunicorn(database_url, workers=2) as (port, _):
         # 64 per kind: many more than the 2 workers × 4 threads that used to be all it took.
         stalled = [_open(port, sent) for sent in STALLED.values() for _ in range(64)]
+        # And kept-alive connections whose first request was answered and whose next one stalls.
+        kept = [_open(port, _request(body) + b"\r\n" + body.encode()) for body in answered_first]
+        for connection in kept:
+            answer = b""
+            while not answer.endswith(b'"processed"}'):
+                answer += connection.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200 OK")
+            connection.sendall(STALLED["half the headers"])
         time.sleep(0.5)
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(lambda event: post_event(port, event, timeout=5), events))
         took = time.monotonic() - started
         assert [status for status, _ in answers] == [200] * len(events)
-        assert count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed'") == len(events)
-        print(f"\n{len(events)} deliveries beside {len(stalled)} stalled clients: {took:.2f} s")
+        processed = count(engine, "SELECT count(*) FROM stripe_webhook_events WHERE status = 'processed'")
+        assert processed == len(events) + len(kept)
+        print(f"\n{len(events)} deliveries beside {len(stalled) + len(kept)} stalled clients: {took:.2f} s")
 
         # The stalled connections are closed once they have had REQUEST_SECONDS for one request.
         time.sleep(REQUEST_SECONDS + 2)
-        for connection in stalled:
+        for connection in [*stalled, *kept]:
             connection.settimeout(1)
             assert connection.recv(100) == b""
             connection.close()
