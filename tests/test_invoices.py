@@ -13,7 +13,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from tests.fake_stripe import FakeStripe
-from tests.support import deliver, event_row, now, read_waiting
+from tests.server import gunicorn, post_event
+from tests.support import KEY, deliver, event_row, now, read_waiting
 from webhook import samples
 from webhook.config import Settings
 
@@ -62,11 +63,23 @@ def test_both_api_versions_mid_upgrade_keep_one_row(client: FlaskClient, engine:
     assert [line["price"] for line in row["lines"]] == ["price_line0"]
 
 
-def test_13_lines_are_read_whole_with_a_key(keyed: FlaskClient, fake: FakeStripe, engine: Engine) -> None:
-    invoice = samples.invoice("cus_Inv2", lines=13, page=10)  # Stripe's payload: 10 lines, has_more
+@pytest.mark.parametrize("served", ["in process", "under gunicorn"])
+def test_13_lines_are_read_whole_with_a_key(
+    served: str, keyed: FlaskClient, stripe_http: str, fake: FakeStripe, engine: Engine, database_url: str
+) -> None:
+    """Under gunicorn the delivery takes the server's own path (process_delivery, from the event
+    loop), which hands a change it must complete to a delivery thread."""
+    invoice = samples.invoice(f"cus_Inv2{served[0]}", lines=13, page=10)  # Stripe's payload: 10 lines, has_more
     fake.invoices[invoice["id"]] = invoice
-    fake.invoice_lines[invoice["id"]] = samples.invoice("cus_Inv2", invoice["id"], lines=13, page=13)["lines"]["data"]
-    assert _status(keyed, samples.event("invoice.finalized", invoice, created=T)) == "processed"
+    fake.invoice_lines[invoice["id"]] = samples.invoice(invoice["customer"], invoice["id"], lines=13, page=13)["lines"][
+        "data"
+    ]
+    event = samples.event("invoice.finalized", invoice, created=T)
+    if served == "in process":
+        assert _status(keyed, event) == "processed"
+    else:
+        with gunicorn(database_url, workers=1, STRIPE_API_KEY=KEY, STRIPE_API_BASE=stripe_http) as (port, _):
+            assert post_event(port, event) == (200, {"event_id": event["id"], "status": "processed"})
     row = _invoice(engine, invoice["id"])
     assert row is not None and row["lines_complete"] is True
     assert [line["price"] for line in row["lines"]] == [f"price_line{n}" for n in range(13)]
