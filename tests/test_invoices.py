@@ -37,14 +37,31 @@ def _status(client: FlaskClient, event: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("new_shape", [False, True], ids=["api before 2025-03-31", "api from 2025-03-31"])
 def test_an_invoice_is_kept_from_either_api_shape(client: FlaskClient, engine: Engine, new_shape: bool) -> None:
-    invoice = samples.invoice("cus_Inv1", subscription_id="sub_Inv1", lines=2, new_shape=new_shape, amount=4200)
+    invoice = samples.invoice(
+        "cus_Inv1", subscription_id="sub_Inv1", lines=2, new_shape=new_shape, amount=4200, attempt_count=1
+    )
+    invoice["due_date"] = T + 86400
     assert _status(client, samples.event("invoice.finalized", invoice, created=T)) == "processed"
     row = _invoice(engine, invoice["id"])
     assert row is not None
     assert (row["stripe_customer_id"], row["stripe_subscription_id"], row["status"]) == ("cus_Inv1", "sub_Inv1", "open")
-    assert (row["amount_due"], row["amount_remaining"], row["currency"]) == (4200, 4200, "usd")
-    assert [line["price"] for line in row["lines"]] == ["price_line0", "price_line1"]
-    assert [line["product"] for line in row["lines"]] == ["prod_plan", "prod_plan"]
+    assert (row["amount_due"], row["amount_paid"], row["amount_remaining"], row["currency"]) == (4200, 0, 4200, "usd")
+    assert (row["attempt_count"], row["billing_reason"]) == (1, "subscription_cycle")
+    assert row["hosted_invoice_url"] == invoice["hosted_invoice_url"]
+    assert row["next_payment_attempt"].timestamp() == invoice["next_payment_attempt"]
+    assert row["due_date"].timestamp() == T + 86400 and row["paid_at"] is None
+    period = invoice["lines"]["data"][0]["period"]
+    assert row["lines"] == [
+        {
+            "price": f"price_line{n}",
+            "product": "prod_plan",
+            "quantity": 1,
+            "amount": 2100,
+            "period_start": period["start"],
+            "period_end": period["end"],
+        }
+        for n in range(2)
+    ]
     assert row["lines_complete"] is True
     assert row["invoice_metadata"]["sync"]["event_created"] == T
 
