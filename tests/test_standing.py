@@ -168,3 +168,25 @@ def test_an_organizations_standing_counts_for_its_members(
     row = _row(engine, member)
     assert row["payment_state"] == "failing" and row["payment_failing_since"].timestamp() == T - 10 * DAY
     assert not _access(engine, member)
+
+
+def test_an_invoice_sent_for_manual_payment_counts_once_its_due_date_passes(
+    client: FlaskClient, engine: Engine, database_url: str
+) -> None:
+    """No payment attempt, a due date: nothing overdue before it; after it, failing since then,
+    owed, the place to pay, and cut once the grace has passed too."""
+    user, customer, subscription = _paying(client, engine)
+    create_app(settings_for(database_url, STRIPE_PAST_DUE_GRACE="1 day"), engine)
+    due_later = {**samples.invoice(customer, subscription_id=subscription["id"], amount=3000), "due_date": T + 5 * DAY}
+    _status(client, samples.event("invoice.finalized", due_later, created=T - DAY))
+    row = _row(engine, user)
+    assert (row["payment_state"], row["payment_failing_since"], row["amount_overdue"]) == ("ok", None, 0)
+    assert _access(engine, user)
+
+    overdue = {**samples.invoice(customer, subscription_id=subscription["id"], amount=1000), "due_date": T - 2 * DAY}
+    _status(client, samples.event("invoice.overdue", overdue, created=T - DAY))
+    row = _row(engine, user)
+    assert row["payment_failing_since"].timestamp() == T - 2 * DAY
+    assert (row["amount_overdue"], row["overdue_currency"]) == (1000, "usd")
+    assert row["pay_url"] == overdue["hosted_invoice_url"]
+    assert not _access(engine, user)  # due two days ago, past a one-day grace
