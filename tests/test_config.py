@@ -44,6 +44,8 @@ BAD = [
     ("STRIPE_PAST_DUE_GRACE", "a week"),
     ("STRIPE_PAST_DUE_GRACE", "7 fortnights"),
     ("STRIPE_PAST_DUE_GRACE", "-1d"),
+    ("DELIVERY_THREADS", "0"),
+    ("GUNICORN_THREADS", "many"),
 ]
 
 
@@ -94,3 +96,12 @@ def test_good_values_are_read() -> None:
     assert settings.webhook_secrets == (SECRET, "whsec_second")
     assert (settings.refetch, settings.heal_interval, settings.reconcile_interval) == ("always", 30, 0)
     assert settings.expect_livemode is False
+
+
+@pytest.mark.parametrize(
+    ("env", "threads"),
+    [({}, 8), ({"GUNICORN_THREADS": "5"}, 5), ({"DELIVERY_THREADS": "3", "GUNICORN_THREADS": "5"}, 3)],
+    ids=["default", "the older name", "DELIVERY_THREADS first"],
+)
+def test_delivery_threads_are_read_under_either_name(env: dict[str, str], threads: int) -> None:
+    assert load_settings({**BASE, **env}).delivery_threads == threads
