@@ -17,12 +17,13 @@ from typing import Any
 
 import psutil
 import pytest
+import uvicorn
 from sqlalchemy import Engine
 from werkzeug.security import generate_password_hash
 
 from tests.server import gunicorn, post_event
 from tests.support import count, settings_for, sign
-from webhook import samples
+from webhook import samples, worker
 from webhook.asgi import CONSOLE_THREADS
 from webhook.asgi import create_app as create_asgi
 
@@ -176,3 +177,41 @@ def test_the_asgi_app_keeps_the_body_limit_under_any_server(database_url: str, e
     signed = [(b"stripe-signature", sign(event).encode())]
     status, body = answer_to([event[:half].encode(), event[half:].encode()], signed)
     assert status == 200 and json.loads(body)["status"] == "processed"
+
+
+def test_a_slow_answer_is_sent_while_the_next_request_waits_behind_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline is for reading a request: a pipelined one begun behind an answer the app is
+    still making waits for it (the app's own timeouts bound that), and then has its own deadline.
+    The protocol under uvicorn in this process, the deadline shortened to 0.3 s, an app that
+    answers after a second."""
+    monkeypatch.setattr(worker, "REQUEST_SECONDS", 0.3)
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        await asyncio.sleep(1.0)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(slow, http=worker.GuardedProtocol, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    running = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    running.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with socket.create_connection(sock.getsockname(), timeout=5) as connection:
+            connection.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+            time.sleep(0.1)
+            connection.sendall(b"POST /x HTTP/1.1\r\nHo")  # the next request, begun
+            answer = b""
+            while chunk := connection.recv(65536):  # until the server closes
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nok")
+    finally:
+        server.should_exit = True
+        running.join(10)
+        sock.close()
