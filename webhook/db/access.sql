@@ -55,23 +55,18 @@ $$;
 DO $access$
 DECLARE
   v_orgs boolean := public.stripe_organizations_on();
-  -- Each path is checked against the grace only once it has the feature: OFFSET 0 keeps the cut
-  -- above the join (else Postgres filters every customer it reads by it, feature or not).
-  v_has_access text := $body$
-    SELECT EXISTS (
-      SELECT 1 FROM (
+  -- The customers through which the user has the feature: their own, then (members) their
+  -- organization's.
+  v_paths text := $own$
         SELECT c.stripe_customer_id FROM public.stripe_customers c
         JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
-        WHERE c.user_id = %1$s AND e.lookup_key = p_feature OFFSET 0) AS path
-      WHERE v_grace IS NULL OR NOT public.stripe_access_cut(path.stripe_customer_id, v_grace))$body$;
+        WHERE c.user_id = %1$s AND e.lookup_key = p_feature$own$;
   v_through_members text := $members$
-    OR EXISTS (
-      SELECT 1 FROM (
+        UNION ALL
         SELECT c.stripe_customer_id FROM public.organization_members m
         JOIN public.stripe_customers c ON c.organization_id = m.organization_id
         JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
-        WHERE m.user_id = %1$s AND e.lookup_key = p_feature OFFSET 0) AS path
-      WHERE v_grace IS NULL OR NOT public.stripe_access_cut(path.stripe_customer_id, v_grace))$members$;
+        WHERE m.user_id = %1$s AND e.lookup_key = p_feature$members$;
   -- The view's part that reads organization_members.
   v_member_of text := $members$
         UNION ALL
@@ -81,19 +76,25 @@ DECLARE
   -- STRIPE_PAST_DUE_GRACE, read once per call; unset (no row) cuts nothing.
   v_grace text := $grace$DECLARE v_grace interval := (SELECT make_interval(secs => s.value::double precision)
     FROM public.stripe_settings s WHERE s.name = 'past_due_grace'); $grace$;
+  v_has_access text;
 BEGIN
   IF NOT v_orgs THEN
     v_through_members := ''; v_member_of := '';
   END IF;
+  -- Access: a path the grace does not cut, the first one found. Each is checked against the grace
+  -- only once it has the feature: OFFSET 0 keeps the cut above the joins (else Postgres filters
+  -- every customer it reads by it, feature or not).
+  v_has_access := 'SELECT EXISTS (SELECT 1 FROM (' || v_paths || v_through_members || ' OFFSET 0) AS path'
+    || ' WHERE v_grace IS NULL OR NOT public.stripe_access_cut(path.stripe_customer_id, v_grace))';
   -- plpgsql, not sql: a sql function with SET search_path is never inlined, and before Postgres 18
   -- it is planned again on every call (0.75 ms median on 15 at the size of docs/performance.md);
   -- plpgsql keeps its plans for the session, which a pooled connection keeps.
   EXECUTE format('CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text) RETURNS boolean '
     'LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = %L AS %L', '',
-    format(v_grace || 'BEGIN RETURN (' || v_has_access || v_through_members || '); END', 'auth.uid()'));
+    format(v_grace || 'BEGIN RETURN (' || v_has_access || '); END', 'auth.uid()'));
   EXECUTE format('CREATE OR REPLACE FUNCTION public.stripe_has_access(p_feature text, p_user_id uuid) RETURNS boolean '
     'LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = %L AS %L', '',
-    format(v_grace || 'BEGIN RETURN (' || v_has_access || v_through_members || '); END', 'p_user_id'));
+    format(v_grace || 'BEGIN RETURN (' || v_has_access || '); END', 'p_user_id'));
 
   -- stripe_user_billing: one row per user who has a customer or belongs to an organization that
   -- has one: the best subscription among all those customers' (active > trialing > past_due >
