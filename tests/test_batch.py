@@ -244,11 +244,11 @@ def test_deliveries_read_in_one_turn_of_the_loop_share_a_statement(engine: Engin
     events = [samples.event("customer.created", samples.customer()) for _ in range(4)]
 
     async def burst() -> list[str]:
-        threads = ThreadPoolExecutor(2)
         deliveries = [process_delivery(engine, parse_event(json.dumps(event)), settings, threads) for event in events]
         return [outcome.value for outcome in await asyncio.gather(*deliveries)]
 
-    assert asyncio.run(burst()) == ["processed"] * 4
+    with ThreadPoolExecutor(2) as threads:
+        assert asyncio.run(burst()) == ["processed"] * 4
     assert len({_received_at(engine, event["id"]) for event in events}) == 1  # one transaction's now()
 
 
@@ -287,8 +287,7 @@ def test_a_database_that_never_answers_costs_the_loop_one_connect_timeout(settin
         await asyncio.sleep(0.5)  # the others queue behind the first one's connect
         return await asyncio.gather(first, *(deliver() for _ in range(7)))
 
-    threads = ThreadPoolExecutor(8)
-    with _silent_database() as engine:
+    with _silent_database() as engine, ThreadPoolExecutor(8) as threads:
         answers = asyncio.run(deliveries())
     assert [kind for kind, _ in answers] == [DatabaseUnavailable] * 8
     assert max(took for _, took in answers) < 8  # one connect timeout (5 s), not two in turn
@@ -298,8 +297,6 @@ def test_a_database_that_never_answers_costs_the_loop_one_connect_timeout(settin
 def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Settings) -> None:
     """A server that accepts connections and never speaks: every delivery queued behind the one
     connecting gets its 503 with it, not after a connect timeout of its own in turn."""
-    stack = contextlib.ExitStack()
-    engine = stack.enter_context(_silent_database())
 
     def deliver(_: int) -> tuple[type[BaseException] | None, float]:
         started = time.monotonic()
@@ -310,7 +307,7 @@ def test_a_database_that_never_answers_costs_one_connect_timeout(settings: Setti
             return type(error), time.monotonic() - started
         return None, time.monotonic() - started
 
-    with stack, ThreadPoolExecutor(max_workers=8) as pool:
+    with _silent_database() as engine, ThreadPoolExecutor(max_workers=8) as pool:
         first = pool.submit(deliver, 0)
         time.sleep(0.5)  # the others queue behind the first one's connect
         answers = [first.result(), *pool.map(deliver, range(7))]
