@@ -25,6 +25,7 @@ import statistics
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg2.errors
 from sqlalchemy import Engine, text
@@ -222,11 +223,14 @@ def event_cost(engine: Engine, batches: int, per_batch: int) -> dict[str, float]
     return {kind: total * 1000 / (batches * per_batch) for kind, total in spent.items()}
 
 
-def measure(
-    url: str, engine: Engine, args: argparse.Namespace
-) -> tuple[str, list[tuple[str, list[float]]], dict[str, float], list[str]]:
-    """The server's version, each timed query's samples (sorted ms), the statement's CPU, and the
-    plans (grace set)."""
+class Measured(NamedTuple):
+    version: str  # the server's
+    timed: list[tuple[str, list[float]]]  # each timed query's samples, sorted, in ms
+    costs: dict[str, float]  # the consumer's statement's backend CPU per event, in ms
+    plans: list[str]  # the user's row's and stripe_has_access's, grace set
+
+
+def measure(url: str, engine: Engine, args: argparse.Namespace) -> Measured:
     with engine.connect() as connection:
         version = str(connection.execute(text("SHOW server_version")).scalar_one()).split()[0]
     costs = event_cost(engine, batches=6, per_batch=300)
@@ -264,7 +268,7 @@ def measure(
         assert client.get(f"/support/customers/cus_{n}").status_code == 200
         pages.append((time.perf_counter() - started) * 1000)
     pages.sort()
-    return (
+    return Measured(
         version,
         [
             ("stripe_has_access('feature_3') as the signed-in user", has_access),
@@ -299,7 +303,7 @@ def main() -> None:
     if args.organizations * 10 > args.customers:
         parser.error("each organization has 10 members: --organizations at most --customers / 10")
     servers = [None] + ([cluster.start(args.postgres_bin)] if args.postgres_bin else [])
-    results = []
+    results: list[Measured] = []
     for server_url in servers:
         url, engine = sized_database("access-size-", server_url)
         results.append(measure(url, engine, args))
@@ -310,17 +314,18 @@ def main() -> None:
         f"{12 * args.customers:,} invoices (2% open), "
         f"{args.organizations:,} organizations of 10 members; {args.samples} samples each\n"
     )
-    head = " | ".join(f"Postgres {version} median / p99 ms" for version, _, _, _ in results)
+    head = " | ".join(f"Postgres {measured.version} median / p99 ms" for measured in results)
     print(f"| what | {head} |\n|---|{'---|' * len(results)}")
-    for row, (what, _) in enumerate(results[0][1]):
-        cells = " | ".join(_cell(timed[row][1]) for _, timed, _, _ in results)
+    for row, (what, _) in enumerate(results[0].timed):
+        cells = " | ".join(_cell(measured.timed[row][1]) for measured in results)
         print(f"| {what} | {cells} |")
     print("\nthe consumer's statement, one event a statement, backend CPU per event:")
-    for version, _, costs, _ in results:
-        print(f"  Postgres {version}: " + ", ".join(f"{kind} {cost:.3f} ms" for kind, cost in costs.items()))
-    for version, _, _, shown in results:
-        print(f"\nthe plans on Postgres {version}, grace set, as the signed-in user:")
-        for plan in shown:
+    for measured in results:
+        costs = measured.costs.items()
+        print(f"  Postgres {measured.version}: " + ", ".join(f"{kind} {cost:.3f} ms" for kind, cost in costs))
+    for measured in results:
+        print(f"\nthe plans on Postgres {measured.version}, grace set, as the signed-in user:")
+        for plan in measured.plans:
             print(plan)
 
 
