@@ -283,6 +283,23 @@ def test_members_have_the_organizations_access_until_removed(client: FlaskClient
         assert connection.execute(view).all() == []
 
 
+def test_between_equal_subscriptions_the_members_own_customer_wins(client: FlaskClient, engine: Engine) -> None:
+    owner = add_user(engine)
+    organization = add_organization(engine, members=(owner,))
+    end = int(T) + 30 * 86400
+    own = samples.customer(metadata={"user_id": owner})
+    customer = billing(organization)
+    for payer, tier in ((customer, "team"), (own, "solo")):
+        status_of(client, samples.event("customer.created", payer, created=T))
+        subscription = samples.subscription(payer["id"], prices=[samples.price(tier, tier=tier)], period_end=end)
+        status_of(client, samples.event("customer.subscription.created", subscription, created=T))
+
+    view = text("SELECT stripe_customer_id, organization_id::text, plan_status, tier FROM stripe_user_billing")
+    with acting_as(engine, "authenticated", owner) as connection:
+        # Same status, same period end: their own customer's plan; their organization all the same.
+        assert [tuple(row) for row in connection.execute(view)] == [(own["id"], organization, "active", "solo")]
+
+
 def test_a_deleted_organization_lets_go_of_its_customer(client: FlaskClient, engine: Engine) -> None:
     organization = add_organization(engine)
     customer = billing(organization)

@@ -67,12 +67,12 @@ DECLARE
         JOIN public.stripe_customers c ON c.organization_id = m.organization_id
         JOIN public.stripe_entitlements e ON e.stripe_customer_id = c.stripe_customer_id
         WHERE m.user_id = %1$s AND e.lookup_key = p_feature$members$;
-  -- The view's part that reads organization_members.
+  -- The view's part that reads organization_members: an array the customers' scan looks up, not a
+  -- join, which the planner would weigh every way of running (a tenth of a millisecond each call).
   v_member_of text := $members$
-        UNION ALL
-        SELECT c.stripe_customer_id, c.organization_id, false FROM public.organization_members m
-        JOIN public.stripe_customers c ON c.organization_id = m.organization_id WHERE m.user_id = u.user_id$members$;
-  v_version text := 'stripe_user_billing 8' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
+          OR c.organization_id = ANY (ARRAY(SELECT m.organization_id FROM public.organization_members m
+                                            WHERE m.user_id = u.user_id))$members$;
+  v_version text := 'stripe_user_billing 9' || CASE WHEN v_orgs THEN ' organizations' ELSE '' END;
   -- STRIPE_PAST_DUE_GRACE, read once per call; unset (no row) cuts nothing.
   v_grace text := $grace$DECLARE v_grace interval := (SELECT make_interval(secs => s.value::double precision)
     FROM public.stripe_settings s WHERE s.name = 'past_due_grace'); $grace$;
@@ -140,12 +140,13 @@ BEGIN
     ) AS u
     CROSS JOIN LATERAL (
       -- Their customers, their own first, and each one's organization (NULL for none).
-      SELECT (array_agg(x.stripe_customer_id) FILTER (WHERE x.own))[1] AS own,
-        array_agg(x.stripe_customer_id ORDER BY x.own DESC, x.organization_id) AS customers,
-        array_agg(x.organization_id ORDER BY x.own DESC, x.organization_id) AS organizations
-      FROM (
-        SELECT c.stripe_customer_id, c.organization_id, true AS own FROM public.stripe_customers c
-        WHERE c.user_id = u.user_id%s) AS x
+      SELECT (array_agg(c.stripe_customer_id) FILTER (WHERE c.user_id = u.user_id))[1] AS own,
+        array_agg(c.stripe_customer_id ORDER BY c.user_id IS NOT DISTINCT FROM u.user_id DESC, c.organization_id)
+          AS customers,
+        array_agg(c.organization_id ORDER BY c.user_id IS NOT DISTINCT FROM u.user_id DESC, c.organization_id)
+          AS organizations
+      FROM public.stripe_customers c
+      WHERE c.user_id = u.user_id%s
     ) AS b
     LEFT JOIN LATERAL (
       -- The best subscription, and over all of them whether one is unpaid (stripe_access_cut's
