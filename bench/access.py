@@ -9,8 +9,9 @@ random users:
 - `stripe_has_access(feature)` as the signed-in user (a transaction as PostgREST opens it): a
   feature of their own customer's, one that only their organization's customer has (the members'
   branch), and one nobody has (both branches, then false); and the user's row of
-  `stripe_user_billing`: the query alone, on one connection; then the same with
-  STRIPE_PAST_DUE_GRACE set (7 days, in stripe_settings);
+  `stripe_user_billing`: the query alone, on one connection, the statements taken in turn user
+  after user; then the same with STRIPE_PAST_DUE_GRACE set (7 days, in stripe_settings), prepared
+  too, as PostgREST sends them;
 - the support console's customer page (the in-process app, signed in);
 and, on a small database beside it, the database CPU of a subscription event against a customer
 event through the consumer's own statement (one event a statement, alternating batches).
@@ -132,39 +133,48 @@ def _user(n: int) -> str:
     return str(uuid.UUID(__import__("hashlib").md5(f"u{n}".encode()).hexdigest()))
 
 
-def time_as_user(
-    engine: Engine, sql: str, users: list[int], role: str = "authenticated", prepared: bool = False
-) -> list[float]:
-    """The statement's round trip in a transaction as PostgREST opens one for each user (as the
-    signed-in user; as service_role, with the user's number for the statement's %s). prepared: as
-    PostgREST sends it by default (db-prepared-statements), a statement prepared once on the
-    connection and executed for each user, so that it is planned once, not every time. Timed on the
-    driver's own cursor, as a client as thin as PostgREST's would see it: through SQLAlchemy's
+class Timed(NamedTuple):
+    sql: str  # %s: the user's number, for a statement about a user given as an argument
+    users: list[int]
+    role: str = "authenticated"
+    prepared: bool = False  # as PostgREST sends it (db-prepared-statements): planned once
+
+
+def time_as_users(engine: Engine, timed: list[Timed]) -> list[list[float]]:
+    """Each statement's round trips (ms, sorted), each call in a transaction as PostgREST opens one
+    for a user (the claims, SET LOCAL ROLE), the statements taken in turn user after user: a noisy
+    moment of this machine falls on all of them alike, not on whichever was being timed. Timed on
+    the driver's own cursor, as a client as thin as PostgREST's would see it: through SQLAlchemy's
     execute the same call took 0.05-0.14 ms more at the median and several times the spread at
     p99, the client's Python, not the database."""
-    taken = []
+    taken: list[list[float]] = [[] for _ in timed]
     raw = engine.raw_connection()  # in autocommit, as the engine's connections are
+    cursor = raw.cursor()
     try:
-        with raw.cursor() as cursor:  # type: ignore[union-attr]
-            if prepared:
-                cursor.execute(f"DEALLOCATE ALL; PREPARE timed AS {sql}")  # pooled: one prepared earlier
-                sql = "EXECUTE timed"
-            for n in users:
+        cursor.execute("DEALLOCATE ALL")  # pooled: some prepared earlier
+        sent = []
+        for k, statement in enumerate(timed):
+            if statement.prepared:
+                cursor.execute(f"PREPARE timed_{k} AS {statement.sql}")
+            sent.append(f"EXECUTE timed_{k}" if statement.prepared else statement.sql)
+        for turn in range(max(len(statement.users) for statement in timed)):
+            for k, statement in enumerate(timed):
+                n = statement.users[turn]
                 claims = json.dumps({"sub": _user(n), "role": "authenticated"})
                 cursor.execute("BEGIN")
                 cursor.execute("SELECT set_config('request.jwt.claims', %s, true)", (claims,))
-                cursor.execute(f"SET LOCAL ROLE {role}")
-                statement = sql % n if "%s" in sql else sql
+                cursor.execute(f"SET LOCAL ROLE {statement.role}")
                 started = time.perf_counter()
-                cursor.execute(statement)
+                cursor.execute(sent[k] % n if "%s" in sent[k] else sent[k])
                 rows = cursor.fetchall()
-                taken.append((time.perf_counter() - started) * 1000)
+                taken[k].append((time.perf_counter() - started) * 1000)
                 # One row at most: more, and the role or the claims did not take (a superuser's view).
-                assert len(rows) <= 1, f"{len(rows)} rows as {role}"
+                assert len(rows) <= 1, f"{len(rows)} rows as {statement.role}"
                 cursor.execute("COMMIT")
     finally:
+        cursor.close()
         raw.close()
-    return sorted(taken)
+    return [sorted(samples) for samples in taken]
 
 
 def plans(engine: Engine, user: int) -> list[str]:
@@ -248,19 +258,27 @@ def measure(url: str, engine: Engine, args: argparse.Namespace) -> Measured:
 
     users = random.Random(7).sample(range(1, args.customers + 1), args.samples)
     members = random.Random(8).sample(range(args.organizations + 1, args.organizations * 10 + 1), args.samples)
-    has_access = time_as_user(engine, "SELECT public.stripe_has_access('feature_3')", users)
-    through = time_as_user(engine, "SELECT public.stripe_has_access('team_feature')", members)
-    nobody = time_as_user(engine, "SELECT public.stripe_has_access('absent')", members)
-    billing_row = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users)
+    has_access, through, nobody, billing_row, service = time_as_users(
+        engine,
+        [
+            Timed("SELECT public.stripe_has_access('feature_3')", users),
+            Timed("SELECT public.stripe_has_access('team_feature')", members),
+            Timed("SELECT public.stripe_has_access('absent')", members),
+            Timed("SELECT * FROM public.stripe_user_billing", users),
+            Timed("SELECT public.stripe_has_access('feature_3', md5('u' || %s)::uuid)", users, role="service_role"),
+        ],
+    )
     with engine.begin() as connection:
         connection.execute(text(GRACE))
-    graced = time_as_user(engine, "SELECT public.stripe_has_access('feature_3')", users)
-    graced_members = time_as_user(engine, "SELECT public.stripe_has_access('team_feature')", members)
-    graced_row = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users)
-    graced_prepared = time_as_user(engine, "SELECT public.stripe_has_access('feature_3')", users, prepared=True)
-    graced_row_prepared = time_as_user(engine, "SELECT * FROM public.stripe_user_billing", users, prepared=True)
-    service = time_as_user(
-        engine, "SELECT public.stripe_has_access('feature_3', md5('u' || %s)::uuid)", users, role="service_role"
+    graced, graced_members, graced_row, graced_prepared, graced_row_prepared = time_as_users(
+        engine,
+        [
+            Timed("SELECT public.stripe_has_access('feature_3')", users),
+            Timed("SELECT public.stripe_has_access('team_feature')", members),
+            Timed("SELECT * FROM public.stripe_user_billing", users),
+            Timed("SELECT public.stripe_has_access('feature_3')", users, prepared=True),
+            Timed("SELECT * FROM public.stripe_user_billing", users, prepared=True),
+        ],
     )
     shown = plans(engine, users[0])
     with engine.connect() as connection:  # the timed answers were the members' branch's, not a miss
