@@ -140,13 +140,13 @@ BEGIN
     ) AS u
     CROSS JOIN LATERAL (
       -- Their customers, their own first, and each one's organization (NULL for none).
-      SELECT (array_agg(c.stripe_customer_id) FILTER (WHERE c.user_id = u.user_id))[1] AS own,
-        array_agg(c.stripe_customer_id ORDER BY c.user_id IS NOT DISTINCT FROM u.user_id DESC, c.organization_id)
-          AS customers,
-        array_agg(c.organization_id ORDER BY c.user_id IS NOT DISTINCT FROM u.user_id DESC, c.organization_id)
-          AS organizations
-      FROM public.stripe_customers c
-      WHERE c.user_id = u.user_id%s
+      SELECT (array_agg(x.stripe_customer_id) FILTER (WHERE x.own))[1] AS own,
+        array_agg(x.stripe_customer_id ORDER BY x.own DESC, x.organization_id) AS customers,
+        array_agg(x.organization_id ORDER BY x.own DESC, x.organization_id) AS organizations
+      FROM (
+        SELECT c.stripe_customer_id, c.organization_id, c.user_id IS NOT DISTINCT FROM u.user_id AS own
+        FROM public.stripe_customers c
+        WHERE c.user_id = u.user_id%s) AS x
     ) AS b
     LEFT JOIN LATERAL (
       -- The best subscription, and over all of them whether one is unpaid (stripe_access_cut's
